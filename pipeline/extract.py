@@ -1,0 +1,283 @@
+"""Stage: images -> HDF5 feature cache. ``extract(cfg) -> path``.
+
+Incremental and crash-safe (see ``cache.py`` for why a journal): every file is hashed, rows
+already in the cache or in the journal are reused, only new content is decoded and run through
+the backbone, and the cache is rewritten atomically at the end with labels and paths refreshed
+from the folder. Identical files are decoded once; a renamed file reuses its row.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import time
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from . import __version__, runtime
+from .backbones import get_spec, load_backbone, with_preprocessing
+from .cache import Cache, CacheContents, Journal, describe, fingerprint_diff, write_cache, writer_lock
+from .config import ExtractConfig, save_resolved
+from .errors import CacheError, InputError
+from .images import Catalog, discover, hash_file
+from .loader import embed_batches, make_loader
+
+COMMIT_EVERY_ROWS = 1024
+COMMIT_EVERY_SECONDS = 5.0
+
+
+@dataclass
+class ExtractSummary:
+    path: Path
+    rows: int
+    extracted: int  # rows computed by this run
+    reused: int  # rows taken from the cache or journal
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    seconds: float = 0.0
+    class_names: list[str] = field(default_factory=list)
+
+    def line(self) -> str:
+        rate = f" ({self.extracted / self.seconds:.1f} images/s)" if self.extracted and self.seconds else ""
+        return (
+            f"{self.path}: {self.rows} rows, {len(self.class_names)} classes; "
+            f"extracted {self.extracted}{rate}, reused {self.reused}, skipped {len(self.skipped)}"
+        )
+
+
+def _hash_all(catalog: Catalog, progress: bool) -> list[str | Exception]:
+    def one(item: object) -> str | Exception:
+        try:
+            return hash_file(item.path)  # type: ignore[attr-defined]
+        except OSError as e:
+            return e
+
+    # hashlib releases the GIL on large buffers, so threads overlap the reads.
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        return list(
+            tqdm(
+                pool.map(one, catalog.items),
+                total=len(catalog.items),
+                desc="hashing",
+                unit="file",
+                disable=not progress,
+                leave=False,
+            )
+        )
+
+
+def extract(cfg: ExtractConfig) -> ExtractSummary:
+    t0 = time.perf_counter()
+    out = Path(cfg.out)
+    if cfg.dtype not in ("float16", "float32"):
+        raise InputError(f"--dtype must be float16 or float32, not {cfg.dtype!r}")
+    spec = with_preprocessing(get_spec(cfg.backbone), draft=cfg.draft, letterbox=cfg.letterbox)
+    device = runtime.resolve_device(cfg.device)
+    precision = runtime.resolve_precision(cfg.precision, device)
+    catalog = discover(cfg.images)
+    loaded = load_backbone(spec, cfg.weights_file)
+    fp = loaded.fingerprint(precision)
+
+    with writer_lock(out):
+        journal = Journal(out)
+        old: CacheContents | None = None
+        if cfg.rebuild:
+            journal.clear()
+        else:
+            if out.exists():
+                with Cache(out) as c:
+                    _check_fingerprint(out, c.fingerprint, fp)
+                    old = c.read_all()
+            jfp = journal.fingerprint()
+            if jfp is not None and fingerprint_diff(jfp, fp):
+                journal.clear()  # unfinished work of another configuration: useless here
+
+        hashes = _hash_all(catalog, cfg.progress)
+        skipped: list[tuple[str, str]] = [(s.rel, s.reason) for s in catalog.skipped]
+        by_hash: dict[str, list[int]] = defaultdict(list)
+        for i, h in enumerate(hashes):
+            if isinstance(h, Exception):
+                skipped.append((catalog.items[i].rel, f"cannot read file: {h}"))
+            else:
+                by_hash[h].append(i)
+
+        known: dict[str, np.ndarray] = {}
+        if old is not None:
+            wanted = set(by_hash)
+            for r, h in enumerate(old.content_hash):
+                if h in wanted:
+                    known[h] = old.features[r]
+        journal_rows, journal_skips = journal.load() if journal.exists() else ({}, {})
+        known.update({h: v for h, v in journal_rows.items() if h in by_hash})
+        todo = sorted((h for h in by_hash if h not in known and h not in journal_skips), key=lambda h: by_hash[h][0])
+        bad: dict[str, str] = {h: r for h, r in journal_skips.items() if h in by_hash}
+
+        if todo:
+            journal.start(fp)
+            new_rows, new_bad = _run_backbone(cfg, loaded, spec, device, precision, catalog, by_hash, todo, journal)
+            known.update(new_rows)
+            bad.update(new_bad)
+
+        contents = _assemble(cfg, catalog, by_hash, known, bad, skipped, fp, old)
+        write_cache(out, contents)
+        journal.clear()
+
+    save_resolved(cfg, out.with_name(out.name + ".config.json"), resolved_precision=precision, device=str(device))
+    summary = ExtractSummary(
+        path=out,
+        rows=len(contents.content_hash),
+        extracted=len(todo),
+        reused=len(by_hash) - len(todo),
+        skipped=contents.skipped,
+        seconds=time.perf_counter() - t0,
+        class_names=contents.class_names,
+    )
+    if cfg.strict and summary.skipped:
+        listed = "; ".join(f"{p}: {r}" for p, r in summary.skipped[:5])
+        raise InputError(f"{len(summary.skipped)} file(s) skipped and --strict is set: {listed}")
+    return summary
+
+
+def _check_fingerprint(out: Path, have: dict[str, object], want: dict[str, str]) -> None:
+    diff = fingerprint_diff(have, want)
+    if diff:
+        raise CacheError(
+            f"{out} was extracted with {describe(have)} but this run uses {describe(want)} "
+            f"({'; '.join(diff)}); re-run with --backbone {have.get('backbone')} and the same options, "
+            f"or pass --rebuild to start the cache over, or choose another --out"
+        )
+
+
+def _run_backbone(
+    cfg: ExtractConfig,
+    loaded: object,
+    spec: object,
+    device: torch.device,
+    precision: str,
+    catalog: Catalog,
+    by_hash: dict[str, list[int]],
+    todo: list[str],
+    journal: Journal,
+) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    dtype = np.float16 if cfg.dtype == "float16" else np.float32
+    sources = [catalog.items[by_hash[h][0]].path for h in todo]
+    loader = make_loader(
+        sources,
+        spec.preprocessing,  # type: ignore[attr-defined]
+        device=device,
+        batch_size=cfg.batch_size,
+        workers=cfg.workers,
+        max_pixels=cfg.max_pixels,
+    )
+    rows: dict[str, np.ndarray] = {}
+    bad: dict[str, str] = {}
+    pend_h: list[str] = []
+    pend_f: list[np.ndarray] = []
+    pend_bad: list[tuple[str, str]] = []
+    last = time.monotonic()
+
+    def commit() -> None:
+        nonlocal last
+        feats = np.concatenate(pend_f) if pend_f else np.zeros((0, spec.feature_dim), dtype)  # type: ignore[attr-defined]
+        journal.append(pend_h, feats, [h for h, _ in pend_bad], [r for _, r in pend_bad])
+        pend_h.clear(), pend_f.clear(), pend_bad.clear()
+        last = time.monotonic()
+
+    bar = tqdm(total=len(todo), desc=f"extract {spec.name}", unit="img", disable=not cfg.progress)  # type: ignore[attr-defined]
+    try:
+        for batch, feats in embed_batches(loaded.net, loader, device=device, precision=precision):  # type: ignore[attr-defined]
+            idx = batch.index.tolist()
+            ok = batch.ok.tolist()
+            feats = feats.astype(dtype)
+            k = 0
+            for j, i in enumerate(idx):
+                h = todo[i]
+                if ok[j]:
+                    rows[h] = feats[k]
+                    pend_h.append(h)
+                    k += 1
+                else:
+                    bad[h] = batch.errors[j]
+                    pend_bad.append((h, batch.errors[j]))
+            if k:
+                pend_f.append(feats)
+            bar.update(len(idx))
+            if len(pend_h) >= COMMIT_EVERY_ROWS or time.monotonic() - last > COMMIT_EVERY_SECONDS:
+                commit()
+        if pend_h or pend_bad:
+            commit()
+    finally:
+        bar.close()
+    return rows, bad
+
+
+def _assemble(
+    cfg: ExtractConfig,
+    catalog: Catalog,
+    by_hash: dict[str, list[int]],
+    known: dict[str, np.ndarray],
+    bad: dict[str, str],
+    skipped: list[tuple[str, str]],
+    fp: dict[str, str],
+    old: CacheContents | None,
+) -> CacheContents:
+    """Rows ordered by path, one per distinct content; labels and paths from this scan."""
+    class_names = catalog.class_names
+    label_id = {n: i for i, n in enumerate(class_names)}
+    feats: list[np.ndarray] = []
+    hashes: list[str] = []
+    paths: list[str] = []
+    labels: list[int] = []
+    duplicates: list[tuple[str, str]] = []
+    skipped = list(skipped)
+    for h, members in sorted(by_hash.items(), key=lambda kv: catalog.items[kv[1][0]].rel):
+        first = catalog.items[members[0]]
+        if h in bad:
+            skipped.extend((catalog.items[i].rel, bad[h]) for i in members)
+            continue
+        item_labels = {catalog.items[i].label for i in members} - {None}
+        label = -1
+        if len(item_labels) == 1:
+            label = label_id[item_labels.pop()]
+        elif len(item_labels) > 1:
+            skipped.append(
+                (
+                    first.rel,
+                    f"identical bytes filed under {len(item_labels)} labels "
+                    f"({', '.join(sorted(item_labels))}); kept unlabelled",
+                )
+            )
+        feats.append(known[h])
+        hashes.append(h)
+        paths.append(first.rel)
+        labels.append(label)
+        duplicates.extend((catalog.items[i].rel, h) for i in members[1:])
+    dtype = np.float16 if cfg.dtype == "float16" else np.float32
+    now = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
+    attrs = dict(fp)
+    attrs.update(
+        created=(old.attrs.get("created", now) if old else now),
+        updated=now,
+        image_root=str(catalog.root),
+        layout=catalog.layout,
+        headstart_version=__version__,
+        torch_version=torch.__version__,
+        config=json.dumps({k: v for k, v in vars(cfg).items()}, default=str, ensure_ascii=False),
+    )
+    d = int(fp["feature_dim"])
+    matrix = np.stack(feats).astype(dtype) if feats else np.zeros((0, d), dtype)
+    return CacheContents(
+        features=matrix,
+        content_hash=hashes,
+        paths=paths,
+        labels=np.asarray(labels, dtype=np.int32),
+        class_names=class_names,
+        attrs=attrs,
+        duplicates=duplicates,
+        skipped=sorted(skipped),
+    )

@@ -1,0 +1,39 @@
+"""Shared fixtures. Plumbing tests use the tiny random backbone; transfer-learning tests use
+the real EfficientNet-Lite0 ImageNet weights from PyPI."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from pipeline.demo import SAMPLE_CATALOG
+
+TEST_DEVICE = os.environ.get("HEADSTART_TEST_DEVICE", "cpu")
+
+
+@pytest.fixture
+def small_catalog(tmp_path: Path) -> Path:
+    """3 classes x 6 real Fashion-MNIST photos, copied so tests may modify the folder."""
+    root = tmp_path / "images"
+    for cls in ("bag", "sneaker", "trouser"):
+        src = sorted((SAMPLE_CATALOG / "train" / cls).glob("*.png"))[:6]
+        (root / cls).mkdir(parents=True)
+        for p in src:
+            shutil.copy(p, root / cls / p.name)
+    return root
+
+
+@pytest.fixture
+def run_cli():
+    """Invoke the click CLI in-process and return the result."""
+    from click.testing import CliRunner
+
+    from pipeline.cli import cli
+
+    def _run(*args: str, **kw):
+        return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False, **kw)
+
+    return _run
