@@ -74,6 +74,9 @@ class Normalize(nn.Module):
         self.register_buffer("scale", scale, persistent=False)
         self.register_buffer("shift", shift, persistent=False)
 
+    scale: torch.Tensor
+    shift: torch.Tensor
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x.float() * self.scale + self.shift
 

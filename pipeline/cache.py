@@ -33,6 +33,8 @@ import errno
 import fcntl
 import json
 import os
+import shutil
+import signal
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -47,6 +49,25 @@ from .errors import CacheError
 SCHEMA_VERSION = 1
 FINGERPRINT_KEYS = ("backbone", "weights", "weights_sha256", "preprocessing", "precision", "feature_dim")
 _STR = h5py.string_dtype("utf-8")
+
+
+def crash_point(name: str) -> None:
+    """Fault injection for the crash tests: ``HEADSTART_CRASH_AT=name[:n]`` makes the process
+    SIGKILL itself the n-th time (default 1st) it reaches ``name``. A real kill -9 at a chosen
+    instant, which a timer from outside cannot hit reliably (e.g. between writing the new cache
+    and removing the journal). Costs one dict lookup when unset."""
+    spec = os.environ.get("HEADSTART_CRASH_AT")
+    if not spec:
+        return
+    want, _, nth = spec.partition(":")
+    if want != name:
+        return
+    _CRASH_COUNTS[name] = _CRASH_COUNTS.get(name, 0) + 1
+    if _CRASH_COUNTS[name] >= int(nth or 1):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+_CRASH_COUNTS: dict[str, int] = {}
 
 
 # --------------------------------------------------------------------------- fingerprint
@@ -133,10 +154,12 @@ class Journal:
                 )
                 f.flush()
                 os.fsync(f.fileno())
+            crash_point("journal-before-rename")
             os.replace(tmp, name)
         except OSError as e:
             tmp.unlink(missing_ok=True)
             raise _disk_error(e, name) from None
+        crash_point("journal-appended")
 
     def load(self) -> tuple[dict[str, np.ndarray], dict[str, str]]:
         """hash -> feature row, and hash -> skip reason, over every complete batch."""
@@ -153,11 +176,24 @@ class Journal:
                 continue  # a batch cut off by a crash before its rename cannot exist; be lenient
         return rows, skips
 
+    def n_rows(self) -> int:
+        """Rows waiting in complete batches (for ``cache info``)."""
+        rows, _ = self.load() if self.exists() else ({}, {})
+        return len(rows)
+
     def clear(self) -> None:
         if self.dir.is_dir():
             for p in self.dir.iterdir():
                 p.unlink(missing_ok=True)
+                crash_point("journal-clearing")
             self.dir.rmdir()
+
+
+def remove_stale_temporaries(cache_path: Path) -> None:
+    """Delete ``.CACHE.h5.tmp-PID`` files left by a writer killed mid-write. Call it only
+    while holding :func:`writer_lock`: then no live writer can own one."""
+    for p in cache_path.parent.glob(f".{cache_path.name}.tmp-*"):
+        p.unlink(missing_ok=True)
 
 
 # --------------------------------------------------------------------------- data & writer
@@ -177,43 +213,81 @@ class CacheContents:
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
 
 
+# Caches up to this size are built in memory and written with plain file I/O. Why: when the
+# disk fills (or a quota or file-size limit hits) while the HDF5 library itself is writing, h5py
+# leaves objects it cannot close, prints tracebacks from their destructors and can crash the
+# interpreter at exit (seen here: SIGSEGV after EFBIG). Plain writes fail with one clean OSError.
+# The price is one extra copy of the file in memory, so larger caches are written by HDF5
+# directly after checking the free space.
+IN_MEMORY_WRITE_LIMIT = 1 << 30
+_WRITE_CHUNK = 64 << 20
+
+
 def write_cache(path: Path, c: CacheContents) -> None:
     """Write a complete cache atomically: readers see the old file or the new one, never half."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    n, d = c.features.shape if c.features.ndim == 2 else (0, int(c.attrs.get("feature_dim", 0)))
     try:
-        with h5py.File(tmp, "w") as f:
-            f.create_dataset(
-                "features",
-                data=c.features.reshape(n, d),
-                chunks=(max(1, min(n, 1024)), d) if n and d else None,
-                maxshape=(None, d),
-            )
-            f.create_dataset("content_hash", data=np.array(c.content_hash, dtype="S32"))
-            f.create_dataset("paths", data=np.array(c.paths, dtype=object), dtype=_STR)
-            f.create_dataset("labels", data=np.asarray(c.labels, dtype=np.int32))
-            f.create_dataset("class_names", data=np.array(c.class_names, dtype=object), dtype=_STR)
-            g = f.create_group("duplicates")
-            g.create_dataset("path", data=np.array([p for p, _ in c.duplicates], dtype=object), dtype=_STR)
-            g.create_dataset("content_hash", data=np.array([h for _, h in c.duplicates], dtype="S32"))
-            g = f.create_group("skipped")
-            g.create_dataset("path", data=np.array([p for p, _ in c.skipped], dtype=object), dtype=_STR)
-            g.create_dataset("reason", data=np.array([r for _, r in c.skipped], dtype=object), dtype=_STR)
-            attrs = dict(c.attrs)
-            attrs.update(schema_version=SCHEMA_VERSION, n_rows=n, feature_dim=d, dtype=str(c.features.dtype))
-            for k, v in attrs.items():
-                f.attrs[k] = v if isinstance(v, (int, float, np.integer, np.floating)) else str(v)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
+        if c.features.nbytes <= IN_MEMORY_WRITE_LIMIT:
+            with h5py.File(tmp, "w", driver="core", backing_store=False) as f:
+                _fill(f, c)
+                f.flush()
+                image = memoryview(f.id.get_file_image())
+            with open(tmp, "wb") as fh:
+                half = len(image) // 2
+                fh.write(image[:half])
+                crash_point("cache-writing")  # a half-written temporary file, never the cache itself
+                for start in range(half, len(image), _WRITE_CHUNK):
+                    fh.write(image[start : start + _WRITE_CHUNK])
+                fh.flush()
+                os.fsync(fh.fileno())
+            del image
+        else:
+            _check_free_space(path, int(c.features.nbytes * 1.05) + (1 << 20))
+            with h5py.File(tmp, "w") as f:
+                _fill(f, c)
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())
+        crash_point("cache-before-replace")
         os.replace(tmp, path)
         _fsync_dir(path.parent)
+        crash_point("cache-replaced")
     except OSError as e:
         tmp.unlink(missing_ok=True)
         raise _disk_error(e, path) from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _fill(f: h5py.File, c: CacheContents) -> None:
+    n, d = c.features.shape if c.features.ndim == 2 else (0, int(c.attrs.get("feature_dim", 0)))
+    f.create_dataset(
+        "features",
+        data=c.features.reshape(n, d),
+        chunks=(max(1, min(n, 1024)), d) if n and d else None,
+        maxshape=(None, d),
+    )
+    f.create_dataset("content_hash", data=np.array(c.content_hash, dtype="S32"))
+    f.create_dataset("paths", data=np.array(c.paths, dtype=object), dtype=_STR)
+    f.create_dataset("labels", data=np.asarray(c.labels, dtype=np.int32))
+    f.create_dataset("class_names", data=np.array(c.class_names, dtype=object), dtype=_STR)
+    g = f.create_group("duplicates")
+    g.create_dataset("path", data=np.array([p for p, _ in c.duplicates], dtype=object), dtype=_STR)
+    g.create_dataset("content_hash", data=np.array([h for _, h in c.duplicates], dtype="S32"))
+    g = f.create_group("skipped")
+    g.create_dataset("path", data=np.array([p for p, _ in c.skipped], dtype=object), dtype=_STR)
+    g.create_dataset("reason", data=np.array([r for _, r in c.skipped], dtype=object), dtype=_STR)
+    attrs = dict(c.attrs)
+    attrs.update(schema_version=SCHEMA_VERSION, n_rows=n, feature_dim=d, dtype=str(c.features.dtype))
+    for k, v in attrs.items():
+        f.attrs[k] = v if isinstance(v, (int, float, np.integer, np.floating)) else str(v)
+
+
+def _check_free_space(path: Path, need: int) -> None:
+    free = shutil.disk_usage(path.parent).free
+    if free < need:
+        raise OSError(errno.ENOSPC, f"{need / 1e9:.2f} GB needed, {free / 1e9:.2f} GB free")
 
 
 def _fsync_dir(d: Path) -> None:
@@ -360,3 +434,127 @@ class Cache:
 
 def open_cache(path: str | os.PathLike[str]) -> Cache:
     return Cache(path)
+
+
+# --------------------------------------------------------------------------- info & verify
+
+
+def info(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """What ``headstart cache info`` prints: fingerprint, counts, classes, skipped files."""
+    path = Path(path)
+    with Cache(path) as c:
+        a = c.attrs
+        labels = c.labels
+        names = c.class_names
+        counts = {n: int((labels == i).sum()) for i, n in enumerate(names)}
+        out: dict[str, Any] = {
+            "path": str(path),
+            "schema_version": a.get("schema_version"),
+            "fingerprint": c.fingerprint,
+            "rows": c.n_rows,
+            "feature_dim": c.feature_dim,
+            "dtype": a.get("dtype"),
+            "classes": len(names),
+            "rows_per_class": counts,
+            "unlabelled": int((labels < 0).sum()),
+            "duplicates": len(c.duplicates),
+            "skipped": [{"path": p, "reason": r} for p, r in c.skipped],
+            "image_root": a.get("image_root"),
+            "created": a.get("created"),
+            "updated": a.get("updated"),
+            "size_bytes": path.stat().st_size,
+        }
+    journal = Journal(path)
+    out["journal_rows"] = journal.n_rows() if journal.exists() else 0
+    return out
+
+
+def format_info(d: dict[str, Any]) -> str:
+    fp = d["fingerprint"]
+    lines = [
+        f"{d['path']}: schema v{d['schema_version']}, {d['rows']} rows x {d['feature_dim']} ({d['dtype']}), "
+        f"{d['size_bytes'] / 1e6:.1f} MB",
+        f"backbone      {fp['backbone']} ({fp['weights']})",
+        f"weights sha256 {fp['weights_sha256']}",
+        f"precision     {fp['precision']}",
+        f"preprocessing {fp['preprocessing']}",
+        f"image root    {d['image_root']}",
+        f"updated       {d['updated']} (created {d['created']})",
+        f"classes       {d['classes']}, unlabelled rows {d['unlabelled']}, duplicate files {d['duplicates']}",
+    ]
+    lines += [f"  {n}: {k}" for n, k in d["rows_per_class"].items()]
+    lines.append(f"skipped       {len(d['skipped'])}")
+    lines += [f"  {s['path']}: {s['reason']}" for s in d["skipped"]]
+    if d["journal_rows"]:
+        lines.append(
+            f"journal       {d['journal_rows']} rows from an unfinished extraction; "
+            "re-run the same `headstart extract` to merge them"
+        )
+    return "\n".join(lines)
+
+
+def verify(path: str | os.PathLike[str]) -> list[str]:
+    """Integrity problems of a cache (empty list = sound). Reads every byte of every dataset,
+    so a damaged chunk shows up here rather than in the middle of a fit."""
+    problems: list[str] = []
+    with Cache(path) as c:
+        try:
+            contents = c.read_all()
+        except (OSError, KeyError, ValueError) as e:
+            return [f"cannot read every dataset: {e}"]
+        a = contents.attrs
+        n, d = contents.features.shape if contents.features.ndim == 2 else (-1, -1)
+        if contents.features.ndim != 2:
+            problems.append(f"/features has shape {contents.features.shape}, expected [N, D]")
+        lengths = {
+            "/content_hash": len(contents.content_hash),
+            "/paths": len(contents.paths),
+            "/labels": len(contents.labels),
+        }
+        for name, count in lengths.items():
+            if count != n:
+                problems.append(f"{name} has {count} entries but /features has {n} rows")
+        if int(a.get("n_rows", -1)) != n:
+            problems.append(f"attribute n_rows is {a.get('n_rows')} but /features has {n} rows")
+        if str(a.get("feature_dim")) != str(d):
+            problems.append(f"attribute feature_dim is {a.get('feature_dim')} but /features has {d} columns")
+        for name, values in (("content_hash", contents.content_hash), ("paths", contents.paths)):
+            counts: dict[str, int] = {}
+            for v in values:
+                counts[v] = counts.get(v, 0) + 1
+            dup = sorted(v for v, k in counts.items() if k > 1)
+            if dup:
+                problems.append(f"{len(dup)} duplicate value(s) in /{name}, e.g. {dup[0]}")
+        bad_hash = [h for h in contents.content_hash if len(h) != 32 or any(ch not in "0123456789abcdef" for ch in h)]
+        if bad_hash:
+            problems.append(f"{len(bad_hash)} malformed content hash(es), e.g. {bad_hash[0]!r}")
+        n_cls = len(contents.class_names)
+        if contents.class_names != sorted(set(contents.class_names)):
+            problems.append("/class_names is not sorted and unique")
+        out_of_range = int(((contents.labels < -1) | (contents.labels >= n_cls)).sum())
+        if out_of_range:
+            problems.append(f"{out_of_range} label(s) outside -1 .. {n_cls - 1}")
+        if n > 0 and not np.isfinite(contents.features).all():
+            bad = int((~np.isfinite(contents.features)).any(axis=1).sum())
+            problems.append(f"{bad} row(s) of /features contain NaN or inf")
+        keys = set(contents.content_hash)
+        orphans = [p for p, h in contents.duplicates if h not in keys]
+        if orphans:
+            problems.append(f"{len(orphans)} /duplicates entries point at no row, e.g. {orphans[0]}")
+        for k in FINGERPRINT_KEYS:
+            if k not in a:
+                problems.append(f"fingerprint attribute {k!r} is missing")
+    return problems
+
+
+def verify_or_raise(path: str | os.PathLike[str]) -> str:
+    """``headstart cache verify``: a one-line verdict, or :class:`CacheError` listing the problems."""
+    problems = verify(path)
+    if problems:
+        raise CacheError(
+            f"{path} failed verification ({len(problems)} problem(s)): {'; '.join(problems)}. "
+            "Re-create it with `headstart extract IMAGES --out CACHE --rebuild`"
+        )
+    with Cache(path) as c:
+        n, d, k = c.n_rows, c.feature_dim, len(set(c.content_hash))
+    return f"{path}: OK ({n} rows x {d}, {k} distinct content hashes, every dataset read in full)"

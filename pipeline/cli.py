@@ -18,8 +18,10 @@ import click
 from . import __version__
 from .config import (
     DEFAULT_BACKBONE,
+    EvaluateConfig,
     ExportConfig,
     ExtractConfig,
+    FinetuneConfig,
     FitHeadConfig,
     PredictConfig,
     load_default_map,
@@ -137,6 +139,13 @@ def backbones(as_json: bool) -> None:
     "--draft/--no-draft", default=True, show_default=True, help="JPEG DCT-domain downscaling of large photos."
 )
 @click.option("--letterbox", is_flag=True, help="Pad to a square on white instead of centre-cropping.")
+@click.option(
+    "--decode",
+    type=click.Choice(["cpu", "gpu"]),
+    default="cpu",
+    show_default=True,
+    help="gpu: batched nvjpeg JPEG decoding and resizing on the GPU (CPU fallback per file).",
+)
 @click.option("--max-pixels", type=click.IntRange(1), help="Refuse larger images (decompression bombs).")
 @click.option("--rebuild", is_flag=True, help="Discard the existing cache and start over.")
 @click.option("--strict", is_flag=True, help="Exit with an error if any file was skipped.")
@@ -161,12 +170,35 @@ def extract(images: str, **kw: Any) -> None:
 @cli.command("fit-head")
 @click.argument("cache", type=click.Path())
 @click.option("--out", "-o", default=FitHeadConfig.out, show_default=True, help="Head directory to write.")
-@click.option("--head", type=click.Choice(["logreg"]), default="logreg", show_default=True, help="Head type.")
+@click.option(
+    "--head",
+    type=click.Choice(["logreg", "mlp", "centroid"]),
+    default="logreg",
+    show_default=True,
+    help="logreg (swept C), mlp (one hidden layer), centroid (few-shot: five photos make a class).",
+)
 @click.option("--c", "c", type=float, help="Inverse regularisation strength; default: swept on the validation split.")
+@click.option("--classes", type=click.Path(dir_okay=False), help="Label map TOML: merge/rename/drop, stable ids.")
 @click.option("--val-fraction", type=float, default=0.2, show_default=True, help="Stratified validation share.")
+@click.option(
+    "--near-duplicate-threshold",
+    type=click.FloatRange(0, 1),
+    default=FitHeadConfig.near_duplicate_threshold,
+    show_default=True,
+    help="Photos with feature cosine above this stay on one side of the split (1 = off).",
+)
 @click.option("--class-weight", type=click.Choice(["balanced"]), help="Re-weight classes (imbalanced catalogs).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the validation split.")
 @click.option("--max-iter", type=click.IntRange(1), default=1000, show_default=True, help="L-BFGS iterations.")
+@click.option("--device", default="auto", show_default=True, help="cuda: torch L-BFGS on the GPU; cpu: scikit-learn.")
+@click.option(
+    "--calibrate/--no-calibrate", default=True, show_default=True, help="Temperature scaling on the validation split."
+)
+@click.option(
+    "--unknown-threshold", type=click.FloatRange(0, 1), help="Recorded in the head: below it, evaluate says unknown."
+)
+@click.option("--hidden", type=click.IntRange(1), default=512, show_default=True, help="MLP hidden width.")
+@click.option("--max-memory-gb", type=click.FloatRange(0), help="Above: stream features from the cache (logreg).")
 def fit_head(cache: str, **kw: Any) -> None:
     """Train a classification head on a feature cache, in seconds."""
     from .fit_head import fit_head as run
@@ -175,35 +207,180 @@ def fit_head(cache: str, **kw: Any) -> None:
 
 
 @cli.command()
+@click.argument("images", type=click.Path())
+@click.option("--head", required=True, type=click.Path(), help="HEAD_DIR from fit-head (the LP-FT start).")
+@click.option("--out", "-o", default=FinetuneConfig.out, show_default=True, help="FT_DIR to write.")
+@click.option("--epochs", type=click.IntRange(1), default=FinetuneConfig.epochs, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1), help="Per process. Default: 64 on GPU, 32 on CPU.")
+@click.option("--accum-steps", type=click.IntRange(1), default=1, show_default=True, help="Gradient accumulation.")
+@click.option("--lr", type=click.FloatRange(0, min_open=True), default=FinetuneConfig.lr, show_default=True)
+@click.option(
+    "--layer-decay", type=float, default=FinetuneConfig.layer_decay, show_default=True, help="LR factor per group down."
+)
+@click.option("--stages", type=click.IntRange(1), default=FinetuneConfig.stages, show_default=True, help="Groups.")
+@click.option(
+    "--unfreeze-every",
+    type=click.FloatRange(0),
+    default=FinetuneConfig.unfreeze_every,
+    show_default=True,
+    help="Epochs between unfreezing the next group down; 0 = all at once.",
+)
+@click.option("--warmup", type=float, default=FinetuneConfig.warmup, show_default=True, help="Share of steps.")
+@click.option("--weight-decay", type=click.FloatRange(0), default=FinetuneConfig.weight_decay, show_default=True)
+@click.option("--label-smoothing", type=float, default=0.0, show_default=True)
+@click.option("--class-weight", type=click.Choice(["balanced"]), help="Re-weight classes (imbalanced catalogs).")
+@click.option(
+    "--augment",
+    type=click.Choice(["auto", "product", "letterbox", "none"]),
+    default="auto",
+    show_default=True,
+    help="Augmentation preset; none of them changes colour.",
+)
+@click.option("--init", type=click.Choice(["lp", "random"]), default="lp", show_default=True, help="Start head.")
+@click.option("--patience", type=click.IntRange(0), default=FinetuneConfig.patience, show_default=True)
+@click.option("--checkpoint-every", type=click.IntRange(1), default=FinetuneConfig.checkpoint_every, show_default=True)
+@click.option("--resume", is_flag=True, help="Continue an interrupted fine-tune from FT_DIR/checkpoint/last.pt.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True)
+@click.option("--workers", type=click.IntRange(0), help="Decode processes.")
+@click.option("--weights-file", type=click.Path(dir_okay=False), help="Backbone weights file.")
+@_progress_option
+def finetune(images: str, **kw: Any) -> None:
+    """Fine-tune the whole network on IMAGES, starting from a fitted head (LP-FT).
+
+    Gradual unfreezing from the top, layer-wise learning rates, early stopping on fit-head's
+    validation photos; resumable. Runs under `torchrun` too (DistributedDataParallel).
+    """
+    from .finetune import finetune as run
+
+    summary = run(FinetuneConfig(images=images, **kw))
+    if summary.is_main:
+        click.echo(summary.line())
+
+
+@cli.command()
 @click.argument("head", type=click.Path())
 @click.option("--out", "-o", default=ExportConfig.out, show_default=True, help="Model directory to write.")
 @click.option(
     "--weights-file", type=click.Path(dir_okay=False), help="Backbone weights file, if not found automatically."
 )
+@click.option(
+    "--format",
+    "format",
+    type=click.Choice(["native", "onnx"]),
+    default="native",
+    show_default=True,
+    help="native: model.pt for headstart/PyTorch; onnx: model.onnx for onnxruntime (pip install 'headstart[onnx]').",
+)
+@click.option(
+    "--parity-tolerance",
+    type=click.FloatRange(0),
+    default=ExportConfig.parity_tolerance,
+    show_default=True,
+    help="Fail if exported and PyTorch probabilities differ by more on sample images.",
+)
 def export(head: str, **kw: Any) -> None:
-    """Combine backbone, preprocessing and HEAD into one self-contained model."""
+    """Combine backbone, preprocessing and HEAD into one self-contained, parity-checked model."""
+    import json as _json
+
     from .export import export as run
 
     path = run(ExportConfig(head=head, **kw))
-    click.echo(f"{path}: model written (manifest.json + model.pt)")
+    manifest = _json.loads((path / "manifest.json").read_text(encoding="utf-8"))
+    parity = manifest["parity"]
+    click.echo(
+        f"{path}: {manifest['runtime']} model written ({', '.join(manifest['files'])} + manifest.json); "
+        f"parity max |dp| {parity['max_abs_diff']:.2g} on {parity['n_images']} images"
+    )
 
 
 @cli.command()
 @click.argument("model", type=click.Path())
 @click.argument("inputs", nargs=-1, required=True)
-@click.option("--out", "-o", default=PredictConfig.out, show_default=True, help="CSV file to write.")
+@click.option(
+    "--out", "-o", default=PredictConfig.out, show_default=True, help="CSV or .jsonl file to write; - for stdout."
+)
+@click.option(
+    "--format",
+    "format",
+    type=click.Choice(["csv", "jsonl"]),
+    help="Output format. Default: jsonl if --out ends in .jsonl/.ndjson, else csv.",
+)
 @click.option("--top-k", type=click.IntRange(1), default=3, show_default=True, help="Labels per photo.")
+@click.option(
+    "--unknown-threshold",
+    type=click.FloatRange(0, 1),
+    help="Label a photo 'unknown' when its best probability is below this.",
+)
+@click.option(
+    "--embeddings", type=click.Path(dir_okay=False), help="Also write the features, one row per input (.npy or .h5)."
+)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
+@click.option(
+    "--precision",
+    type=click.Choice(["auto", "fp32", "bf16"]),
+    default="auto",
+    show_default=True,
+    help="auto = the precision the head was trained on, when this machine runs it fast.",
+)
 @click.option("--batch-size", type=click.IntRange(1), help="Default: 256 on GPU, 32 on CPU.")
 @click.option("--workers", type=click.IntRange(0), help="Decode processes.")
 @_progress_option
 def predict(model: str, inputs: tuple[str, ...], **kw: Any) -> None:
-    """Classify INPUTS (files and folders) with an exported MODEL; write a CSV."""
+    """Classify INPUTS with an exported MODEL (native or ONNX); write CSV or JSON Lines.
+
+    INPUTS are image files, folders (searched recursively), glob patterns ('photos/**/*.jpg'),
+    lists of paths (.txt one per line, .csv with a path column; relative to the list) or - to
+    read paths from stdin. Files that cannot be decoded get a row with the error.
+    """
     from .predict import predict as run
 
-    out, rows = run(PredictConfig(model=model, inputs=inputs, **kw))
-    failed = sum(1 for r in rows if r["error"])
-    click.echo(f"{out}: {len(rows)} predictions" + (f", {failed} files could not be read" if failed else ""))
+    _, summary = run(PredictConfig(model=model, inputs=inputs, **kw))
+    click.echo(summary.line(), err=kw["out"] == "-")
+
+
+@cli.command()
+@click.argument("model", type=click.Path())
+@click.argument("data", type=click.Path())
+@click.option("--out", "-o", default=EvaluateConfig.out, show_default=True, help="Report directory to write.")
+@click.option(
+    "--unknown-threshold", type=click.FloatRange(0, 1), help="Report coverage/accuracy at it (default: the head's)."
+)
+@click.option("--worst", type=click.IntRange(0), default=24, show_default=True, help="Mistakes shown as thumbnails.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
+@click.option("--batch-size", type=click.IntRange(1), help="Default: 256 on GPU, 32 on CPU.")
+@click.option("--workers", type=click.IntRange(0), help="Decode processes.")
+@_progress_option
+def evaluate(model: str, data: str, **kw: Any) -> None:
+    """Score MODEL (exported model or head directory) on DATA (labelled photos or a feature cache).
+
+    Writes metrics.json, per_class.csv and report.html (confusion matrix, reliability plot,
+    accuracy against coverage, the worst mistakes as thumbnails).
+    """
+    from .evaluate import evaluate as run
+
+    click.echo(run(EvaluateConfig(model=model, data=data, **kw)).line())
+
+
+@cli.command()
+@click.argument("image", type=click.Path())
+@click.option("--cache", "cache", required=True, type=click.Path(), help="Feature cache to search.")
+@click.option("-k", "k", type=click.IntRange(1), default=10, show_default=True, help="How many photos.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def similar(image: str, cache: str, k: int, device: str, as_json: bool) -> None:
+    """The K catalog photos most similar to IMAGE (cosine of cached features)."""
+    from dataclasses import asdict
+
+    from .similar import similar as run
+
+    matches = run(image, cache, k=k, device=device)
+    if as_json:
+        click.echo(json.dumps([asdict(m) for m in matches], indent=2, ensure_ascii=False))
+        return
+    for m in matches:
+        click.echo(m.line())
 
 
 @cli.command()
@@ -216,6 +393,31 @@ def demo(out: str, backbone: str, progress: bool) -> None:
 
     result = run_demo(Path(out), backbone=backbone, progress=progress)
     click.echo(result.line())
+
+
+@cli.group("cache")
+def cache_group() -> None:
+    """Inspect and check feature caches (headstart cache info / verify)."""
+
+
+@cache_group.command("info")
+@click.argument("cache", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def cache_info(cache: str, as_json: bool) -> None:
+    """Fingerprint, row and class counts, skipped files of CACHE."""
+    from .cache import format_info, info
+
+    d = info(cache)
+    click.echo(json.dumps(d, indent=2, ensure_ascii=False) if as_json else format_info(d))
+
+
+@cache_group.command("verify")
+@click.argument("cache", type=click.Path())
+def cache_verify(cache: str) -> None:
+    """Check CACHE's integrity: every dataset readable, no duplicate keys, counts consistent."""
+    from .cache import verify_or_raise
+
+    click.echo(verify_or_raise(cache))
 
 
 def main() -> None:

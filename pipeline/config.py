@@ -33,6 +33,7 @@ class ExtractConfig:
     workers: int | None = None
     draft: bool = True
     letterbox: bool = False
+    decode: str = "cpu"  # cpu (PIL in DataLoader workers) | gpu (nvjpeg, batched, CPU fallback per file)
     max_pixels: int | None = None
     rebuild: bool = False
     strict: bool = False
@@ -49,6 +50,45 @@ class FitHeadConfig:
     class_weight: str | None = None  # None | "balanced"
     seed: int = 0
     max_iter: int = 1000
+    # Issue 4 (heads, label maps, honest splits, calibration); see fit_head.py for each.
+    device: str = "auto"  # auto | cpu | cuda | cuda:N - cuda* = torch L-BFGS on the GPU
+    classes: str | None = None  # label map TOML: merge / rename / drop with stable class ids
+    near_duplicate_threshold: float | None = 0.97  # feature cosine; None or 1 = off (why 0.97: splits.py)
+    calibrate: bool = True  # temperature scaling on the validation split
+    unknown_threshold: float | None = None  # recorded in head.json for evaluate / predict
+    hidden: int = 512  # MLP head width
+    max_memory_gb: float | None = None  # above: stream features from the cache (None = half the RAM)
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    images: str
+    head: str  # HEAD_DIR from fit-head: LP-FT start, class names, preprocessing, validation split
+    out: str = str(ARTIFACTS / "finetune")
+    epochs: int = 10
+    batch_size: int | None = None  # per process; None = 64 on GPU, 32 on CPU
+    accum_steps: int = 1  # gradient accumulation (small GPUs)
+    lr: float = 1e-4  # head and top group; lower groups get lr * layer_decay**depth
+    layer_decay: float = 0.5
+    stages: int = 4  # backbone layer groups for unfreezing and learning rates
+    unfreeze_every: float = 1.0  # epochs between unfreezing the next group down; 0 = all at once
+    warmup: float = 0.1  # fraction of the optimizer steps
+    weight_decay: float = 0.05
+    label_smoothing: float = 0.0
+    class_weight: str | None = None  # None | "balanced"
+    augment: str = "auto"  # auto | product | letterbox | none (never changes colour)
+    init: str = "lp"  # lp: start from the fitted head (LP-FT) | random: a fresh head
+    patience: int = 3  # epochs without better validation log-loss before stopping; 0 = never
+    clip_grad: float | None = 1.0
+    checkpoint_every: int = 50  # optimizer steps between resume checkpoints (and every epoch)
+    resume: bool = False
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "auto"
+    workers: int | None = None
+    weights_file: str | None = None
+    max_pixels: int | None = None
+    progress: bool = True
 
 
 @dataclass(frozen=True)
@@ -56,6 +96,8 @@ class ExportConfig:
     head: str
     out: str = str(ARTIFACTS / "model")
     weights_file: str | None = None
+    format: str = "native"  # native (model.pt) | onnx (model.onnx, needs the `onnx` extra)
+    parity_tolerance: float = 1e-3  # max |p_exported - p_pytorch| on sample images
 
 
 @dataclass(frozen=True)
@@ -63,7 +105,24 @@ class PredictConfig:
     model: str
     inputs: tuple[str, ...]
     out: str = str(ARTIFACTS / "predictions.csv")
+    format: str | None = None  # csv | jsonl; None = from the --out extension
     top_k: int = 3
+    unknown_threshold: float | None = None  # top-1 probability below it -> label "unknown"
+    embeddings: str | None = None  # .npy or .h5 file for the features, one row per input
+    device: str = "auto"
+    precision: str = "auto"
+    batch_size: int | None = None
+    workers: int | None = None
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    model: str  # an exported model directory or a head directory
+    data: str  # a folder of class folders / CSV manifest, or a feature cache (.h5)
+    out: str = str(ARTIFACTS / "report")
+    unknown_threshold: float | None = None  # None = the head's, if it recorded one
+    worst: int = 24  # mistakes shown as thumbnails
     device: str = "auto"
     batch_size: int | None = None
     workers: int | None = None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import os
 import time
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
@@ -22,14 +23,27 @@ from tqdm.auto import tqdm
 
 from . import __version__, runtime
 from .backbones import get_spec, load_backbone, with_preprocessing
-from .cache import Cache, CacheContents, Journal, describe, fingerprint_diff, write_cache, writer_lock
+from .cache import (
+    Cache,
+    CacheContents,
+    Journal,
+    describe,
+    fingerprint_diff,
+    remove_stale_temporaries,
+    write_cache,
+    writer_lock,
+)
 from .config import ExtractConfig, save_resolved
 from .errors import CacheError, InputError
+from .gpu_decode import require_cuda
 from .images import Catalog, discover, hash_file
-from .loader import embed_batches, make_loader
+from .loader import DECODERS, embed_batches, make_loader
 
-COMMIT_EVERY_ROWS = 1024
-COMMIT_EVERY_SECONDS = 5.0
+# A journal batch is committed every this many rows or seconds, whichever comes first: a kill
+# loses at most that much work, and batch files stay few. The environment overrides exist for
+# the crash tests (small batches on a tiny catalog) and for tuning, not as user options.
+COMMIT_EVERY_ROWS = int(os.environ.get("HEADSTART_COMMIT_ROWS", "1024"))
+COMMIT_EVERY_SECONDS = float(os.environ.get("HEADSTART_COMMIT_SECONDS", "5"))
 
 
 @dataclass
@@ -79,11 +93,16 @@ def extract(cfg: ExtractConfig) -> ExtractSummary:
     spec = with_preprocessing(get_spec(cfg.backbone), draft=cfg.draft, letterbox=cfg.letterbox)
     device = runtime.resolve_device(cfg.device)
     precision = runtime.resolve_precision(cfg.precision, device)
+    if cfg.decode not in DECODERS:
+        raise InputError(f"--decode must be cpu or gpu, not {cfg.decode!r}")
+    if cfg.decode == "gpu":
+        require_cuda(device)  # before hashing thousands of files, not after
     catalog = discover(cfg.images)
     loaded = load_backbone(spec, cfg.weights_file)
     fp = loaded.fingerprint(precision)
 
     with writer_lock(out):
+        remove_stale_temporaries(out)
         journal = Journal(out)
         old: CacheContents | None = None
         if cfg.rebuild:
@@ -173,6 +192,7 @@ def _run_backbone(
         batch_size=cfg.batch_size,
         workers=cfg.workers,
         max_pixels=cfg.max_pixels,
+        decode=cfg.decode,
     )
     rows: dict[str, np.ndarray] = {}
     bad: dict[str, str] = {}
@@ -185,7 +205,9 @@ def _run_backbone(
         nonlocal last
         feats = np.concatenate(pend_f) if pend_f else np.zeros((0, spec.feature_dim), dtype)  # type: ignore[attr-defined]
         journal.append(pend_h, feats, [h for h, _ in pend_bad], [r for _, r in pend_bad])
-        pend_h.clear(), pend_f.clear(), pend_bad.clear()
+        pend_h.clear()
+        pend_f.clear()
+        pend_bad.clear()
         last = time.monotonic()
 
     bar = tqdm(total=len(todo), desc=f"extract {spec.name}", unit="img", disable=not cfg.progress)  # type: ignore[attr-defined]
@@ -240,7 +262,7 @@ def _assemble(
         if h in bad:
             skipped.extend((catalog.items[i].rel, bad[h]) for i in members)
             continue
-        item_labels = {catalog.items[i].label for i in members} - {None}
+        item_labels = {lab for i in members if (lab := catalog.items[i].label) is not None}
         label = -1
         if len(item_labels) == 1:
             label = label_id[item_labels.pop()]

@@ -1,20 +1,37 @@
 """Stage: feature cache -> head directory. ``fit_head(cfg) -> FitSummary``.
 
+1. Labels go through the label map (``--classes``): merge, rename, drop, stable class ids.
+2. Validation split: stratified by class and grouped so near-duplicate photos (feature cosine
+   above ``--near-duplicate-threshold``) stay on one side (``splits.py``).
+3. Head: logistic regression with C swept on validation log-loss (default), an MLP, or nearest
+   centroid (few-shot). A probe trained on the training rows gives the validation metrics and
+   the temperature (scaling on validation log-loss); the final head is refit on train +
+   validation and carries that temperature. (Why not calibrate the final head directly: it has
+   seen every labelled photo, so nothing is left to calibrate it on honestly.)
+
 Writes ``HEAD_DIR/``:
 
 * ``head.joblib`` - the fitted scikit-learn estimator (pickle: trust only your own);
-* ``head.npz`` - the same head as plain tensors, which export uses (no unpickling);
-* ``head.json`` - backbone fingerprint, class names, chosen C and the validation curve,
-  metrics (accuracy, macro-F1, per-class precision/recall), sha256 of the two files above;
-* ``split.json`` - which rows (by content hash) were validation, so fine-tuning can be compared
-  with the linear probe on identical photos;
+* ``head.npz`` - the same head as plain tensors (``torch_state()``: kind + named arrays), which
+  export and evaluate use (no unpickling);
+* ``head.json`` - fingerprint, class names and ids, the label map, chosen C and the validation
+  curve, temperature, metrics (accuracy, macro-F1, per-class precision/recall/F1), split facts,
+  sha256 of the two files above;
+* ``split.json`` - which rows (by content hash) were validation, and the near-duplicate groups,
+  so fine-tuning can be compared with the linear probe on identical photos;
 * ``config.json`` - the configuration used.
+
+Memory: in memory, about ``12 * N * D`` bytes for N labelled rows of D features (float32
+features, the train/validation copies, scikit-learn's standardised copy). Above
+``--max-memory-gb`` (default: half the available RAM) logistic regression streams the rows from
+the cache in chunks on every L-BFGS pass (torch solver): slower, but memory is one chunk.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,101 +45,207 @@ from .backbones import sha256_file
 from .cache import Cache
 from .config import FitHeadConfig, save_resolved
 from .errors import InputError
-from .heads import LogisticHead, classification_metrics, sweep_c
+from .heads import (
+    HEAD_KINDS,
+    LogisticHead,
+    MLPHead,
+    NearestCentroidHead,
+    calibration_error,
+    classification_metrics,
+    fit_temperature,
+    mean_log_loss,
+    sweep_c,
+)
+from .labels import LabelMap, apply_label_map
+from .splits import near_duplicate_groups, stratified_group_split
 
 HEAD_SCHEMA_VERSION = 1
+BYTES_PER_VALUE_IN_MEMORY = 12  # float32 features + train/val copies + standardised copy
 
 
 @dataclass
 class FitSummary:
     path: Path
     metrics: dict[str, Any]
-    C: float
+    C: float | None
     n_train: int
     n_val: int
     seconds: float
+    kind: str = "logreg"
+    temperature: float = 1.0
 
     def line(self) -> str:
         m = self.metrics
+        what = f"C={self.C:.3g}" if self.C is not None else self.kind
         return (
             f"{self.path}: validation accuracy {m['accuracy']:.3f}, macro-F1 {m['macro_f1']:.3f} "
-            f"on {self.n_val} photos (C={self.C:.3g}, {self.n_train} train, {self.seconds:.1f}s)"
+            f"on {self.n_val} photos ({what}, T={self.temperature:.2f}, {self.n_train} train, {self.seconds:.1f}s)"
         )
 
 
 def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Per class: shuffle, hold out round(n * fraction) rows (at least one if the class has
     two or more), deterministically for a given seed. Returns (train_idx, val_idx)."""
-    if not 0.0 < val_fraction < 1.0:
-        raise InputError(f"--val-fraction must be between 0 and 1, not {val_fraction}")
-    rng = np.random.default_rng(seed)
-    train, val = [], []
-    for c in np.unique(labels):
-        idx = np.flatnonzero(labels == c)
-        rng.shuffle(idx)
-        n_val = 0 if len(idx) < 2 else max(1, int(round(len(idx) * val_fraction)))
-        val.extend(idx[:n_val])
-        train.extend(idx[n_val:])
-    return np.sort(np.array(train, dtype=np.int64)), np.sort(np.array(val, dtype=np.int64))
+    return stratified_group_split(labels, np.arange(len(labels)), val_fraction, seed)
+
+
+class CacheRows:
+    """Rows of an open cache, read from disk on every slice (a ``heads.RowSource``)."""
+
+    is_row_source = True
+
+    def __init__(self, cache: Cache, rows: np.ndarray) -> None:
+        self.cache, self.rows = cache, np.asarray(rows, np.int64)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (len(self.rows), self.cache.feature_dim)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, key: Any) -> Any:
+        if isinstance(key, slice):
+            return self.cache.features(self.rows[key])
+        return CacheRows(self.cache, self.rows[key])  # an index array: a smaller lazy view
+
+
+def memory_budget(cfg: FitHeadConfig) -> float:
+    if cfg.max_memory_gb is not None:
+        return cfg.max_memory_gb * 1e9
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2
+    except (ValueError, OSError):
+        return 8e9
+
+
+def resolve_solver(device: str) -> tuple[str, str]:
+    """``--device`` -> (solver, torch device). CUDA: torch L-BFGS on the GPU; CPU: scikit-learn."""
+    from .runtime import resolve_device
+
+    dev = resolve_device(device)
+    return ("torch", str(dev)) if dev.type == "cuda" else ("sklearn", "cpu")
+
+
+def _make_head(cfg: FitHeadConfig, C: float, solver: str, device: str) -> Any:
+    if cfg.head == "logreg":
+        return LogisticHead(C=C, class_weight=cfg.class_weight, max_iter=cfg.max_iter, solver=solver, device=device)
+    if cfg.head == "mlp":
+        return MLPHead(hidden=cfg.hidden, class_weight=cfg.class_weight, random_state=cfg.seed, device=device)
+    return NearestCentroidHead()
 
 
 def fit_head(cfg: FitHeadConfig) -> FitSummary:
     t0 = time.perf_counter()
-    if cfg.head != "logreg":
-        raise InputError(f"unknown head {cfg.head!r}; available: logreg")
+    if cfg.head not in HEAD_KINDS:
+        raise InputError(f"unknown head {cfg.head!r}; available: {', '.join(HEAD_KINDS)}")
+    if cfg.unknown_threshold is not None and not 0.0 <= cfg.unknown_threshold <= 1.0:
+        raise InputError(f"--unknown-threshold is a probability between 0 and 1, not {cfg.unknown_threshold}")
+    label_map = LabelMap.load(cfg.classes) if cfg.classes else None
+    solver, device = resolve_solver(cfg.device)
     with Cache(cfg.cache) as cache:
-        labels_all = cache.labels
-        rows = np.flatnonzero(labels_all >= 0)
+        mapped = apply_label_map(label_map, cache.class_names, cache.labels)
+        rows = np.flatnonzero(mapped.y >= 0)
         if len(rows) == 0:
             raise InputError(
-                f"{cfg.cache} has no labelled rows; extract a folder of class folders (images/<class>/*.jpg)"
+                f"{cfg.cache} has no labelled rows"
+                + (" left after the label map" if label_map else "")
+                + "; extract a folder of class folders (images/<class>/*.jpg)"
             )
-        present = np.unique(labels_all[rows])
-        all_names = cache.class_names
-        if len(present) < 2:
-            only = all_names[int(present[0])]
+        class_names = mapped.class_names
+        if len(class_names) < 2:
             raise InputError(
-                f"{cfg.cache} has labelled photos of one class only ({only!r}); a classifier needs at least two"
+                f"{cfg.cache} has labelled photos of one class only ({class_names[0]!r}); a classifier needs at least two"
             )
-        class_names = [all_names[int(i)] for i in present]
-        remap = {int(old): new for new, old in enumerate(present)}
-        y = np.array([remap[int(v)] for v in labels_all[rows]], dtype=np.int64)
-        X = cache.features(rows)
-        hashes = [cache.content_hash[i] for i in rows] if len(rows) < 10_000_000 else []
+        y = mapped.y[rows]
+        all_hashes = cache.content_hash
+        hashes = [all_hashes[i] for i in rows]
+        need = float(len(rows)) * cache.feature_dim * BYTES_PER_VALUE_IN_MEMORY
+        streamed = need > memory_budget(cfg)
+        X: Any
+        if streamed:
+            if cfg.head != "logreg":
+                raise InputError(
+                    f"{len(rows)} x {cache.feature_dim} features need about {need / 1e9:.1f} GB, more than "
+                    f"--max-memory-gb allows; use --head logreg (it streams from the cache) or raise --max-memory-gb"
+                )
+            solver, device = "torch", device if solver == "torch" else "cpu"
+            X = CacheRows(cache, rows)
+        else:
+            X = cache.features(rows)
+
+        def features_of(idx: np.ndarray) -> np.ndarray:
+            return np.asarray(cache.features(rows[idx]) if streamed else X[idx])
+
+        groups = near_duplicate_groups(features_of, y, cfg.near_duplicate_threshold)
+        tr, va = stratified_group_split(y, groups, cfg.val_fraction, cfg.seed)
+        if len(va) == 0:
+            raise InputError("too few labelled photos for a validation split: give each class at least two")
+        if cfg.head != "logreg":
+            best_c, curve = None, []
+        elif cfg.c is None:
+            best_c, curve = sweep_c(
+                X[tr], y[tr], X[va], y[va], class_weight=cfg.class_weight, max_iter=cfg.max_iter, solver=solver,
+                device=device,
+            )  # fmt: skip
+        else:
+            best_c, curve = float(cfg.c), []
+        mlp_device = device if cfg.head == "mlp" and solver == "torch" else "cpu"
+        probe = _make_head(cfg, best_c or 1.0, solver, mlp_device).fit(X[tr], y[tr])
+        val_logits = probe.logits(X[va])
+        metrics = classification_metrics(y[va], val_logits.argmax(1), class_names)
+        metrics["split"] = "validation"
+        temperature = fit_temperature(val_logits, y[va]) if cfg.calibrate else 1.0
+        calibration = _calibration(val_logits, y[va], temperature, cfg.unknown_threshold)
+        # Final head: same hyper-parameters, refit on train + validation, the probe's temperature.
+        head = _make_head(cfg, best_c or 1.0, solver, mlp_device).fit(X, y)
+        head.temperature_ = temperature
         fingerprint = cache.fingerprint
         cache_attrs = cache.attrs
-
-    tr, va = stratified_split(y, cfg.val_fraction, cfg.seed)
-    if len(va) == 0:
-        raise InputError("too few labelled photos for a validation split: give each class at least two")
-    if cfg.c is None:
-        best_c, curve = sweep_c(X[tr], y[tr], X[va], y[va], class_weight=cfg.class_weight, max_iter=cfg.max_iter)
-    else:
-        best_c, curve = float(cfg.c), []
-    probe = LogisticHead(C=best_c, class_weight=cfg.class_weight, max_iter=cfg.max_iter).fit(X[tr], y[tr])
-    metrics = classification_metrics(y[va], probe.predict(X[va]), class_names)
-    metrics["split"] = "validation"
-    # Final head: same C, refit on train + validation (more data for the deployed model).
-    head = LogisticHead(C=best_c, class_weight=cfg.class_weight, max_iter=cfg.max_iter).fit(X, y)
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     joblib.dump(head, out / "head.joblib")
     state = head.torch_state()
-    np.savez(out / "head.npz", weight=state["weight"], bias=state["bias"])
+    np.savez(out / "head.npz", **state)
+    merged = _groups_by_hash(groups, hashes)
     (out / "split.json").write_text(
-        json.dumps({"seed": cfg.seed, "val_fraction": cfg.val_fraction, "val_content_hash": [hashes[i] for i in va]})
+        json.dumps(
+            {
+                "seed": cfg.seed,
+                "val_fraction": cfg.val_fraction,
+                "near_duplicate_threshold": cfg.near_duplicate_threshold,
+                "val_content_hash": [hashes[i] for i in va],
+                "near_duplicate_groups": merged,
+            }
+        )
         + "\n"
     )
     meta = {
         "schema_version": HEAD_SCHEMA_VERSION,
-        "kind": "logreg",
+        "kind": cfg.head,
+        "torch_kind": state["kind"],
         "class_names": class_names,
+        "class_ids": mapped.class_ids,
+        "absent_classes": mapped.absent,
+        "label_map": label_map.record() if label_map else None,
         "C": best_c,
         "c_sweep": curve,
+        "solver": solver,
+        "streamed": streamed,
+        "temperature": temperature,
+        "unknown_threshold": cfg.unknown_threshold,
+        "calibration": calibration,
         "metrics": metrics,
         "n_train": len(tr),
         "n_val": len(va),
+        "split": {
+            "stratified": True,
+            "grouped": cfg.near_duplicate_threshold is not None and cfg.near_duplicate_threshold < 1,
+            "near_duplicate_threshold": cfg.near_duplicate_threshold,
+            "near_duplicate_groups": len(merged),
+            "rows_in_near_duplicate_groups": sum(len(g) for g in merged),
+        },
         "fingerprint": fingerprint,
         "cache": str(Path(cfg.cache).resolve()),
         "cache_updated": cache_attrs.get("updated"),
@@ -131,5 +254,33 @@ def fit_head(cfg: FitHeadConfig) -> FitSummary:
         "files": {"head.joblib": sha256_file(out / "head.joblib"), "head.npz": sha256_file(out / "head.npz")},
     }
     (out / "head.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    save_resolved(cfg, out / "config.json", C=best_c)
-    return FitSummary(out, metrics, best_c, len(tr), len(va), time.perf_counter() - t0)
+    save_resolved(cfg, out / "config.json", C=best_c, solver=solver, temperature=temperature)
+    return FitSummary(out, metrics, best_c, len(tr), len(va), time.perf_counter() - t0, cfg.head, temperature)
+
+
+def _calibration(logits: np.ndarray, y: np.ndarray, temperature: float, threshold: float | None) -> dict[str, Any]:
+    from .heads import softmax
+
+    before, after = softmax(logits), softmax(logits / temperature)
+    out: dict[str, Any] = {
+        "val_log_loss_before": mean_log_loss(before, y),
+        "val_log_loss_after": mean_log_loss(after, y),
+        "val_ece_before": calibration_error(before, y),
+        "val_ece_after": calibration_error(after, y),
+    }
+    if threshold is not None:
+        keep = after.max(1) >= threshold
+        out["unknown_threshold"] = {
+            "threshold": threshold,
+            "val_coverage": float(keep.mean()),
+            "val_accuracy_covered": float((after.argmax(1)[keep] == y[keep]).mean()) if keep.any() else None,
+        }
+    return out
+
+
+def _groups_by_hash(groups: np.ndarray, hashes: list[str]) -> list[list[str]]:
+    """Near-duplicate groups with more than one member, as lists of content hashes."""
+    members: dict[int, list[str]] = {}
+    for i, g in enumerate(groups.tolist()):
+        members.setdefault(g, []).append(hashes[i])
+    return [m for m in members.values() if len(m) > 1]

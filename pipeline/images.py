@@ -74,7 +74,11 @@ def _walk(folder: Path) -> list[Path]:
 def _check_file(path: Path, rel: str) -> Skip | None:
     if path.is_symlink() and not path.exists():
         return Skip(rel, "broken symlink")
+    if not path.is_file():
+        # A FIFO or device named .jpg would block or never end when hashed.
+        return Skip(rel, "not a regular file")
     if not os.access(path, os.R_OK):
+        # Note: root passes access() for any mode bits; then the read itself decides.
         return Skip(rel, "permission denied")
     return None
 
@@ -103,12 +107,8 @@ def discover(source: str | os.PathLike[str], *, labelled: bool | None = None) ->
     by_folder = bool(subdirs) if labelled is None else labelled
     for path in _walk(root):
         rel = path.relative_to(root).as_posix()
-        label = None
-        if by_folder:
-            if "/" not in rel:  # a stray file beside the class folders: unlabelled
-                label = None
-            else:
-                label = rel.split("/", 1)[0]
+        # A stray file beside the class folders is unlabelled.
+        label = rel.split("/", 1)[0] if by_folder and "/" in rel else None
         bad = _check_file(path, rel)
         if bad:
             skipped.append(bad)
@@ -179,8 +179,10 @@ def open_rgb(
     """
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = source if isinstance(source, Image.Image) else Image.open(source)
+            # Our own limit (below) decides; PIL's warning at half its limit would otherwise
+            # refuse photos we accept, and its hard error must not undercut a raised --max-pixels.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = source if isinstance(source, Image.Image) else _open_with_limit(source, max_pixels)
             w, h = img.size
             if w * h > max_pixels:
                 raise DecodeError(
@@ -196,8 +198,11 @@ def open_rgb(
             return _to_rgb(img)
     except DecodeError:
         raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise DecodeError(f"decompression bomb refused: {e}") from None
+    except Image.DecompressionBombError as e:
+        raise DecodeError(
+            f"decompression bomb refused: {e} (the limit is --max-pixels {max_pixels:,}; raise it only if the "
+            "file is trusted)"
+        ) from None
     except UnidentifiedImageError:
         raise DecodeError("not an image (or an unsupported format)") from None
     except OSError as e:
@@ -207,6 +212,20 @@ def open_rgb(
         raise DecodeError(f"cannot read image: {msg}") from None
     except (ValueError, SyntaxError, EOFError) as e:  # PIL raises these for corrupt headers
         raise DecodeError(f"corrupt image: {e}") from None
+
+
+def _open_with_limit(source: str | os.PathLike[str], max_pixels: int) -> Image.Image:
+    """``Image.open`` with PIL's own bomb check no stricter than ours. PIL raises at twice its
+    global ``MAX_IMAGE_PIXELS``; only when the caller raised the limit above that do we lift the
+    global for this call (decoding runs one image at a time per process)."""
+    if max_pixels <= 2 * (Image.MAX_IMAGE_PIXELS or 0):
+        return Image.open(source)
+    saved = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = max_pixels // 2 + 1
+    try:
+        return Image.open(source)
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -253,7 +272,7 @@ def preprocess(img: Image.Image, prep: Preprocessing) -> np.ndarray:
             img = img.resize(size, resample)
         w, h = img.size
         c = prep.crop
-        left, top = int(round((w - c) / 2.0)), int(round((h - c) / 2.0))
+        left, top = round((w - c) / 2.0), round((h - c) / 2.0)
         img = img.crop((left, top, left + c, top + c))
     arr = np.asarray(img, dtype=np.uint8)
     return np.ascontiguousarray(arr.transpose(2, 0, 1))

@@ -4,13 +4,16 @@ network under the chosen precision.
 
 A file that cannot be decoded does not stop the batch: its slot carries the error message and
 its pixels are dropped before the forward pass.
+
+With ``decode="gpu"`` the workers only read JPEG bytes and parse headers; the main process
+decodes the whole batch with nvjpeg and resizes on the GPU (see ``gpu_decode.py``).
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -19,23 +22,39 @@ from torch.utils.data import DataLoader, Dataset
 
 from . import runtime
 from .backbones import FeatureNet, Preprocessing
+from .errors import InputError
+from .gpu_decode import RawJpeg, decode_batch, probe_jpeg, require_cuda
 from .images import DEFAULT_MAX_PIXELS, DecodeError, load_pixels
 
 Source = str | os.PathLike[str] | Image.Image
+Decoded = np.ndarray | RawJpeg | None  # CPU pixels, JPEG bytes for the GPU, or failure
+DECODERS = ("cpu", "gpu")
 
 
-class PixelDataset(Dataset[tuple[int, np.ndarray | None, str]]):
-    def __init__(self, sources: Sequence[Source], prep: Preprocessing, max_pixels: int | None = None) -> None:
+class PixelDataset(Dataset[tuple[int, Decoded, str]]):
+    def __init__(
+        self,
+        sources: Sequence[Source],
+        prep: Preprocessing,
+        max_pixels: int | None = None,
+        decode: str = "cpu",
+    ) -> None:
         self.sources = sources
         self.prep = prep
         self.max_pixels = max_pixels or DEFAULT_MAX_PIXELS
+        self.decode = decode
 
     def __len__(self) -> int:
         return len(self.sources)
 
-    def __getitem__(self, i: int) -> tuple[int, np.ndarray | None, str]:
+    def __getitem__(self, i: int) -> tuple[int, Decoded, str]:
+        src = self.sources[i]
         try:
-            return i, load_pixels(self.sources[i], self.prep, max_pixels=self.max_pixels), ""
+            if self.decode == "gpu" and not isinstance(src, Image.Image):
+                raw = probe_jpeg(src, self.max_pixels)
+                if raw is not None:
+                    return i, raw, ""
+            return i, load_pixels(src, self.prep, max_pixels=self.max_pixels), ""
         except DecodeError as e:
             return i, None, str(e)
         except Exception as e:
@@ -48,14 +67,45 @@ class Batch:
     pixels: torch.Tensor  # uint8 (n_ok, 3, H, W), only the decodable items
     ok: torch.Tensor  # bool mask over ``index``
     errors: list[str]  # "" where ok
+    # --decode gpu: items whose JPEG bytes still need decoding (position in the batch, bytes);
+    # their slots in ``pixels`` are filled on the device by :func:`embed_batches`.
+    raw: list[tuple[int, RawJpeg]] = field(default_factory=list)
+
+    def pin_memory(self) -> Batch:
+        """Called by the DataLoader's pinning thread (``pin_memory=True``): page-locked pixels
+        let the host-to-GPU copy run asynchronously (``non_blocking=True``)."""
+        self.pixels = self.pixels.pin_memory()
+        return self
 
 
-def _collate(items: list[tuple[int, np.ndarray | None, str]]) -> Batch:
+def _collate(items: list[tuple[int, Decoded, str]]) -> Batch:
     index = torch.tensor([i for i, _, _ in items], dtype=torch.int64)
     ok = torch.tensor([p is not None for _, p, _ in items], dtype=torch.bool)
-    good = [torch.from_numpy(p) for _, p, _ in items if p is not None]
+    good = [torch.from_numpy(p) for _, p, _ in items if isinstance(p, np.ndarray)]
+    raw = [(j, p) for j, (_, p, _) in enumerate(items) if isinstance(p, RawJpeg)]
     pixels = torch.stack(good) if good else torch.empty(0, dtype=torch.uint8)
-    return Batch(index, pixels, ok, [e for _, _, e in items])
+    return Batch(index, pixels, ok, [e for _, _, e in items], raw)
+
+
+def _gpu_pixels(batch: Batch, prep: Preprocessing, device: torch.device, max_pixels: int) -> torch.Tensor:
+    """Merge CPU-decoded pixels and nvjpeg-decoded JPEGs, in batch order, on ``device``.
+    A JPEG that neither nvjpeg nor PIL can use turns its slot into an error (``batch.ok``)."""
+    decoded = decode_batch([r for _, r in batch.raw], prep, device, max_pixels)
+    by_pos = {j: d for (j, _), d in zip(batch.raw, decoded, strict=True)}
+    cpu = iter(batch.pixels.to(device, non_blocking=True)) if batch.pixels.numel() else iter(())
+    ok = batch.ok.tolist()
+    out: list[torch.Tensor] = []
+    for j, good in enumerate(ok):
+        if not good:
+            continue
+        d = by_pos[j] if j in by_pos else next(cpu)
+        if isinstance(d, str):
+            ok[j] = False
+            batch.errors[j] = d
+        else:
+            out.append(d)
+    batch.ok = torch.tensor(ok, dtype=torch.bool)
+    return torch.stack(out) if out else torch.empty(0, dtype=torch.uint8, device=device)
 
 
 def make_loader(
@@ -66,7 +116,12 @@ def make_loader(
     batch_size: int | None = None,
     workers: int | None = None,
     max_pixels: int | None = None,
+    decode: str = "cpu",
 ) -> DataLoader[Batch]:
+    if decode not in DECODERS:
+        raise InputError(f"unknown --decode {decode!r}; choose cpu or gpu")
+    if decode == "gpu":
+        require_cuda(device)
     batch_size = batch_size or runtime.auto_batch_size(device)
     workers = runtime.auto_workers(device) if workers is None else workers
     # PIL images in memory cannot be sent to worker processes cheaply; decode those inline.
@@ -74,8 +129,9 @@ def make_loader(
         workers = 0
     workers = min(workers, max(0, (len(sources) + batch_size - 1) // batch_size))
     runtime.prepare_worker_sharing(workers)
+    # collate_fn turns the dataset's items into a Batch, which DataLoader's typing cannot express.
     return DataLoader(
-        PixelDataset(sources, prep, max_pixels),
+        PixelDataset(sources, prep, max_pixels, decode),  # type: ignore[arg-type]
         batch_size=batch_size,
         shuffle=False,
         num_workers=workers,
@@ -99,11 +155,16 @@ def embed_batches(
     net = net.to(device).eval()
     if channels_last:
         net = net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    dataset = loader.dataset
     for batch in loader:
-        if batch.pixels.numel() == 0:
+        if batch.raw:
+            assert isinstance(dataset, PixelDataset)
+            x = _gpu_pixels(batch, dataset.prep, device, dataset.max_pixels)
+        else:
+            x = batch.pixels.to(device, non_blocking=True)
+        if x.numel() == 0:
             yield batch, np.zeros((0, 0), dtype=np.float32)
             continue
-        x = batch.pixels.to(device, non_blocking=True)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with runtime.autocast(device, precision):

@@ -2,16 +2,25 @@
 
 >>> p = Predictor.load("artifacts/model")             # doctest: +SKIP
 >>> p.predict(["photo.jpg", pil_image])[0]["label"]  # doctest: +SKIP
+
+Images go through the same DataLoader pipeline as ``extract`` (decode workers, uint8 batches,
+pinned memory, the GPU when there is one), so serving and training see identical pixels. A native
+model runs in PyTorch; an ONNX model in onnxruntime. A file that cannot be decoded becomes a row
+with its error instead of stopping the run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import glob
+import json
 import os
-from collections.abc import Sequence
+import sys
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import torch
@@ -22,7 +31,20 @@ from .config import PredictConfig, save_resolved
 from .errors import InputError
 from .export import LoadedModel, load_model
 from .images import IMAGE_EXTENSIONS
-from .loader import Source, embed_batches, make_loader
+from .loader import Batch, Source, embed_batches, make_loader
+
+UNKNOWN = "unknown"
+LIST_EXTENSIONS = frozenset({".txt", ".lst", ".csv"})
+OUTPUT_FORMATS = ("csv", "jsonl")
+
+
+@dataclass
+class BatchResult:
+    index: np.ndarray  # positions in the source list, every item of the batch
+    ok: np.ndarray  # bool mask over index
+    probabilities: np.ndarray  # (n_ok, C) float32
+    features: np.ndarray  # (n_ok, D) float32
+    errors: list[str]  # "" where ok
 
 
 @dataclass
@@ -30,20 +52,61 @@ class Predictor:
     loaded: LoadedModel
     device: torch.device
     precision: str
+    session: Any = None  # onnxruntime.InferenceSession for ONNX models
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str], device: str = "auto") -> Predictor:
+    def load(cls, path: str | os.PathLike[str], device: str = "auto", precision: str = "auto") -> Predictor:
         loaded = load_model(path)
         dev = runtime.resolve_device(device)
-        # Run in the precision the features were extracted with when this machine supports it,
-        # so predictions match the head's view of the training photos.
-        precision = loaded.precision if loaded.precision == "fp32" else runtime.resolve_precision("auto", dev)
+        if loaded.runtime == "onnx":
+            from .onnx_export import onnx_session
+
+            if precision not in ("auto", "fp32"):
+                raise InputError(f"an ONNX model runs in fp32 only, not {precision}; use --precision fp32 or auto")
+            return cls(loaded, dev, "fp32", onnx_session(loaded.weights_path, dev))
+        if precision == "auto":
+            # The precision the head's features were extracted in, when this machine has it fast,
+            # so predictions match the head's view of the training photos.
+            precision = "fp32" if loaded.precision == "fp32" else runtime.resolve_precision("auto", dev)
+        precision = runtime.resolve_precision(precision, dev)
+        assert loaded.model is not None
         loaded.model.to(dev)
         return cls(loaded, dev, precision)
 
     @property
     def class_names(self) -> list[str]:
         return self.loaded.class_names
+
+    @property
+    def feature_dim(self) -> int:
+        return int(self.loaded.manifest["backbone"]["feature_dim"])
+
+    def iter_batches(
+        self, sources: Sequence[Source], *, batch_size: int | None = None, workers: int | None = None
+    ) -> Iterator[BatchResult]:
+        """Probabilities and features batch by batch, in input order."""
+        loader = make_loader(
+            sources, self.loaded.preprocessing, device=self.device, batch_size=batch_size, workers=workers
+        )
+        if self.session is not None:
+            for batch in loader:
+                yield self._onnx_batch(batch)
+            return
+        model = self.loaded.model
+        assert model is not None
+        for batch, feats in embed_batches(model.net, loader, device=self.device, precision=self.precision):
+            probs = np.zeros((0, len(self.class_names)), np.float32)
+            if len(feats):
+                with torch.inference_mode():
+                    probs = model.head(torch.from_numpy(feats).to(self.device)).softmax(1).cpu().numpy()
+            yield BatchResult(batch.index.numpy(), batch.ok.numpy(), probs, feats, batch.errors)
+
+    def _onnx_batch(self, batch: Batch) -> BatchResult:
+        probs = np.zeros((0, len(self.class_names)), np.float32)
+        feats = np.zeros((0, self.feature_dim), np.float32)
+        if batch.pixels.numel():
+            probs, feats = self.session.run(["probabilities", "features"], {"pixels": batch.pixels.numpy()})
+        return BatchResult(batch.index.numpy(), batch.ok.numpy(), probs, feats, batch.errors)
 
     def predict_proba(
         self,
@@ -54,56 +117,63 @@ class Predictor:
         progress: bool = False,
     ) -> tuple[np.ndarray, list[str]]:
         """Probabilities ``(N, C)`` (NaN rows where a file could not be decoded) and errors."""
-        n_classes = len(self.class_names)
-        probs = np.full((len(sources), n_classes), np.nan, dtype=np.float32)
+        probs = np.full((len(sources), len(self.class_names)), np.nan, dtype=np.float32)
         errors = [""] * len(sources)
-        loader = make_loader(
-            sources, self.loaded.preprocessing, device=self.device, batch_size=batch_size, workers=workers
-        )
-        head = self.loaded.model.head
         with tqdm(total=len(sources), desc="predict", unit="img", disable=not progress) as bar:
-            for batch, feats in embed_batches(
-                self.loaded.model.net, loader, device=self.device, precision=self.precision
-            ):
-                idx = batch.index.numpy()
-                ok = batch.ok.numpy()
-                if ok.any():
-                    with torch.inference_mode():
-                        logits = head(torch.from_numpy(feats).to(self.device))
-                    probs[idx[ok]] = logits.softmax(1).cpu().numpy()
-                for j in np.flatnonzero(~ok):
-                    errors[int(idx[j])] = batch.errors[j]
-                bar.update(len(idx))
+            for r in self.iter_batches(sources, batch_size=batch_size, workers=workers):
+                probs[r.index[r.ok]] = r.probabilities
+                for j in np.flatnonzero(~r.ok):
+                    errors[int(r.index[j])] = r.errors[j]
+                bar.update(len(r.index))
         return probs, errors
 
-    def predict(self, sources: Sequence[Source], *, top_k: int = 3, **kw: Any) -> list[dict[str, Any]]:
-        """One dict per input: ``label``, ``probability``, ``top_k`` [(label, p), ...], ``error``."""
+    def predict(
+        self, sources: Sequence[Source], *, top_k: int = 3, unknown_threshold: float | None = None, **kw: Any
+    ) -> list[dict[str, Any]]:
+        """One dict per input: ``label``, ``probability``, ``top_k`` [(label, p), ...], ``error``.
+
+        With ``unknown_threshold``, a photo whose best probability is below it gets the label
+        ``"unknown"`` (``top_k`` still lists the classes)."""
         probs, errors = self.predict_proba(sources, **kw)
+        return [self._row(p, e, top_k, unknown_threshold) for p, e in zip(probs, errors, strict=True)]
+
+    def _row(self, p: np.ndarray, err: str, top_k: int, threshold: float | None) -> dict[str, Any]:
+        if err:
+            return {"label": None, "probability": None, "top_k": [], "error": err}
         names = self.class_names
-        k = max(1, min(top_k, len(names)))
-        out = []
-        for p, err in zip(probs, errors, strict=True):
-            if err:
-                out.append({"label": None, "probability": None, "top_k": [], "error": err})
-                continue
-            order = np.argsort(-p)[:k]
-            top = [(names[i], float(p[i])) for i in order]
-            out.append({"label": top[0][0], "probability": top[0][1], "top_k": top, "error": ""})
-        return out
+        order = np.argsort(-p, kind="stable")[: max(1, min(top_k, len(names)))]
+        top = [(names[i], float(p[i])) for i in order]
+        label = UNKNOWN if threshold is not None and top[0][1] < threshold else top[0][0]
+        return {"label": label, "probability": top[0][1], "top_k": top, "error": ""}
 
 
-def expand_inputs(inputs: Sequence[str]) -> list[Path]:
-    """Files as given; folders searched recursively for images (sorted)."""
+# --------------------------------------------------------------------------- inputs
+
+
+def expand_inputs(inputs: Sequence[str], stdin: IO[str] | None = None) -> list[Path]:
+    """Files as given; folders searched recursively for images (sorted); glob patterns; list
+    files (``.txt``/``.lst``: one path a line; ``.csv``: a ``path`` column, else the first)
+    with paths relative to the list; ``-``: paths on stdin, relative to the working folder.
+
+    Listed files that do not exist are kept: they become rows with their error."""
     paths: list[Path] = []
     for raw in inputs:
         p = Path(raw)
-        if p.is_dir():
-            found = sorted(
-                q for q in p.rglob("*") if q.suffix.lower() in IMAGE_EXTENSIONS and not q.name.startswith(".")
-            )
-            paths.extend(found)
+        if raw == "-":
+            paths.extend(_read_list(stdin or sys.stdin, Path.cwd(), csv_file=False))
+        elif p.is_dir():
+            paths.extend(_images_under(p))
+        elif p.is_file() and p.suffix.lower() in LIST_EXTENSIONS:
+            with open(p, encoding="utf-8-sig", newline="") as f:
+                paths.extend(_read_list(f, p.parent, csv_file=p.suffix.lower() == ".csv"))
         elif p.exists() or p.is_symlink():
             paths.append(p)
+        elif glob.has_magic(raw):
+            matches = sorted(glob.glob(raw, recursive=True))
+            if not matches:
+                raise InputError(f"no files match {raw!r}")
+            for m in map(Path, matches):
+                paths.extend(_images_under(m) if m.is_dir() else [m])
         else:
             raise InputError(f"{p} does not exist")
     if not paths:
@@ -111,35 +181,158 @@ def expand_inputs(inputs: Sequence[str]) -> list[Path]:
     return paths
 
 
-def predict(cfg: PredictConfig) -> tuple[Path, list[dict[str, Any]]]:
-    predictor = Predictor.load(cfg.model, cfg.device)
-    paths = expand_inputs(cfg.inputs)
-    rows = predictor.predict(
-        paths, top_k=cfg.top_k, batch_size=cfg.batch_size, workers=cfg.workers, progress=cfg.progress
-    )
-    out = Path(cfg.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+def _images_under(folder: Path) -> list[Path]:
+    return sorted(q for q in folder.rglob("*") if q.suffix.lower() in IMAGE_EXTENSIONS and not q.name.startswith("."))
+
+
+def _read_list(f: IO[str], base: Path, *, csv_file: bool) -> list[Path]:
+    if not csv_file:
+        lines = (line.strip() for line in f)
+        return [base / line for line in lines if line and not line.startswith("#")]
+    rows = list(csv.reader(f))
+    if not rows:
+        return []
+    header = [h.strip().lower() for h in rows[0]]
+    col, body = (header.index("path"), rows[1:]) if "path" in header else (0, rows)
+    return [base / r[col].strip() for r in body if len(r) > col and r[col].strip()]
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+def output_format(cfg: PredictConfig) -> str:
+    fmt = cfg.format or ("jsonl" if Path(cfg.out).suffix.lower() in (".jsonl", ".ndjson") else "csv")
+    if fmt not in OUTPUT_FORMATS:
+        raise InputError(f"unknown output format {fmt!r}; choose one of: {', '.join(OUTPUT_FORMATS)}")
+    return fmt
+
+
+class _RowWriter:
+    """CSV (path, label, probability, label_2, probability_2, ..., error) or JSON Lines."""
+
+    def __init__(self, f: IO[str], fmt: str, k: int) -> None:
+        self.f, self.fmt, self.k = f, fmt, k
+        if fmt == "csv":
+            self.csv = csv.writer(f)
+            header = ["path", "label", "probability"]
+            for r in range(2, k + 1):
+                header += [f"label_{r}", f"probability_{r}"]
+            self.csv.writerow([*header, "error"])
+
+    def write(self, path: Path, row: dict[str, Any]) -> None:
+        if self.fmt == "jsonl":
+            body = {
+                "path": str(path),
+                "label": row["label"],
+                "probability": row["probability"],
+                "top_k": [{"label": n, "probability": p} for n, p in row["top_k"]],
+                "error": row["error"] or None,
+            }
+            self.f.write(json.dumps(body, ensure_ascii=False) + "\n")
+            return
+        prob = row["probability"]
+        line: list[Any] = [str(path), row["label"] or "", "" if prob is None else f"{prob:.6f}"]
+        for r in range(1, self.k):
+            name, p = row["top_k"][r] if r < len(row["top_k"]) else ("", None)
+            line += [name, "" if p is None else f"{p:.6f}"]
+        self.csv.writerow([*line, row["error"]])
+
+
+class _EmbeddingWriter:
+    """Features, one float32 row per input in input order (NaN where a file failed), written
+    batch by batch to ``.npy`` (memory-mapped) or ``.h5`` (``/embeddings``, ``/paths``,
+    ``/error``), so a million photos never sit in memory at once."""
+
+    def __init__(self, path: Path, paths: list[Path], dim: int) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path, self.h5 = path, None
+        shape = (len(paths), dim)
+        if path.suffix.lower() == ".npy":
+            self.arr: Any = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=shape)
+            self.arr[:] = np.nan
+        elif path.suffix.lower() in (".h5", ".hdf5"):
+            import h5py
+
+            self.h5 = h5py.File(path, "w")
+            self.arr = self.h5.create_dataset(
+                "embeddings", shape=shape, dtype="f4", fillvalue=np.nan, chunks=(min(len(paths), 1024), dim)
+            )
+            self.h5.create_dataset("paths", data=[str(p) for p in paths], dtype=h5py.string_dtype("utf-8"))
+            self.errors = self.h5.create_dataset("error", shape=(len(paths),), dtype=h5py.string_dtype("utf-8"))
+        else:
+            raise InputError(f"--embeddings must end in .npy or .h5, not {path.name!r}")
+
+    def write(self, r: BatchResult) -> None:
+        rows = r.index[r.ok]
+        if len(rows):
+            # Batches arrive in order, so each batch's good rows form a sorted selection.
+            self.arr[rows] = r.features
+        if self.h5 is not None:
+            for j in np.flatnonzero(~r.ok):
+                self.errors[int(r.index[j])] = r.errors[j]
+
+    def close(self) -> None:
+        if self.h5 is not None:
+            self.h5.close()
+        else:
+            self.arr.flush()
+
+
+@dataclass
+class PredictSummary:
+    out: str
+    n: int
+    failed: int
+    unknown: int
+    embeddings: str | None
+
+    def line(self) -> str:
+        s = f"{self.out}: {self.n} predictions"
+        if self.failed:
+            s += f", {self.failed} files could not be read"
+        if self.unknown:
+            s += f", {self.unknown} below the unknown threshold"
+        if self.embeddings:
+            s += f"; embeddings in {self.embeddings}"
+        return s
+
+
+def predict(cfg: PredictConfig, stdin: IO[str] | None = None) -> tuple[Path, PredictSummary]:
+    """Classify ``cfg.inputs``, streaming rows to ``cfg.out`` (``-`` = stdout) as batches finish."""
+    fmt = output_format(cfg)
+    if cfg.unknown_threshold is not None and not 0.0 <= cfg.unknown_threshold <= 1.0:
+        raise InputError(f"--unknown-threshold must be a probability between 0 and 1, not {cfg.unknown_threshold}")
+    predictor = Predictor.load(cfg.model, cfg.device, cfg.precision)
+    paths = expand_inputs(cfg.inputs, stdin)
     k = max(1, min(cfg.top_k, len(predictor.class_names)))
-    header = ["path", "label", "probability"]
-    for r in range(2, k + 1):
-        header += [f"label_{r}", f"probability_{r}"]
-    header.append("error")
-    with open(out, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(header)
-        for path, row in zip(paths, rows, strict=True):
-            line: list[Any] = [
-                str(path),
-                row["label"] or "",
-                "" if row["probability"] is None else f"{row['probability']:.6f}",
-            ]
-            for r in range(1, k):
-                if r < len(row["top_k"]):
-                    name, p = row["top_k"][r]
-                    line += [name, f"{p:.6f}"]
-                else:
-                    line += ["", ""]
-            line.append(row["error"])
-            w.writerow(line)
-    save_resolved(cfg, out.with_name(out.name + ".config.json"))
-    return out, rows
+    emb = _EmbeddingWriter(Path(cfg.embeddings), paths, predictor.feature_dim) if cfg.embeddings else None
+    to_stdout = cfg.out == "-"
+    out = Path(cfg.out)
+    if not to_stdout:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    failed = unknown = 0
+    with (
+        contextlib.nullcontext(sys.stdout) if to_stdout else open(out, "w", newline="", encoding="utf-8") as f,
+        tqdm(total=len(paths), desc="predict", unit="img", disable=not cfg.progress) as bar,
+    ):
+        writer = _RowWriter(f, fmt, k)
+        try:
+            for r in predictor.iter_batches(paths, batch_size=cfg.batch_size, workers=cfg.workers):
+                probs = iter(r.probabilities)
+                for j, i in enumerate(r.index):
+                    row = predictor._row(next(probs) if r.ok[j] else np.empty(0), r.errors[j], k, cfg.unknown_threshold)
+                    failed += bool(row["error"])
+                    unknown += row["label"] == UNKNOWN
+                    writer.write(paths[int(i)], row)
+                if emb is not None:
+                    emb.write(r)
+                bar.update(len(r.index))
+        finally:
+            if emb is not None:
+                emb.close()
+    if not to_stdout:
+        save_resolved(cfg, out.with_name(out.name + ".config.json"), output_format=fmt, precision=predictor.precision)
+    return out, PredictSummary(cfg.out, len(paths), failed, unknown, cfg.embeddings)
+
+
+__all__ = ["BatchResult", "PredictSummary", "Predictor", "expand_inputs", "predict"]

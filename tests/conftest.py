@@ -37,3 +37,24 @@ def run_cli():
         return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False, **kw)
 
     return _run
+
+
+@pytest.fixture(scope="session")
+def tiny_head(tmp_path_factory) -> Path:
+    """A head fitted on tiny-backbone features of 3 classes x 6 real photos (export/predict
+    plumbing). Session-scoped: copy it before modifying it."""
+    from pipeline.config import ExtractConfig, FitHeadConfig
+    from pipeline.extract import extract
+    from pipeline.fit_head import fit_head
+
+    root = tmp_path_factory.mktemp("tiny_head")
+    images = root / "images"
+    for cls in ("bag", "sneaker", "trouser"):
+        (images / cls).mkdir(parents=True)
+        for p in sorted((SAMPLE_CATALOG / "train" / cls).glob("*.png"))[:6]:
+            shutil.copy(p, images / cls / p.name)
+    cache = root / "features.h5"
+    extract(ExtractConfig(images=str(images), out=str(cache), backbone="tiny", progress=False, workers=0))
+    # Random tiny features are all "near duplicates"; keep the split plain, C fixed for speed.
+    fit_head(FitHeadConfig(cache=str(cache), out=str(root / "head"), c=0.01, near_duplicate_threshold=None))
+    return root / "head"

@@ -25,7 +25,7 @@ def test_registry_has_the_promised_backbones():
 
 
 def test_unknown_backbone_lists_valid_names():
-    with pytest.raises(BackboneError, match="unknown backbone 'resnet5000'.*efficientnet_lite0"):
+    with pytest.raises(BackboneError, match=r"unknown backbone 'resnet5000'.*efficientnet_lite0"):
         get_spec("resnet5000")
 
 
@@ -40,7 +40,7 @@ def test_torchvision_preprocessing_comes_from_the_weights():
 
 def test_missing_torchvision_weights_say_how_to_get_them(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # an empty hub cache
-    with pytest.raises(BackboneError, match="not on this machine.*--weights-file"):
+    with pytest.raises(BackboneError, match=r"not on this machine.*--weights-file"):
         load_backbone("resnet50")
     with pytest.raises(BackboneError, match=r"not on this machine at .*nope\.pth"):
         load_backbone("resnet50", tmp_path / "nope.pth")
@@ -48,7 +48,7 @@ def test_missing_torchvision_weights_say_how_to_get_them(tmp_path, monkeypatch):
 
 def test_weights_file_of_another_network_is_refused(tmp_path):
     lite = get_spec("efficientnet_lite0").find_weights()
-    with pytest.raises(BackboneError, match="does not fit resnet18"):
+    with pytest.raises(BackboneError, match=r"does not fit resnet18"):
         load_backbone("resnet18", lite)
 
 

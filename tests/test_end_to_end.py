@@ -28,7 +28,8 @@ def test_demo_beats_chance_and_raw_pixels(demo, capsys):
     # Measured on the 2-core dev CPU: 0.830 vs 0.752 for raw pixels (bf16 features).
     assert demo.accuracy > 3 * (1 / demo.n_classes)
     assert demo.accuracy >= demo.pixel_baseline + 0.04, demo.line()
-    rows = list(csv.DictReader(open(demo.predictions, encoding="utf-8")))
+    with open(demo.predictions, encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
     assert len(rows) == 500
     assert {"path", "label", "probability", "label_2", "probability_2", "error"} <= set(rows[0])
 

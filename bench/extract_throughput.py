@@ -1,0 +1,111 @@
+"""Extraction throughput: headstart's ``extract`` against the seed article's loop, in one run.
+
+Same photos (real photos, JPEG, long side 640 px; see ``photos.py``), same backbone and weights.
+
+* seed: what /work/shared/reference/seed-blog-post-zh.md does - PIL full decode,
+  ``Resize(224)`` + ``CenterCrop(224)`` + ``ToTensor`` + ``Normalize``, fp32, batch 32, no
+  DataLoader workers (here under ``torch.no_grad()``, which only helps it).
+* headstart: ``extract()`` end to end with its defaults - hashing, decode workers, JPEG draft
+  decoding, uint8 batches, bf16 autocast where the CPU has AMX/avx512_bf16, writing the cache.
+
+    python bench/extract_throughput.py [--n 256] [--backbone efficientnet_lite0] [--variants]
+
+Prints both rates (images/s) and the ratio. Target: >= 3x on a 2-core CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from photos import make_photos
+
+from pipeline.backbones import load_backbone
+from pipeline.config import ExtractConfig
+from pipeline.extract import extract
+
+
+class SeedDataset(Dataset):
+    def __init__(self, paths: list[Path], mean, std) -> None:
+        from torchvision import transforms
+
+        self.paths = paths
+        self.transform = transforms.Compose(
+            [
+                transforms.Resize(224),
+                transforms.CenterCrop(224),
+                transforms.ToTensor(),
+                transforms.Normalize(mean, std),
+            ]
+        )
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        return self.transform(Image.open(self.paths[i]).convert("RGB")), 0
+
+
+def seed_loop(paths: list[Path], backbone: str) -> float:
+    loaded = load_backbone(backbone)
+    net = loaded.net.eval()
+    prep = loaded.spec.preprocessing
+    loader = DataLoader(SeedDataset(paths, prep.mean, prep.std), batch_size=32, shuffle=False, num_workers=0)
+    t0 = time.perf_counter()
+    n = 0
+    with torch.no_grad():
+        for images, _ in loader:
+            feats = net.body(images).flatten(1)  # the network after normalisation, fp32
+            n += feats.shape[0]
+    return n / (time.perf_counter() - t0)
+
+
+def ours(photos: Path, out: Path, backbone: str, **kw) -> float:
+    t0 = time.perf_counter()
+    s = extract(ExtractConfig(images=str(photos), out=str(out), backbone=backbone, progress=False, rebuild=True, **kw))
+    return s.rows / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=256, help="number of photos")
+    ap.add_argument("--size", type=int, default=640, help="long side of the photos, px")
+    ap.add_argument("--backbone", default="efficientnet_lite0")
+    ap.add_argument("--workdir", default="artifacts/bench")
+    ap.add_argument("--variants", action="store_true", help="also time ours with --precision fp32 and --no-draft")
+    args = ap.parse_args()
+
+    root = Path(args.workdir)
+    photos = root / f"photos{args.size}"
+    make_photos(photos / "all", args.n, args.size)
+    for extra in sorted((photos / "all").glob("photo-*.jpg"))[args.n :]:
+        extra.unlink()  # a smaller --n than last time
+    paths = sorted((photos / "all").glob("photo-*.jpg"))
+    print(
+        f"{len(paths)} real photos, JPEG, long side {args.size}px; backbone {args.backbone}; "
+        f"{torch.get_num_threads()} torch threads"
+    )
+
+    ours(photos, root / "warmup.h5", args.backbone)  # page cache and lazy imports, for both
+    seed = seed_loop(paths, args.backbone)
+    print(f"seed loop (PIL full decode, Resize+CenterCrop, fp32, batch 32, 0 workers): {seed:7.1f} images/s")
+    fast = ours(photos, root / "throughput.h5", args.backbone)
+    print(f"headstart extract (defaults, end to end incl. hashing and cache write): {fast:7.1f} images/s")
+    if args.variants:
+        for label, kw in (("--precision fp32", {"precision": "fp32"}), ("--no-draft", {"draft": False})):
+            r = ours(photos, root / "variant.h5", args.backbone, **kw)
+            print(f"headstart extract {label:<44}: {r:7.1f} images/s")
+    print(f"ratio: {fast / seed:.2f}x (target >= 3x on a 2-core CPU)")
+    shutil.rmtree(root / "variant.h5", ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,229 @@
+"""Stage: score a model or a head on labelled photos -> report directory. ``evaluate(cfg)``.
+
+``MODEL_OR_HEAD`` is an exported model directory (``manifest.json``) or a head directory
+(``head.json``). ``IMAGES_OR_CACHE`` is a folder of class folders / CSV manifest (the photos are
+run through the backbone) or a feature cache (``.h5``; no backbone needed, seconds). A head is
+read from ``head.npz`` (tensors; nothing unpickled). True categories go through the label map
+the head was trained with, so a report on a merged catalog compares like with like; photos of
+categories the model does not know are left out and counted.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .config import EvaluateConfig, save_resolved
+from .errors import ArtifactError, CacheError, InputError
+from .heads import softmax
+from .labels import LabelMap
+from .report import Scored, write_report
+
+
+@dataclass
+class Scorer:
+    """A head (torch module on features) plus what is needed to make its features."""
+
+    kind: str  # "model" | "head"
+    path: Path
+    class_names: list[str]
+    head: nn.Module
+    fingerprint: dict[str, Any]  # backbone, weights_sha256, preprocessing (dict), precision
+    label_map: LabelMap | None
+    unknown_threshold: float | None
+    net: nn.Module | None = None  # the backbone, when already loaded (a model)
+
+    def logits(self, feats: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return self.head(torch.from_numpy(np.ascontiguousarray(feats, np.float32))).numpy()
+
+    def backbone(self) -> nn.Module:
+        if self.net is None:
+            from .backbones import Preprocessing, get_spec, load_backbone, with_preprocessing
+            from .errors import BackboneError
+
+            fp = self.fingerprint
+            spec = with_preprocessing(get_spec(fp["backbone"]), Preprocessing.from_dict(fp["preprocessing"]))
+            loaded = load_backbone(spec)
+            if loaded.weights_sha256 != fp["weights_sha256"]:
+                raise BackboneError(
+                    f"the {spec.name} weights on this machine differ from the ones {self.path} was trained on; "
+                    "evaluate on the feature cache instead, or export the model on the machine that has them"
+                )
+            self.net = loaded.net
+        return self.net
+
+
+def load_scorer(path: str | Path) -> Scorer:
+    p = Path(path)
+    if (p / "manifest.json").is_file():
+        from .export import load_model
+
+        loaded = load_model(p)
+        if loaded.model is None:
+            raise ArtifactError(
+                f"{p} is an {loaded.runtime} model; evaluate runs native models - pass its head directory "
+                "or export it again without --format onnx"
+            )
+        m = loaded.manifest
+        fp = {
+            "backbone": m["backbone"]["name"],
+            "weights_sha256": m["backbone"]["weights_sha256"],
+            "preprocessing": loaded.preprocessing.to_dict(),
+            "precision": m["precision"],
+        }
+        return Scorer(
+            "model", p, loaded.class_names, loaded.model.head, fp, LabelMap.from_record(m.get("label_map")),
+            m.get("unknown_threshold"), loaded.model.net,
+        )  # fmt: skip
+    if (p / "head.json").is_file():
+        from .artifacts import build_head, read_head
+
+        meta, spec = read_head(p)
+        fp = dict(meta["fingerprint"])
+        fp["preprocessing"] = json.loads(fp["preprocessing"])
+        return Scorer(
+            "head", p, list(meta["class_names"]), build_head(spec.kind, spec.torch_tensors()).eval(), fp,
+            LabelMap.from_record(meta.get("label_map")), meta.get("unknown_threshold"),
+        )  # fmt: skip
+    raise InputError(
+        f"{p} is neither an exported model (manifest.json) nor a head directory (head.json); "
+        "pass the output of `headstart export` or `headstart fit-head`"
+    )
+
+
+def _truth_index(scorer: Scorer, categories: list[str | None]) -> np.ndarray:
+    """Category names -> the scorer's class index (-1: unlabelled, dropped or unknown to it)."""
+    index = {n: i for i, n in enumerate(scorer.class_names)}
+    out = np.full(len(categories), -1, np.int64)
+    for j, name in enumerate(categories):
+        if name is None:
+            continue
+        target: str | None = name
+        if scorer.label_map is not None:
+            try:
+                target = scorer.label_map.target(name)
+            except InputError:
+                target = None
+        if target is not None and target in index:
+            out[j] = index[target]
+    return out
+
+
+def _from_cache(scorer: Scorer, path: Path) -> tuple[np.ndarray, list[str | None], list[str], list[Path | None]]:
+    from .backbones import Preprocessing
+    from .cache import Cache
+
+    with Cache(path) as c:
+        fp = c.fingerprint
+        want = scorer.fingerprint
+        same = (
+            fp.get("backbone") == want["backbone"]
+            and fp.get("weights_sha256") == want["weights_sha256"]
+            and Preprocessing.from_dict(json.loads(str(fp["preprocessing"])))
+            == Preprocessing.from_dict(want["preprocessing"])
+        )
+        if not same:
+            raise CacheError(
+                f"{path} was extracted with {fp.get('backbone')} (weights {str(fp.get('weights_sha256'))[:12]}) but "
+                f"{scorer.path} expects {want['backbone']} (weights {str(want['weights_sha256'])[:12]}) with its "
+                f"preprocessing; evaluate on the image folder, or extract it with --backbone {want['backbone']}"
+            )
+        rows = np.flatnonzero(c.labels >= 0)
+        names = c.class_names
+        cats: list[str | None] = [names[int(v)] for v in c.labels[rows]]
+        paths_all = c.paths
+        root = Path(str(c.attrs.get("image_root", "")))
+        feats = c.features(rows)
+    paths = [paths_all[i] for i in rows]
+    files: list[Path | None] = [root / p if (root / p).is_file() else None for p in paths]
+    return feats, cats, paths, files
+
+
+def _from_images(scorer: Scorer, cfg: EvaluateConfig) -> tuple[np.ndarray, list[str | None], list[str], list]:
+    from . import runtime
+    from .backbones import Preprocessing
+    from .images import discover
+    from .loader import embed_batches, make_loader
+
+    cat = discover(cfg.data, labelled=True)
+    items = [i for i in cat.items if i.label is not None]
+    if not items:
+        raise InputError(f"{cfg.data} has no labelled photos; evaluate needs images/<class>/*.jpg or path,label")
+    dev = runtime.resolve_device(cfg.device)
+    fp_precision = str(scorer.fingerprint.get("precision"))
+    precision = fp_precision if fp_precision == "fp32" else runtime.resolve_precision("auto", dev)
+    prep = Preprocessing.from_dict(scorer.fingerprint["preprocessing"])
+    loader = make_loader(
+        [i.path for i in items], prep, device=dev, batch_size=cfg.batch_size, workers=cfg.workers
+    )  # fmt: skip
+    net = scorer.backbone()
+    feats = np.zeros((len(items), 0), np.float32)
+    ok = np.zeros(len(items), bool)
+    for batch, f in embed_batches(net, loader, device=dev, precision=precision):
+        good = batch.index.numpy()[batch.ok.numpy()]
+        if len(good):
+            if feats.shape[1] == 0:
+                feats = np.zeros((len(items), f.shape[1]), np.float32)
+            feats[good] = f
+            ok[good] = True
+    keep = np.flatnonzero(ok)
+    return (
+        feats[keep],
+        [items[i].label for i in keep],
+        [items[i].rel for i in keep],
+        [items[i].path for i in keep],
+    )
+
+
+@dataclass
+class EvaluateSummary:
+    path: Path
+    metrics: dict[str, Any]
+    excluded: int
+
+    def line(self) -> str:
+        m = self.metrics
+        extra = f"; {self.excluded} photos of other categories left out" if self.excluded else ""
+        return (
+            f"{self.path / 'report.html'}: accuracy {m['accuracy']:.3f}, macro-F1 {m['macro_f1']:.3f}, "
+            f"ECE {m['ece']:.3f} on {m['n']} photos ({len(m['per_class'])} classes){extra}"
+        )
+
+
+def evaluate(cfg: EvaluateConfig) -> EvaluateSummary:
+    scorer = load_scorer(cfg.model)
+    data = Path(cfg.data)
+    if not data.exists():
+        raise InputError(f"{data} does not exist")
+    is_cache = data.is_file() and data.suffix.lower() in (".h5", ".hdf5")
+    feats, cats, paths, files = _from_cache(scorer, data) if is_cache else _from_images(scorer, cfg)
+    y_all = _truth_index(scorer, cats)
+    keep = np.flatnonzero(y_all >= 0)
+    if len(keep) == 0:
+        raise InputError(
+            f"none of the categories in {data} are classes of {scorer.path} ({', '.join(scorer.class_names[:8])}); "
+            "evaluate on photos of the categories the model was trained on"
+        )
+    proba = softmax(scorer.logits(feats[keep]).astype(np.float64))
+    threshold = cfg.unknown_threshold if cfg.unknown_threshold is not None else scorer.unknown_threshold
+    scored = Scored(proba, y_all[keep], scorer.class_names, [paths[i] for i in keep], [files[i] for i in keep])
+    meta = {
+        "model": str(scorer.path.resolve()),
+        "model_kind": scorer.kind,
+        "data": str(data.resolve()),
+        "data_kind": "cache" if is_cache else "images",
+        "backbone": scorer.fingerprint["backbone"],
+        "label_map": scorer.label_map.source if scorer.label_map else None,
+        "excluded_other_categories": int(len(cats) - len(keep)),
+    }
+    out = Path(cfg.out)
+    metrics = write_report(out, scored, meta, unknown_threshold=threshold, worst=cfg.worst)
+    save_resolved(cfg, out / "config.json")
+    return EvaluateSummary(out, metrics, int(len(cats) - len(keep)))

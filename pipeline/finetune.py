@@ -1,0 +1,329 @@
+"""Stage: images + head directory -> fine-tuned network. ``finetune(cfg) -> FinetuneSummary``.
+
+Linear probe, then fine-tune (LP-FT, Kumar et al. 2022): the network starts as the backbone
+plus the head ``fit-head`` fitted, so the first gradient steps do not wreck the pretrained
+features with a random head's large errors. Then, from the top down, one more group of backbone
+layers is unfrozen every ``unfreeze_every`` epochs (gradual unfreezing, the seed article's FAQ 3),
+each group training with a smaller learning rate than the one above it (``unfreeze.py``). AdamW,
+linear warm-up then cosine decay, optional label smoothing and class weights, gradient
+accumulation, bf16 autocast and channels_last where they pay (``runtime.py``).
+
+Early stopping and model selection use the validation photos ``fit-head`` held out
+(``split.json``), by validation log-loss (the same criterion as the C sweep). Epoch 0 is the
+starting model itself, so with LP-FT the result is never worse on validation than the probe.
+
+``FT_DIR/`` holds ``model.pt`` (tensors-only state dict of the whole network, best epoch),
+``finetune.json`` (what ``headstart export FT_DIR`` needs: backbone identity, preprocessing,
+class names, head kind; plus metrics and history) and ``config.json``. While training,
+``FT_DIR/checkpoint/`` holds ``last.pt`` (model, optimizer, scheduler, RNG, progress; every
+``checkpoint_every`` optimizer steps and every epoch) and ``best.pt``; ``--resume`` continues
+from ``last.pt`` after a crash or SIGKILL, mid-epoch included.
+
+Under ``torchrun`` (``WORLD_SIZE`` > 1) each process trains on its ``DistributedSampler`` share
+inside ``DistributedDataParallel`` (NCCL on GPUs, gloo on CPUs); validation is sharded and
+summed across ranks, so every rank takes the same early-stopping decision; only rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from . import __version__, checkpoint, runtime
+from .artifacts import Classifier, build_head, read_head
+from .augment import resolve_preset
+from .backbones import Preprocessing, get_spec, load_backbone, sha256_file, with_preprocessing
+from .config import FinetuneConfig, save_resolved
+from .ddp import Rank, broadcast, distributed
+from .errors import BackboneError, InputError
+from .labels import LabelMap
+from .train_data import read_val_hashes, split_examples
+from .trainer import BEST, LAST, Progress, Trainer, rate
+from .unfreeze import layer_groups
+
+FT_FORMAT = "headstart-finetune"
+FT_SCHEMA_VERSION = 1
+
+
+@dataclass
+class FinetuneSummary:
+    path: Path
+    metrics: dict[str, Any]  # best epoch, validation
+    start_metrics: dict[str, Any]  # epoch 0: the linear probe (init "lp") or the random head
+    best_epoch: int
+    epochs_run: int
+    images_per_s: float
+    n_train: int
+    n_val: int
+    is_main: bool = True
+    resumed_from: str = ""
+
+    def line(self) -> str:
+        start = "linear probe" if self.start_metrics.get("init") == "lp" else "random head"
+        return (
+            f"{self.path}: validation accuracy {self.metrics['accuracy']:.3f}, log-loss {self.metrics['loss']:.3f} "
+            f"on {self.n_val} photos (epoch 0, {start}: {self.start_metrics['accuracy']:.3f}); best epoch "
+            f"{self.best_epoch} of {self.epochs_run}, {self.n_train} train photos, "
+            f"{self.images_per_s:.1f} images/s{self.resumed_from}"
+        )
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+def finetune(cfg: FinetuneConfig) -> FinetuneSummary:
+    _check(cfg)
+    with distributed(cfg.device) as r:
+        return _Run(cfg, r).run()
+
+
+def _check(cfg: FinetuneConfig) -> None:
+    problems = [
+        (cfg.epochs < 1, f"--epochs must be at least 1, not {cfg.epochs}"),
+        (cfg.accum_steps < 1, f"--accum-steps must be at least 1, not {cfg.accum_steps}"),
+        (cfg.lr <= 0, f"--lr must be positive, not {cfg.lr}"),
+        (not 0 < cfg.layer_decay <= 1, f"--layer-decay must be in (0, 1], not {cfg.layer_decay}"),
+        (not 0 <= cfg.label_smoothing < 1, f"--label-smoothing must be in [0, 1), not {cfg.label_smoothing}"),
+        (not 0 <= cfg.warmup < 1, f"--warmup is a fraction of the steps in [0, 1), not {cfg.warmup}"),
+        (cfg.init not in ("lp", "random"), f"--init must be lp or random, not {cfg.init!r}"),
+        (cfg.class_weight not in (None, "balanced"), f"--class-weight must be balanced, not {cfg.class_weight!r}"),
+        (cfg.stages < 1, f"--stages must be at least 1, not {cfg.stages}"),
+        (cfg.unfreeze_every < 0, f"--unfreeze-every must be >= 0 epochs, not {cfg.unfreeze_every}"),
+        (cfg.checkpoint_every < 1, f"--checkpoint-every must be at least 1 step, not {cfg.checkpoint_every}"),
+    ]
+    for bad, msg in problems:
+        if bad:
+            raise InputError(msg)
+
+
+class _Run(Trainer):
+    def __init__(self, cfg: FinetuneConfig, r: Rank) -> None:
+        self.cfg, self.r = cfg, r
+        self.out = Path(cfg.out)
+        self.t0 = time.perf_counter()
+
+    def log(self, msg: str) -> None:
+        if self.r.main and self.cfg.progress:
+            print(f"finetune: {msg}", file=sys.stderr, flush=True)
+
+    # ----------------------------------------------------------------- setup
+
+    def run(self) -> FinetuneSummary:
+        cfg, r = self.cfg, self.r
+        head_dir = Path(cfg.head)
+        meta, head_spec = read_head(head_dir)
+        if cfg.resume and not (self.out / LAST).is_file() and (self.out / "finetune.json").is_file():
+            return self._finished_summary()
+        if not cfg.resume and (self.out / LAST).is_file():
+            raise InputError(
+                f"{self.out} holds the checkpoint of an unfinished fine-tune; pass --resume to continue it, "
+                "or choose another --out"
+            )
+        fp = meta["fingerprint"]
+        prep = Preprocessing.from_dict(json.loads(fp["preprocessing"]))
+        self.preset = resolve_preset(cfg.augment, prep)
+        self.prep, self.fp, self.meta = prep, fp, meta
+        self.class_names: list[str] = list(meta["class_names"])
+
+        split = None
+        if r.main:  # hash once, share with the other ranks
+            label_map = LabelMap.from_record(meta.get("label_map"))
+            split = split_examples(cfg.images, self.class_names, read_val_hashes(head_dir), label_map)
+        self.split = broadcast(split, r)
+        self.precision = runtime.resolve_precision(cfg.precision, r.device)
+        torch.manual_seed(cfg.seed)  # the random head (--init random) is the same on every rank
+        self.model = self._build_model(head_spec, fp, prep)
+        self.groups = layer_groups(self.model.net.body, self.model.head, cfg.stages)
+        self.model.to(r.device)
+        self.channels_last = runtime.use_channels_last(r.device, self.precision)
+        if self.channels_last:
+            self.model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+
+        self.setup_training()
+        p, stopped_early, resumed = self.fit()
+        if r.main:
+            self._write_outputs(p, stopped_early)
+        if r.world > 1:
+            dist.barrier()  # no rank returns before rank 0 has written FT_DIR
+        return self._summary(p, " (resumed)" if resumed else "")
+
+    def _build_model(self, head_spec: Any, fp: dict[str, Any], prep: Preprocessing) -> Classifier:
+        spec = with_preprocessing(get_spec(fp["backbone"]), prep)
+        loaded = load_backbone(spec, self.cfg.weights_file)
+        if loaded.weights_sha256 != fp["weights_sha256"]:
+            raise BackboneError(
+                f"the {spec.name} weights on this machine (sha256 {loaded.weights_sha256[:12]}) differ from the ones "
+                f"the head was fitted on ({fp['weights_sha256'][:12]}); pass the same file with --weights-file"
+            )
+        net = loaded.net
+        net.imagenet_head = None  # not part of the classifier; unused parameters would stall DDP
+        tensors = head_spec.torch_tensors()
+        if self.cfg.init == "lp":
+            tensors = self._probe_on_train(head_spec.kind) or tensors
+        head = build_head(head_spec.kind, tensors)
+        if self.cfg.init == "random":
+            torch.manual_seed(self.cfg.seed)
+            for m in head.modules():
+                if isinstance(m, nn.Linear):
+                    m.reset_parameters()
+        self.head_kind = head_spec.kind
+        return Classifier(net, head)
+
+    def _probe_on_train(self, kind: str) -> dict[str, torch.Tensor] | None:
+        """The linear probe refitted on the training photos only, with fit-head's C.
+
+        ``head.npz`` is the final head, refitted on train + validation; starting from it would
+        let the validation photos leak into the fine-tune, and epoch 0 (the probe) would look
+        better on validation than it is. The cached features make the refit a matter of seconds.
+        Falls back to ``head.npz`` (with a warning) when the cache is gone or the head is not
+        logistic regression."""
+        meta, r = self.meta, self.r
+        cache_path = meta.get("cache")
+        why = ""
+        if meta.get("kind") != "logreg" or kind != "linear" or meta.get("C") is None:
+            why = f"the head is {meta.get('kind')}, not logreg"
+        elif not cache_path or not Path(cache_path).is_file():
+            why = f"its feature cache {cache_path} is gone"
+        tensors = None
+        if not why and r.main:
+            tensors = _refit_probe(Path(cache_path), self.split.train, len(self.class_names), meta, Path(self.cfg.head))
+            if tensors is None:
+                why = "the cache lacks some training photos or classes"
+        tensors = broadcast(tensors, r)
+        if tensors is None:
+            self.log(f"starting from head.npz, which has seen the validation photos ({why or 'see above'})")
+        return tensors
+
+    def _class_weights(self) -> torch.Tensor | None:
+        if self.cfg.class_weight != "balanced":
+            return None
+        counts = np.bincount([e.label for e in self.split.train], minlength=len(self.class_names)).astype(np.float64)
+        w = np.where(counts > 0, counts.sum() / (len(counts) * np.maximum(counts, 1)), 0.0)
+        return torch.tensor(w, dtype=torch.float32, device=self.r.device)
+
+    # ----------------------------------------------------------------- outputs
+
+    def _write_outputs(self, p: Progress, stopped_early: bool) -> None:
+        cfg = self.cfg
+        best = checkpoint.load(self.out / BEST)
+        checkpoint.atomic_save(best, self.out / "model.pt")
+        spec = get_spec(self.fp["backbone"])
+        final = p.history[p.best_epoch]
+        doc = {
+            "format": FT_FORMAT,
+            "schema_version": FT_SCHEMA_VERSION,
+            # The keys export's build_classifier reads, as in a model manifest:
+            "backbone": {
+                "name": spec.name,
+                "weights": self.fp["weights"],
+                "weights_sha256": self.fp["weights_sha256"],  # the pretrained start, not these weights
+                "feature_dim": spec.feature_dim,
+            },
+            "preprocessing": self.prep.to_dict(),
+            "precision": self.precision,
+            "class_names": self.class_names,
+            "head": {"kind": self.head_kind, "init": cfg.init},
+            "fingerprint": self.fp,
+            "metrics": final,
+            "start_metrics": {**p.history[0], "init": cfg.init},
+            "best_epoch": p.best_epoch,
+            "epochs_run": p.epoch,
+            "stopped_early": stopped_early,
+            "history": [{k: v for k, v in h.items() if k != "per_class"} for h in p.history],
+            "training": {
+                "augment": self.preset,
+                "device": str(self.r.device),
+                "precision": self.precision,
+                "world_size": self.r.world,
+                "batch_size": self.batch,
+                "accum_steps": cfg.accum_steps,
+                "effective_batch": self.batch * cfg.accum_steps * self.r.world,
+                "optimizer_steps": p.step,
+                "images_per_s": rate(p),
+                "layer_groups": self.groups.describe_short(),
+            },
+            "n_train": len(self.split.train),
+            "n_val": len(self.split.val),
+            "ignored": self.split.ignored,
+            "provenance": {
+                "head_dir": str(Path(cfg.head).resolve()),
+                "head_files": self.meta.get("files", {}),
+                "cache": self.meta.get("cache"),
+                "images": str(Path(cfg.images).resolve()),
+                "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+                "headstart_version": __version__,
+                "torch_version": torch.__version__,
+            },
+            "files": {"model.pt": sha256_file(self.out / "model.pt")},
+        }
+        tmp = self.out / ".finetune.json.tmp"
+        tmp.write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        os.replace(tmp, self.out / "finetune.json")
+        save_resolved(cfg, self.out / "config.json", batch_size_used=self.batch, augment_used=self.preset)
+        shutil.rmtree(self.out / "checkpoint", ignore_errors=True)  # done: model.pt is the best epoch
+
+    def _summary(self, p: Progress, resumed: str) -> FinetuneSummary:
+        return FinetuneSummary(
+            path=self.out,
+            metrics=p.history[p.best_epoch],
+            start_metrics={**p.history[0], "init": self.cfg.init},
+            best_epoch=p.best_epoch,
+            epochs_run=p.epoch,
+            images_per_s=rate(p),
+            n_train=len(self.split.train),
+            n_val=len(self.split.val),
+            is_main=self.r.main,
+            resumed_from=resumed,
+        )
+
+    def _finished_summary(self) -> FinetuneSummary:
+        doc = json.loads((self.out / "finetune.json").read_text(encoding="utf-8"))
+        return FinetuneSummary(
+            path=self.out,
+            metrics=doc["metrics"],
+            start_metrics=doc["start_metrics"],
+            best_epoch=doc["best_epoch"],
+            epochs_run=doc["epochs_run"],
+            images_per_s=doc["training"]["images_per_s"],
+            n_train=doc["n_train"],
+            n_val=doc["n_val"],
+            is_main=self.r.main,
+            resumed_from=" (already finished)",
+        )
+
+
+def _refit_probe(cache_path: Path, train: list[Any], n_classes: int, meta: dict[str, Any], head_dir: Path) -> Any:
+    from .cache import Cache
+    from .heads import LogisticHead
+
+    class_weight = None
+    with contextlib.suppress(OSError, ValueError):  # the class weighting fit-head used
+        class_weight = json.loads((head_dir / "config.json").read_text(encoding="utf-8")).get("class_weight")
+
+    label = {e.content_hash: e.label for e in train}
+    with Cache(cache_path) as c:
+        rows = [i for i, h in enumerate(c.content_hash) if h in label]
+        if len(rows) < len(label) // 2:  # a different image set: do not pretend
+            return None
+        y = np.array([label[c.content_hash[i]] for i in rows])
+        X = c.features(np.array(rows))
+    if len(np.unique(y)) != n_classes:
+        return None
+    probe = LogisticHead(C=float(meta["C"]), class_weight=class_weight).fit(X, y)
+    w, b = probe.linear_params()
+    if w.shape[0] != n_classes:
+        return None
+    return {"weight": torch.from_numpy(w), "bias": torch.from_numpy(b)}

@@ -1,0 +1,162 @@
+"""Label maps: how the categories in a cache (folder names) become a head's classes, so that
+categories can be merged, renamed, dropped and added without re-extracting a single photo.
+
+A label map is a small TOML file (``fit-head --classes classes.toml``)::
+
+    # Categories in the cache that no head should learn.
+    drop = ["misc", "samples"]
+
+    # Output classes and their ids. An id belongs to one class for ever: a new class gets a new
+    # id, a retired class's id is never reused - so "class 3" means the same in every version.
+    [classes]
+    lipstick = 0
+    foundation = 1
+    perfume = 3        # 2 was "palette", retired
+
+    # Cache category -> output class. Several categories onto one class = a merge.
+    [rename]
+    lip_liner = "lipstick"
+    "粉底" = "foundation"
+
+Every labelled category in the cache must be accounted for (a class, a rename source or
+dropped): a new folder that nobody mentioned is an error, not a silent new class id. The head's
+outputs are the classes that have photos, in id order; ``head.json`` records the class ids and
+the whole map (text and sha256), and ``evaluate`` reads it from there.
+
+Without a label map, the classes are the cache's categories that have photos, sorted, and the
+ids are their positions - the behaviour before label maps existed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import InputError
+
+IDENTITY = "(none: cache categories as they are)"
+
+
+@dataclass(frozen=True)
+class LabelMap:
+    classes: dict[str, int]  # output class -> stable id
+    rename: dict[str, str] = field(default_factory=dict)  # cache category -> output class
+    drop: frozenset[str] = frozenset()
+    source: str = IDENTITY  # path of the file
+    text: str = ""  # the file's text, recorded in head.json
+
+    # ------------------------------------------------------------------ reading
+
+    @classmethod
+    def load(cls, path: str | Path) -> LabelMap:
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise InputError(f"label map {path} does not exist; see README 'Categories that change'") from None
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            raise InputError(f"label map {path} is not valid TOML: {e}") from None
+        return cls.from_dict(data, source=str(path), text=text)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, source: str = "", text: str = "") -> LabelMap:
+        where = f"label map {source}" if source else "label map"
+        unknown = set(data) - {"classes", "rename", "drop"}
+        if unknown:
+            raise InputError(f"{where}: unknown key(s) {sorted(unknown)}; use [classes], [rename] and drop = [...]")
+        classes = data.get("classes")
+        if not isinstance(classes, dict) or not classes:
+            raise InputError(f'{where} needs a [classes] table of output classes and ids, e.g. lipstick = 0, "口红" = 1')
+        for name, cid in classes.items():
+            if not isinstance(cid, int) or isinstance(cid, bool) or cid < 0:
+                raise InputError(f"{where}: class {name!r} has id {cid!r}; ids are whole numbers >= 0")
+        seen: dict[int, str] = {}
+        for name, cid in classes.items():
+            if cid in seen:
+                raise InputError(f"{where}: classes {seen[cid]!r} and {name!r} both have id {cid}; give each its own")
+            seen[cid] = name
+        rename = data.get("rename", {})
+        if not isinstance(rename, dict):
+            raise InputError(f"{where}: [rename] must be a table of category = class")
+        for src, dst in rename.items():
+            if dst not in classes:
+                raise InputError(
+                    f"{where}: [rename] maps {src!r} to {dst!r}, which is not under [classes]; "
+                    f"add {dst!r} = <new id> to [classes] or fix the name"
+                )
+        drop = data.get("drop", [])
+        if not isinstance(drop, list) or not all(isinstance(d, str) for d in drop):
+            raise InputError(f'{where}: drop must be a list of category names, e.g. drop = ["misc"]')
+        both = set(drop) & (set(rename) | set(classes))
+        if both:
+            raise InputError(f"{where}: {sorted(both)} are both dropped and used; remove them from one place")
+        return cls(dict(classes), dict(rename), frozenset(drop), source, text)
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any] | None) -> LabelMap | None:
+        """The label map a head was trained with, from its ``head.json`` (None: no map)."""
+        if not record or not record.get("text"):
+            return None
+        return cls.from_dict(tomllib.loads(record["text"]), source=record.get("path", ""), text=record["text"])
+
+    # ------------------------------------------------------------------ applying
+
+    def target(self, category: str) -> str | None:
+        """The output class of a cache category (None = dropped); raises for an unmapped one."""
+        if category in self.drop:
+            return None
+        if category in self.rename:
+            return self.rename[category]
+        if category in self.classes:
+            return category
+        raise InputError(
+            f"category {category!r} is in the photos but not in label map {self.source}; "
+            f"add it under [classes] with a new id (next free: {max(self.classes.values()) + 1}), "
+            "map it to a class under [rename], or list it in drop"
+        )
+
+    def record(self) -> dict[str, Any]:
+        return {
+            "path": self.source,
+            "sha256": hashlib.sha256(self.text.encode()).hexdigest() if self.text else None,
+            "text": self.text,
+        }
+
+
+@dataclass(frozen=True)
+class Mapped:
+    """Labels after the label map: ``y`` indexes ``class_names`` (-1 = unlabelled or dropped)."""
+
+    y: np.ndarray
+    class_names: list[str]
+    class_ids: list[int]
+    absent: list[str]  # classes of the map without photos (left out of this head)
+
+
+def apply_label_map(label_map: LabelMap | None, category_names: list[str], labels: np.ndarray) -> Mapped:
+    """Map a cache's labels (indices into ``category_names``, -1 unlabelled) to output classes."""
+    labels = np.asarray(labels, dtype=np.int64)
+    present = sorted({int(v) for v in np.unique(labels) if v >= 0})
+    if label_map is None:
+        names = [category_names[i] for i in present]
+        lut = np.full(len(category_names) + 1, -1, np.int64)
+        for new, old in enumerate(present):
+            lut[old] = new
+        return Mapped(lut[labels], names, list(range(len(names))), [])
+    targets = {i: label_map.target(category_names[i]) for i in present}
+    used = {t for t in targets.values() if t is not None}
+    names = sorted(used, key=lambda n: label_map.classes[n])
+    index = {n: j for j, n in enumerate(names)}
+    lut = np.full(len(category_names) + 1, -1, np.int64)  # lut[-1] = -1 keeps unlabelled rows
+    for i, t in targets.items():
+        if t is not None:
+            lut[i] = index[t]
+    absent = sorted(set(label_map.classes) - used, key=lambda n: label_map.classes[n])
+    return Mapped(lut[labels], names, [label_map.classes[n] for n in names], absent)

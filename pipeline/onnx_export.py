@@ -1,0 +1,81 @@
+"""ONNX export and ONNX Runtime sessions (the optional ``onnx`` extra: onnx + onnxruntime).
+
+The graph is ``pixels uint8 [N, 3, S, S] -> (probabilities [N, C], features [N, D])``: the
+uint8->float conversion, normalisation, backbone, head and softmax are all inside, with a
+dynamic batch dimension. Class names, preprocessing and backbone identity are also written into
+the file's ``metadata_props``, so the ``.onnx`` alone still says what it is.
+
+We use PyTorch's TorchScript-based exporter (``dynamo=False``): it needs no extra package, and
+EfficientNet-Lite (static SAME padding, ReLU6) and the torchvision CNNs trace cleanly. The
+parity check in :mod:`pipeline.export` is what proves a given export right.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .artifacts import Classifier, ExportGraph
+from .errors import ArtifactError, InputError
+
+OPSET = 17  # onnxruntime >= 1.14 runs it; old enough for most deployment runtimes
+INPUT, OUTPUTS = "pixels", ("probabilities", "features")
+
+
+def _require(module: str) -> Any:
+    try:
+        return __import__(module)
+    except ImportError:
+        raise InputError(
+            f"ONNX support needs the optional '{module}' package; install it with `pip install 'headstart[onnx]'`"
+        ) from None
+
+
+def export_onnx(model: Classifier, path: Path, crop: int, metadata: dict[str, str]) -> dict[str, Any]:
+    """Write ``path``; return the outputs' description for the manifest."""
+    onnx = _require("onnx")
+    _require("onnxruntime")
+    graph = ExportGraph(model).eval()
+    example = torch.zeros(1, 3, crop, crop, dtype=torch.uint8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer notes
+        torch.onnx.export(
+            graph,
+            (example,),
+            str(path),
+            input_names=[INPUT],
+            output_names=list(OUTPUTS),
+            dynamic_axes={INPUT: {0: "N"}, OUTPUTS[0]: {0: "N"}, OUTPUTS[1]: {0: "N"}},
+            opset_version=OPSET,
+            dynamo=False,
+        )
+    proto = onnx.load(str(path))
+    for key, value in metadata.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.checker.check_model(proto)
+    onnx.save(proto, str(path))
+    n_classes = int(model.head.n_classes)  # type: ignore[arg-type]
+    return {
+        OUTPUTS[0]: {"dtype": "float32", "shape": ["N", n_classes], "note": "softmax, in class_names order"},
+        OUTPUTS[1]: {"dtype": "float32", "shape": ["N", model.net.feature_dim], "note": "backbone features"},
+        "opset": OPSET,
+    }
+
+
+def onnx_session(path: Path, device: torch.device | None = None, threads: int | None = None) -> Any:
+    """An onnxruntime session on CPU (or CUDA when onnxruntime-gpu is installed and asked for)."""
+    ort = _require("onnxruntime")
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+    providers = ["CPUExecutionProvider"]
+    if device is not None and device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
+        providers.insert(0, "CUDAExecutionProvider")
+    try:
+        return ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+    except Exception as e:  # onnxruntime raises its own exception types for invalid graphs
+        raise ArtifactError(f"{path} cannot be loaded by onnxruntime ({str(e).splitlines()[0]}); re-export") from None

@@ -1,0 +1,273 @@
+"""Evaluation report: metrics -> ``metrics.json``, ``per_class.csv``, figures and ``report.html``.
+
+Pure functions of (probabilities, true classes, class names, photo paths); ``evaluate.py`` gets
+those from a model or a head. Plots use matplotlib's Agg backend (no display needed). The HTML
+references its images by relative path, so the report directory can be zipped or served as is.
+"""
+
+from __future__ import annotations
+
+import csv
+import html
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .heads import calibration_error, classification_metrics, mean_log_loss
+
+UNKNOWN = "unknown"
+COVERAGE_STEPS = 20
+RELIABILITY_BINS = 10
+THUMB = 112
+
+
+@dataclass
+class Scored:
+    """What a report is made of. ``y`` indexes ``class_names``."""
+
+    proba: np.ndarray  # [N, K], rows sum to 1
+    y: np.ndarray  # [N]
+    class_names: list[str]
+    paths: list[str]  # shown in the report
+    files: list[Path | None]  # readable image files for thumbnails (None: not available)
+
+
+# --------------------------------------------------------------------------- numbers
+
+
+def reliability(proba: np.ndarray, y: np.ndarray, bins: int = RELIABILITY_BINS) -> list[dict[str, float]]:
+    conf, correct = proba.max(1), proba.argmax(1) == y
+    which = np.minimum((conf * bins).astype(int), bins - 1)
+    out = []
+    for b in range(bins):
+        m = which == b
+        if m.any():
+            out.append(
+                {
+                    "lo": b / bins,
+                    "hi": (b + 1) / bins,
+                    "n": int(m.sum()),
+                    "confidence": float(conf[m].mean()),
+                    "accuracy": float(correct[m].mean()),
+                }
+            )
+    return out
+
+
+def coverage_curve(proba: np.ndarray, y: np.ndarray, steps: int = COVERAGE_STEPS) -> list[dict[str, float]]:
+    """Accuracy on the photos answered when the least confident are left 'unknown': keep the
+    top ``coverage`` share by confidence; ``threshold`` is the confidence that achieves it."""
+    conf, correct = proba.max(1), proba.argmax(1) == y
+    order = np.argsort(-conf, kind="stable")
+    out = []
+    for i in range(1, steps + 1):
+        n = max(1, int(round(len(y) * i / steps)))
+        keep = order[:n]
+        out.append(
+            {"coverage": n / len(y), "accuracy": float(correct[keep].mean()), "threshold": float(conf[keep].min())}
+        )
+    return out
+
+
+def at_threshold(proba: np.ndarray, y: np.ndarray, threshold: float) -> dict[str, Any]:
+    keep = proba.max(1) >= threshold
+    return {
+        "threshold": threshold,
+        "coverage": float(keep.mean()),
+        "n_unknown": int((~keep).sum()),
+        "accuracy_answered": float((proba.argmax(1)[keep] == y[keep]).mean()) if keep.any() else None,
+        # counting 'unknown' as wrong: what an all-or-nothing reader of the labels gets
+        "accuracy_all": float((proba.argmax(1) == y)[keep].sum() / len(y)),
+    }
+
+
+def compute_metrics(s: Scored, unknown_threshold: float | None) -> dict[str, Any]:
+    pred = s.proba.argmax(1)
+    m = classification_metrics(s.y, pred, s.class_names)
+    k = len(s.class_names)
+    m["log_loss"] = mean_log_loss(s.proba, s.y)
+    m["ece"] = calibration_error(s.proba, s.y)
+    m["confusion"] = np.bincount(s.y * k + pred, minlength=k * k).reshape(k, k).tolist()
+    m["reliability"] = reliability(s.proba, s.y)
+    m["coverage"] = coverage_curve(s.proba, s.y)
+    m["unknown"] = at_threshold(s.proba, s.y, unknown_threshold) if unknown_threshold is not None else None
+    return m
+
+
+def worst_mistakes(s: Scored, n: int) -> list[dict[str, Any]]:
+    """The most confident wrong answers first: what a reviewer should look at."""
+    pred = s.proba.argmax(1)
+    wrong = np.flatnonzero(pred != s.y)
+    wrong = wrong[np.argsort(-s.proba[wrong, pred[wrong]], kind="stable")][:n]
+    return [
+        {
+            "index": int(i),
+            "path": s.paths[i],
+            "true": s.class_names[int(s.y[i])],
+            "predicted": s.class_names[int(pred[i])],
+            "p_predicted": float(s.proba[i, pred[i]]),
+            "p_true": float(s.proba[i, s.y[i]]),
+        }
+        for i in wrong
+    ]
+
+
+# --------------------------------------------------------------------------- files
+
+
+def write_report(out: Path, s: Scored, meta: dict[str, Any], *, unknown_threshold: float | None, worst: int) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    metrics = compute_metrics(s, unknown_threshold)
+    mistakes = worst_mistakes(s, worst)
+    metrics["worst_mistakes"] = mistakes
+    metrics["meta"] = meta
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    _per_class_csv(out / "per_class.csv", metrics)
+    figures = _figures(out, s, metrics)
+    thumbs = _thumbnails(out / "thumbs", s, mistakes)
+    (out / "report.html").write_text(_html(metrics, figures, mistakes, thumbs, meta), encoding="utf-8")
+    return metrics
+
+
+def _per_class_csv(path: Path, m: dict[str, Any]) -> None:
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["class", "precision", "recall", "f1", "support"])
+        for name, r in m["per_class"].items():
+            w.writerow([name, f"{r['precision']:.4f}", f"{r['recall']:.4f}", f"{r['f1']:.4f}", r["support"]])
+
+
+def _figures(out: Path, s: Scored, m: dict[str, Any]) -> dict[str, str]:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, never a window (and no display on servers)
+    import matplotlib.pyplot as plt
+
+    # CJK category names (口红) render if the machine has a CJK font; DejaVu is the fallback.
+    plt.rcParams["font.sans-serif"] = ["Noto Sans CJK SC", "WenQuanYi Zen Hei", "DejaVu Sans"]
+    k = len(s.class_names)
+    cm = np.asarray(m["confusion"], float)
+    norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
+    size = min(4 + 0.45 * k, 24)
+    fig, ax = plt.subplots(figsize=(size, size * 0.85))
+    im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(k), s.class_names, rotation=60, ha="right")
+    ax.set_yticks(range(k), s.class_names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    if k <= 30:
+        for i in range(k):
+            for j in range(k):
+                if cm[i, j]:
+                    ax.text(j, i, int(cm[i, j]), ha="center", va="center", color="white" if norm[i, j] > 0.5 else "k")
+    fig.colorbar(im, ax=ax, fraction=0.046, label="share of the true class")
+    ax.set_title("Confusion matrix (counts; colour = row share)")
+    fig.tight_layout()
+    fig.savefig(out / "confusion.png", dpi=100)
+    plt.close(fig)
+
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4.2))
+    rel = m["reliability"]
+    a1.plot([0, 1], [0, 1], ls="--", color="grey", label="perfect calibration")
+    a1.bar([r["lo"] for r in rel], [r["accuracy"] for r in rel], width=1 / RELIABILITY_BINS, align="edge",
+           alpha=0.7, edgecolor="k", label="accuracy in bin")  # fmt: skip
+    a1.plot([r["confidence"] for r in rel], [r["accuracy"] for r in rel], "o", color="C3", label="mean confidence")
+    a1.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence (top-1 probability)", ylabel="accuracy")
+    a1.set_title(f"Reliability (ECE {m['ece']:.3f})")
+    a1.legend(loc="upper left", fontsize=8)
+    cov = m["coverage"]
+    a2.plot([c["coverage"] for c in cov], [c["accuracy"] for c in cov], "-o", ms=3)
+    if m["unknown"]:
+        u = m["unknown"]
+        if u["accuracy_answered"] is not None:
+            a2.plot([u["coverage"]], [u["accuracy_answered"]], "s", color="C3", label=f"threshold {u['threshold']:g}")
+            a2.legend(loc="lower left", fontsize=8)
+    a2.set(xlim=(0, 1.02), xlabel="coverage (share answered, rest 'unknown')", ylabel="accuracy on answered")
+    a2.set_title("Accuracy against coverage")
+    a2.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "reliability.png", dpi=100)
+    plt.close(fig)
+    return {"confusion": "confusion.png", "reliability": "reliability.png"}
+
+
+def _thumbnails(folder: Path, s: Scored, mistakes: list[dict[str, Any]]) -> dict[int, str]:
+    from PIL import Image
+
+    from .images import open_rgb
+
+    folder.mkdir(parents=True, exist_ok=True)
+    out: dict[int, str] = {}
+    for rank, mk in enumerate(mistakes):
+        src = s.files[mk["index"]]
+        if src is None:
+            continue
+        try:
+            img = open_rgb(src)
+        except Exception:
+            continue  # a file moved or unreadable since extraction: the path is still listed
+        scale = THUMB / max(img.size)
+        size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
+        # Small catalog photos (28 px) are enlarged with NEAREST so their pixels stay honest.
+        img = img.resize(size, Image.Resampling.NEAREST if scale > 1 else Image.Resampling.LANCZOS)
+        name = f"{rank:03d}.png"
+        img.save(folder / name)
+        out[mk["index"]] = f"thumbs/{name}"
+    return out
+
+
+def _html(m: dict[str, Any], figs: dict[str, str], mistakes: list[dict], thumbs: dict[int, str], meta: dict) -> str:
+    e = html.escape
+    rows = "\n".join(
+        f"<tr><td>{e(n)}</td><td>{r['precision']:.3f}</td><td>{r['recall']:.3f}</td>"
+        f"<td>{r['f1']:.3f}</td><td>{r['support']}</td></tr>"
+        for n, r in m["per_class"].items()
+    )
+    cards = "\n".join(
+        '<figure class="mistake">'
+        + (f'<img src="{e(thumbs[mk["index"]])}" alt="{e(mk["path"])}">' if mk["index"] in thumbs else "")
+        + f"<figcaption><b>{e(mk['predicted'])}</b> {mk['p_predicted']:.2f}<br>"
+        f"true: {e(mk['true'])} ({mk['p_true']:.2f})<br><code>{e(mk['path'])}</code></figcaption></figure>"
+        for mk in mistakes
+    )
+    u = m["unknown"]
+    unknown = (
+        f"<p>With <code>--unknown-threshold {u['threshold']:g}</code>: {u['coverage']:.1%} of photos answered, "
+        f"accuracy on them {u['accuracy_answered'] or 0:.3f}; {u['n_unknown']} labelled unknown.</p>"
+        if u
+        else ""
+    )
+    facts = "".join(f"<li>{e(str(k))}: {e(str(v))}</li>" for k, v in meta.items() if not isinstance(v, (dict, list)))
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>headstart evaluation report</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2em; max-width: 1200px; }}
+table {{ border-collapse: collapse; }} td, th {{ border: 1px solid #ccc; padding: 2px 8px; text-align: right; }}
+td:first-child {{ text-align: left; }} img.plot {{ max-width: 100%; }}
+.mistakes {{ display: flex; flex-wrap: wrap; gap: 12px; }}
+.mistake {{ width: 180px; margin: 0; font-size: 12px; }} .mistake img {{ width: {THUMB}px; image-rendering: pixelated; }}
+code {{ word-break: break-all; }}
+</style></head><body>
+<h1>Evaluation report</h1>
+<p><b>accuracy {m["accuracy"]:.3f}</b>, macro-F1 {m["macro_f1"]:.3f}, log-loss {m["log_loss"]:.3f},
+ECE {m["ece"]:.3f} on {m["n"]} photos, {len(m["per_class"])} classes.</p>
+{unknown}
+<ul>{facts}</ul>
+<h2>Per class</h2>
+<table><thead><tr><th>class</th><th>precision</th><th>recall</th><th>F1</th><th>support</th></tr></thead>
+<tbody>
+{rows}
+</tbody></table>
+<h2>Confusion matrix</h2>
+<img class="plot" id="confusion" src="{e(figs["confusion"])}" alt="confusion matrix">
+<h2>Calibration and coverage</h2>
+<img class="plot" id="reliability" src="{e(figs["reliability"])}" alt="reliability and coverage plots">
+<h2>Worst mistakes ({len(mistakes)}, most confident first)</h2>
+<div class="mistakes">
+{cards}
+</div>
+</body></html>
+"""

@@ -1,0 +1,99 @@
+"""``headstart similar IMAGE --cache CACHE.h5 -k 10``: the catalog photos most like IMAGE.
+
+Cosine similarity of cached features ("more like this", duplicate listings). The query is
+embedded exactly as the cache's rows were - the backbone, weights and preprocessing come from
+the cache's fingerprint - and a query whose bytes are already in the cache uses its cached row
+(no backbone at all). The cache is scanned in row chunks, so memory stays one chunk.
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .cache import Cache
+from .errors import BackboneError, InputError
+
+CHUNK_ROWS = 65536
+
+
+@dataclass
+class Match:
+    rank: int
+    similarity: float
+    path: str
+    label: str | None
+    content_hash: str
+
+    def line(self) -> str:
+        return f"{self.rank:>3}  {self.similarity:.4f}  {self.path}" + (f"  ({self.label})" if self.label else "")
+
+
+def embed_query(image: str | os.PathLike[str], cache: Cache, device: str = "auto") -> np.ndarray:
+    """The query's features, computed with the cache's backbone, weights and preprocessing."""
+    import torch
+
+    from . import runtime
+    from .backbones import Preprocessing, get_spec, load_backbone, with_preprocessing
+    from .images import DecodeError, load_pixels
+
+    fp = cache.fingerprint
+    prep = Preprocessing.from_dict(json.loads(str(fp["preprocessing"])))
+    spec = with_preprocessing(get_spec(str(fp["backbone"])), prep)
+    loaded = load_backbone(spec)
+    if loaded.weights_sha256 != fp["weights_sha256"]:
+        raise BackboneError(
+            f"the {spec.name} weights on this machine differ from the ones {cache.path} was extracted with; "
+            "similarity across different weights is meaningless - use the same weights file"
+        )
+    dev = runtime.resolve_device(device)
+    # The cache's precision when this machine runs it, so the query sits in the same space.
+    precision = str(fp["precision"]) if str(fp["precision"]) == "fp32" else runtime.resolve_precision("auto", dev)
+    try:
+        pixels = load_pixels(image, prep)
+    except DecodeError as e:
+        raise InputError(f"{image}: {e}") from None
+    net = loaded.net.to(dev).eval()
+    with torch.inference_mode(), runtime.autocast(dev, precision):
+        feats = net(torch.from_numpy(pixels)[None].to(dev))
+    return np.asarray(feats.float().cpu().numpy()[0])
+
+
+def similar(
+    image: str | os.PathLike[str], cache_path: str | os.PathLike[str], k: int = 10, device: str = "auto"
+) -> list[Match]:
+    from .images import hash_file
+
+    image = Path(image)
+    if not image.is_file():
+        raise InputError(f"{image} does not exist")
+    if k < 1:
+        raise InputError(f"-k must be at least 1, not {k}")
+    with Cache(cache_path) as cache:
+        hashes = cache.content_hash
+        if cache.n_rows == 0:
+            raise InputError(f"{cache_path} has no rows; extract some photos first")
+        own = hash_file(image)
+        query = cache.features(np.array([hashes.index(own)]))[0] if own in hashes else embed_query(image, cache, device)
+        q = query / (np.linalg.norm(query) + 1e-12)
+        best: list[tuple[float, int]] = []  # min-heap of (similarity, row)
+        for start, chunk in cache.iter_features(CHUNK_ROWS):
+            sims = (chunk @ q) / (np.linalg.norm(chunk, axis=1) + 1e-12)
+            top = np.argpartition(-sims, min(k, len(sims)) - 1)[:k]
+            for i in top:
+                item = (float(sims[i]), start + int(i))
+                if len(best) < k:
+                    heapq.heappush(best, item)
+                elif item > best[0]:
+                    heapq.heapreplace(best, item)
+        paths, labels, names = cache.paths, cache.labels, cache.class_names
+    ranked = sorted(best, key=lambda t: (-t[0], t[1]))
+    return [
+        Match(r + 1, s, paths[i], names[int(labels[i])] if labels[i] >= 0 else None, hashes[i])
+        for r, (s, i) in enumerate(ranked)
+    ]

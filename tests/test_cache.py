@@ -1,0 +1,317 @@
+"""A cache you can trust: kill -9 at any moment, one writer, full disk, verify/info.
+
+The extractor runs as a real ``python -m pipeline extract`` subprocess. Kills at exact
+instants use ``HEADSTART_CRASH_AT`` (the process SIGKILLs itself at a named point, see
+``cache.crash_point``); the slow test kills from outside at whatever moment it lands.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from pipeline.cache import Cache, Journal, info, verify, writer_lock
+from pipeline.config import ExtractConfig
+from pipeline.demo import SAMPLE_CATALOG
+from pipeline.errors import CacheError
+from pipeline.extract import extract
+
+DATA = Path(__file__).parent / "data" / "images"
+OPTS = ["--backbone", "tiny", "--precision", "fp32", "--workers", "0", "--batch-size", "8", "--no-progress"]
+
+
+def _catalog(root: Path, per_class: int = 16) -> Path:
+    """Real Fashion-MNIST photos in 3 classes, one identical copy and one broken file."""
+    for cls in ("bag", "sneaker", "trouser"):
+        (root / cls).mkdir(parents=True)
+        for p in sorted((SAMPLE_CATALOG / "train" / cls).glob("*.png"))[:per_class]:
+            shutil.copy(p, root / cls / p.name)
+    first = sorted((root / "bag").glob("*.png"))[0]
+    shutil.copy(first, root / "bag" / "copy-of-first.png")
+    shutil.copy(DATA / "truncated_jpeg.jpg", root / "trouser" / "broken.jpg")
+    return root
+
+
+def _cfg(images: Path, out: Path, **kw) -> ExtractConfig:
+    base = dict(backbone="tiny", precision="fp32", workers=0, batch_size=8, progress=False)
+    base.update(kw)
+    return ExtractConfig(images=str(images), out=str(out), **base)
+
+
+def _cli(images: Path, out: Path, env: dict[str, str] | None = None, **kw) -> subprocess.CompletedProcess[str]:
+    full_env = {**os.environ, "HEADSTART_COMMIT_ROWS": "8", **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline", "extract", str(images), "--out", str(out), *OPTS],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        timeout=300,
+        **kw,
+    )
+
+
+def _snapshot(path: Path) -> dict[str, object]:
+    """Everything that must be equal between an interrupted-and-resumed and a clean run."""
+    with Cache(path) as c:
+        assert not verify(path), verify(path)
+        feats = c.features(dtype=np.float32)
+        return {
+            "rows": {h: (p, int(lab)) for h, p, lab in zip(c.content_hash, c.paths, c.labels, strict=True)},
+            "features": {h: feats[i] for i, h in enumerate(c.content_hash)},
+            "skipped": sorted(c.skipped),
+            "duplicates": sorted(c.duplicates),
+            "classes": c.class_names,
+            "fingerprint": c.fingerprint,
+        }
+
+
+def _assert_same(got: dict[str, object], want: dict[str, object]) -> None:
+    assert got["rows"] == want["rows"]  # same keys, paths, labels: nothing lost or duplicated
+    for k in ("skipped", "duplicates", "classes", "fingerprint"):
+        assert got[k] == want[k], k
+    for h, f in want["features"].items():  # type: ignore[union-attr]
+        np.testing.assert_array_equal(got["features"][h], f)  # type: ignore[index]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """One uninterrupted run over the catalog: 49 files, 48 distinct, 1 broken."""
+    root = _catalog(tmp_path_factory.mktemp("ref") / "images")
+    out = root.parent / "ref.h5"
+    s = extract(_cfg(root, out))
+    assert s.rows == 48 and len(s.skipped) == 1
+    return root, _snapshot(out)
+
+
+# Where to die. journal-appended:2 = after the second committed batch; the others are the
+# windows around the atomic replace of the cache itself.
+FAST_POINTS = ["journal-appended:2", "cache-writing", "cache-replaced"]
+SLOW_POINTS = ["journal-before-rename:3", "cache-before-replace", "journal-clearing:2"]
+
+
+def _crash_then_resume(reference, tmp_path: Path, point: str) -> None:
+    root, want = reference
+    images = tmp_path / "images"
+    shutil.copytree(root, images, symlinks=True)
+    out = tmp_path / "f.h5"
+    r = _cli(images, out, env={"HEADSTART_CRASH_AT": point})
+    assert r.returncode == -signal.SIGKILL, (point, r.returncode, r.stderr[-2000:])
+    journal = Journal(out)
+    if point.startswith("journal-appended"):
+        assert not out.exists() and len(list(journal.dir.glob("batch-*.npz"))) == 2
+    if point == "cache-writing":
+        assert not out.exists() and list(tmp_path.glob(".f.h5.tmp-*"))  # a half-written temporary
+    if point == "cache-replaced":
+        assert out.exists() and journal.exists()  # killed before the journal was cleared
+    s = extract(_cfg(images, out))  # run it again
+    assert not journal.exists() and not list(tmp_path.glob(".f.h5.tmp-*"))
+    _assert_same(_snapshot(out), want)
+    if point.startswith("journal-appended"):
+        assert s.extracted == 48 + 1 - 16  # the two committed batches (16 files) are not redone
+
+
+@pytest.mark.parametrize("point", FAST_POINTS)
+def test_kill_9_then_resume_equals_an_uninterrupted_run(reference, tmp_path, point):
+    _crash_then_resume(reference, tmp_path, point)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("point", SLOW_POINTS)
+def test_kill_9_at_more_points(reference, tmp_path, point):
+    _crash_then_resume(reference, tmp_path, point)
+
+
+@pytest.mark.slow
+def test_kill_9_from_outside_repeatedly(reference, tmp_path):
+    """kill -9 from another process as soon as the run has made progress, again and again,
+    until a run finishes on its own; then the cache equals the uninterrupted one."""
+    root, want = reference
+    images = tmp_path / "images"
+    shutil.copytree(root, images, symlinks=True)
+    out = tmp_path / "f.h5"
+    journal = Journal(out)
+    cmd = [sys.executable, "-m", "pipeline", "extract", str(images), "--out", str(out), *OPTS]
+    env = {**os.environ, "HEADSTART_COMMIT_ROWS": "4", "HEADSTART_COMMIT_SECONDS": "0"}
+    cmd[cmd.index("--batch-size") + 1] = "4"
+    kills = 0
+    for _attempt in range(30):
+        before = len(list(journal.dir.glob("batch-*.npz"))) if journal.exists() else 0
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        while proc.poll() is None:
+            now = len(list(journal.dir.glob("batch-*.npz"))) if journal.exists() else 0
+            if now >= before + 2:  # progress made: two new batches committed
+                proc.send_signal(signal.SIGKILL)
+                kills += 1
+                break
+            time.sleep(0.005)
+        proc.wait(timeout=120)
+        if proc.returncode == 0:
+            break
+        assert proc.returncode == -signal.SIGKILL, proc.stderr.read() if proc.stderr else ""
+    assert kills >= 3 and proc.returncode == 0
+    _assert_same(_snapshot(out), want)
+
+
+# --------------------------------------------------------------------------- one writer
+
+
+def test_second_writer_gets_an_error_while_readers_work(reference, tmp_path, run_cli):
+    root, _ = reference
+    out = tmp_path / "f.h5"
+    extract(_cfg(root, out))
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from pathlib import Path; from pipeline.cache import writer_lock\n"
+            "with writer_lock(Path(sys.argv[1])):\n    print('locked', flush=True); time.sleep(120)",
+            str(out),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        r = run_cli("extract", root, "--out", out, *OPTS)
+        assert r.exit_code == 1 and "Traceback" not in r.output
+        assert f"Error: {out} is being written by pid {holder.pid}; wait for it to finish" in r.output
+        with Cache(out) as c:  # readers are not blocked
+            assert c.n_rows == 48
+        assert run_cli("cache", "info", out).exit_code == 0
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    # The kernel released the dead holder's lock: no stale lock file blocks the next writer.
+    r = run_cli("extract", root, "--out", out, *OPTS)
+    assert r.exit_code == 0, r.output
+    with writer_lock(out):  # and it was released again after that run
+        pass
+
+
+# --------------------------------------------------------------------------- full disk
+
+
+def _limit_file_size(limit: int):
+    def apply() -> None:
+        # Python ignores SIGXFSZ, so writing past the limit fails with EFBIG (errno 27), the
+        # same path an ENOSPC takes through the writer.
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return apply
+
+
+def test_full_disk_gives_an_error_and_loses_nothing_committed(reference, tmp_path):
+    root, want = reference
+    images = tmp_path / "images"
+    shutil.copytree(root, images, symlinks=True)
+    moved = tmp_path / "later"
+    moved.mkdir()
+    for p in sorted((images / "sneaker").glob("*.png")):
+        shutil.move(p, moved / p.name)
+    out = tmp_path / "f.h5"
+    first = extract(_cfg(images, out))
+    assert first.rows == 32
+    before = out.read_bytes()
+    for p in moved.iterdir():
+        shutil.move(p, images / "sneaker" / p.name)
+    # 8 KB: the journal's batch files (8 rows each) fit, the new cache file does not.
+    r = _cli(images, out, preexec_fn=_limit_file_size(8192))
+    assert r.returncode == 1, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+    assert f"Error: disk full while writing {out}" in r.stderr and "re-run the same command" in r.stderr
+    assert out.read_bytes() == before  # the committed cache is untouched ...
+    with Cache(out) as c:
+        assert c.n_rows == 32 and not verify(out)
+    assert Journal(out).n_rows() == 16  # ... and the new rows wait in the journal
+    s = extract(_cfg(images, out))  # space freed: the same command finishes the job
+    assert s.extracted == 0 and s.rows == 48
+    _assert_same(_snapshot(out), want)
+
+
+# --------------------------------------------------------------------------- verify & info
+
+
+def test_info_and_verify(reference, tmp_path, run_cli):
+    root, _ = reference
+    out = tmp_path / "f.h5"
+    extract(_cfg(root, out))
+    r = run_cli("cache", "info", out, "--json")
+    assert r.exit_code == 0
+    d = json.loads(r.output)
+    assert d["rows"] == 48 and d["classes"] == 3 and d["feature_dim"] == 32 and d["duplicates"] == 1
+    assert d["rows_per_class"] == {"bag": 16, "sneaker": 16, "trouser": 16}
+    assert d["fingerprint"]["backbone"] == "tiny" and d["fingerprint"]["precision"] == "fp32"
+    assert d["skipped"][0]["path"] == "trouser/broken.jpg" and "truncated" in d["skipped"][0]["reason"]
+    text = run_cli("cache", "info", out).output
+    assert "48 rows x 32" in text and "backbone      tiny" in text and "trouser/broken.jpg" in text
+    r = run_cli("cache", "verify", out)
+    assert r.exit_code == 0 and "OK (48 rows x 32, 48 distinct content hashes" in r.output
+
+    # Damage it in ways a bug or a foreign tool could: a duplicated key, a wrong count, a NaN.
+    bad = tmp_path / "bad.h5"
+    shutil.copy(out, bad)
+    with h5py.File(bad, "r+") as f:
+        h = f["content_hash"][()]
+        h[1] = h[0]
+        f["content_hash"][...] = h
+        f.attrs["n_rows"] = 47
+        feats = f["features"][()]
+        feats[5, 0] = np.nan
+        f["features"][...] = feats
+    problems = verify(bad)
+    assert any("1 duplicate value(s) in /content_hash" in p for p in problems)
+    assert any("n_rows is 47 but /features has 48 rows" in p for p in problems)
+    assert any("1 row(s) of /features contain NaN" in p for p in problems)
+    r = run_cli("cache", "verify", bad)
+    assert r.exit_code == 1 and "Error:" in r.output and "failed verification (3 problem(s))" in r.output
+
+    # Not HDF5 at all, and a truncated HDF5 file: an Error, never a traceback.
+    (tmp_path / "junk.h5").write_text("hello")
+    r = run_cli("cache", "verify", tmp_path / "junk.h5")
+    assert r.exit_code == 1 and "is not a readable HDF5 feature cache" in r.output
+    (tmp_path / "cut.h5").write_bytes(out.read_bytes()[:3000])
+    r = run_cli("cache", "info", tmp_path / "cut.h5")
+    assert r.exit_code == 1 and "Error:" in r.output and "Traceback" not in r.output
+
+
+def test_info_reports_an_unfinished_journal(reference, tmp_path):
+    root, _ = reference
+    images = tmp_path / "images"
+    shutil.copytree(root, images, symlinks=True)
+    out = tmp_path / "f.h5"
+    extract(_cfg(images, out))
+    Journal(out).start({"backbone": "tiny"})
+    Journal(out).append(["0" * 32], np.zeros((1, 32), np.float16), [], [])
+    assert info(out)["journal_rows"] == 1
+
+
+def test_fingerprint_mismatch_is_refused_with_what_differs(reference, tmp_path, run_cli):
+    root, _ = reference
+    out = tmp_path / "f.h5"
+    extract(_cfg(root, out))
+    r = run_cli("extract", root, "--out", out, *[o if o != "fp32" else "bf16" for o in OPTS])
+    assert r.exit_code == 1
+    assert (
+        f"Error: {out} was extracted with tiny (random (seed 0), fp32) but this run uses tiny (random (seed 0), bf16) "
+        "(precision: cache has fp32, this run uses bf16)" in r.output
+    )
+    assert "pass --rebuild to start the cache over" in r.output
+    r = run_cli("extract", root, "--out", out, *OPTS, "--no-draft")
+    assert r.exit_code == 1 and '"draft": true' in r.output and '"draft": false' in r.output
+    with pytest.raises(CacheError, match="efficientnet_lite0"):
+        extract(_cfg(root, out, backbone="efficientnet_lite0"))
+    s = extract(_cfg(root, out, precision="bf16", rebuild=True))  # --rebuild: on purpose
+    assert s.extracted == 49 and s.reused == 0
+    with Cache(out) as c:
+        assert c.fingerprint["precision"] == "bf16"
