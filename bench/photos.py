@@ -35,7 +35,9 @@ def sources() -> list[tuple[str, Image.Image]]:
 def make_photos(folder: Path, n: int, size: int = 640, seed: int = 0, start: int = 0) -> list[Path]:
     """``n`` distinct JPEGs ``photo-{start+i:05d}.jpg`` in ``folder`` (kept if already there)."""
     folder.mkdir(parents=True, exist_ok=True)
-    srcs = sources()
+    # Never upscale a source to more than 1.5x: crops of small photos blown up to 1280 px would
+    # not behave like real 1280 px photos (e.g. under draft decoding).
+    srcs = [s for s in sources() if max(s[1].size) * 1.5 >= size] or sources()
     rng = np.random.default_rng(seed + start)
     paths = []
     for i in range(start, start + n):

@@ -35,6 +35,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -141,7 +142,8 @@ class Journal:
         skipped_reasons: list[str],
     ) -> None:
         seq = len(list(self.dir.glob("batch-*.npz")))
-        name = self.dir / f"batch-{seq:07d}-{os.getpid()}-{time.monotonic_ns()}.npz"
+        # Host and pid keep names unique when torchrun ranks on several machines share the journal.
+        name = self.dir / f"batch-{seq:07d}-{socket.gethostname()}-{os.getpid()}-{time.monotonic_ns()}.npz"
         tmp = name.with_suffix(".tmp")
         try:
             with open(tmp, "wb") as f:

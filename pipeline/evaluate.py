@@ -163,7 +163,7 @@ def _from_images(scorer: Scorer, cfg: EvaluateConfig) -> tuple[np.ndarray, list[
     loader = make_loader(
         [i.path for i in items], prep, device=dev, batch_size=cfg.batch_size, workers=cfg.workers
     )  # fmt: skip
-    net = scorer.backbone()
+    net: Any = scorer.backbone()  # a FeatureNet (model.net, or built from the fingerprint)
     feats = np.zeros((len(items), 0), np.float32)
     ok = np.zeros(len(items), bool)
     for batch, f in embed_batches(net, loader, device=dev, precision=precision):

@@ -79,6 +79,7 @@ class ModelSource:
     head: dict[str, Any]  # kind (a HEAD_BUILDERS key) + descriptive entries
     provenance: dict[str, Any]
     sample_images: list[Path] = field(default_factory=list)  # for the parity check
+    extra: dict[str, Any] = field(default_factory=dict)  # more top-level manifest keys
 
 
 def source_from_head(head_dir: str | Path, weights_file: str | None = None) -> ModelSource:
@@ -117,6 +118,8 @@ def source_from_head(head_dir: str | Path, weights_file: str | None = None) -> M
             "cache": meta.get("cache"),
         },
         sample_images=_cache_images(meta.get("cache")),
+        # Decisions made at fit-head time that predict and evaluate should honour.
+        extra={k: meta[k] for k in ("label_map", "unknown_threshold") if meta.get(k) is not None},
     )
 
 
@@ -233,6 +236,7 @@ def _manifest(src: ModelSource, fmt: str, files: dict[str, str], extra: dict[str
             "note": "RGB, resized and centre-cropped as 'preprocessing' says; normalisation is inside the model",
         },
         **extra,
+        **src.extra,
         "provenance": {
             **src.provenance,
             "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
@@ -361,7 +365,7 @@ class LoadedModel:
 _REEXPORT = "re-export it with `headstart export`"
 
 
-def read_manifest(path: str | Path) -> dict[str, Any]:
+def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
     """``manifest.json`` validated: format, schema version, required fields, file checksums.
     Every problem is an ``ArtifactError`` naming the file and what to do."""
     root = Path(path)
@@ -427,7 +431,7 @@ def build_classifier(manifest: dict[str, Any], state: dict[str, torch.Tensor]) -
     return model.eval()
 
 
-def load_model(path: str | Path) -> LoadedModel:
+def load_model(path: str | os.PathLike[str]) -> LoadedModel:
     """Load an exported model safely: manifest checks and checksums first, then tensors only.
 
     For a native model the state dict is read with ``torch.load(weights_only=True)``, whose

@@ -8,6 +8,7 @@ from the folder. Identical files are decoded once; a renamed file reuses its row
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import os
@@ -21,7 +22,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import __version__, runtime
+from . import __version__, distributed, runtime
 from .backbones import get_spec, load_backbone, with_preprocessing
 from .cache import (
     Cache,
@@ -34,7 +35,8 @@ from .cache import (
     writer_lock,
 )
 from .config import ExtractConfig, save_resolved
-from .errors import CacheError, InputError
+from .distributed import Dist, merge_shards
+from .errors import CacheError, HeadstartError, InputError
 from .gpu_decode import require_cuda
 from .images import Catalog, discover, hash_file
 from .loader import DECODERS, embed_batches, make_loader
@@ -55,8 +57,11 @@ class ExtractSummary:
     skipped: list[tuple[str, str]] = field(default_factory=list)
     seconds: float = 0.0
     class_names: list[str] = field(default_factory=list)
+    note: str = ""  # replaces the line on torchrun ranks other than 0
 
     def line(self) -> str:
+        if self.note:
+            return self.note
         rate = f" ({self.extracted / self.seconds:.1f} images/s)" if self.extracted and self.seconds else ""
         return (
             f"{self.path}: {self.rows} rows, {len(self.class_names)} classes; "
@@ -64,34 +69,46 @@ class ExtractSummary:
         )
 
 
-def _hash_all(catalog: Catalog, progress: bool) -> list[str | Exception]:
-    def one(item: object) -> str | Exception:
+def _hash_all(catalog: Catalog, progress: bool, dist: Dist) -> list[str | OSError]:
+    """The content hash of every file (or why it cannot be read). Under torchrun each rank
+    hashes every N-th file and the ranks exchange their slices."""
+    mine = [i for i in range(len(catalog.items)) if dist.owns_index(i)]
+
+    def one(i: int) -> str | OSError:
         try:
-            return hash_file(item.path)  # type: ignore[attr-defined]
+            return hash_file(catalog.items[i].path)
         except OSError as e:
-            return e
+            return OSError(e.errno, e.strerror)  # plain, so it pickles across ranks
 
     # hashlib releases the GIL on large buffers, so threads overlap the reads.
     with ThreadPoolExecutor(max_workers=8) as pool:
-        return list(
+        values = list(
             tqdm(
-                pool.map(one, catalog.items),
-                total=len(catalog.items),
+                pool.map(one, mine),
+                total=len(mine),
                 desc="hashing",
                 unit="file",
                 disable=not progress,
                 leave=False,
             )
         )
+    if dist.world == 1:
+        return values
+    return merge_shards(dist.gather(dict(zip(mine, values, strict=True))), len(catalog.items))
 
 
 def extract(cfg: ExtractConfig) -> ExtractSummary:
+    """Extract (or update) the cache ``cfg.out``. Under ``torchrun`` every rank runs this; the
+    ranks split the new photos between them and rank 0 writes the cache (``distributed.py``)."""
     t0 = time.perf_counter()
     out = Path(cfg.out)
     if cfg.dtype not in ("float16", "float32"):
         raise InputError(f"--dtype must be float16 or float32, not {cfg.dtype!r}")
     spec = with_preprocessing(get_spec(cfg.backbone), draft=cfg.draft, letterbox=cfg.letterbox)
+    dist = distributed.from_env()
     device = runtime.resolve_device(cfg.device)
+    if dist.world > 1 and device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", dist.local_rank)  # one GPU per local rank
     precision = runtime.resolve_precision(cfg.precision, device)
     if cfg.decode not in DECODERS:
         raise InputError(f"--decode must be cpu or gpu, not {cfg.decode!r}")
@@ -101,22 +118,20 @@ def extract(cfg: ExtractConfig) -> ExtractSummary:
     loaded = load_backbone(spec, cfg.weights_file)
     fp = loaded.fingerprint(precision)
 
-    with writer_lock(out):
-        remove_stale_temporaries(out)
+    # Only rank 0 takes the writer lock and touches the cache file; the other ranks only add
+    # batches to the journal, after rank 0 has prepared it.
+    with writer_lock(out) if dist.is_main else contextlib.nullcontext():
         journal = Journal(out)
-        old: CacheContents | None = None
-        if cfg.rebuild:
-            journal.clear()
-        else:
-            if out.exists():
-                with Cache(out) as c:
-                    _check_fingerprint(out, c.fingerprint, fp)
-                    old = c.read_all()
-            jfp = journal.fingerprint()
-            if jfp is not None and fingerprint_diff(jfp, fp):
-                journal.clear()  # unfinished work of another configuration: useless here
+        error: HeadstartError | None = None
+        if dist.is_main:
+            try:
+                _prepare(cfg, out, journal, fp, fresh_journal=dist.world > 1)
+            except HeadstartError as e:
+                error = e
+        dist.agree(error)
+        old = None if cfg.rebuild or not out.exists() else _read_old(out, features=dist.is_main)
 
-        hashes = _hash_all(catalog, cfg.progress)
+        hashes = _hash_all(catalog, cfg.progress and dist.is_main, dist)
         skipped: list[tuple[str, str]] = [(s.rel, s.reason) for s in catalog.skipped]
         by_hash: dict[str, list[int]] = defaultdict(list)
         for i, h in enumerate(hashes):
@@ -129,18 +144,34 @@ def extract(cfg: ExtractConfig) -> ExtractSummary:
         if old is not None:
             wanted = set(by_hash)
             for r, h in enumerate(old.content_hash):
-                if h in wanted:
-                    known[h] = old.features[r]
+                if h in wanted:  # (ranks other than 0 only need to know which rows exist)
+                    known[h] = old.features[r] if dist.is_main else _KEY_ONLY
         journal_rows, journal_skips = journal.load() if journal.exists() else ({}, {})
         known.update({h: v for h, v in journal_rows.items() if h in by_hash})
         todo = sorted((h for h in by_hash if h not in known and h not in journal_skips), key=lambda h: by_hash[h][0])
         bad: dict[str, str] = {h: r for h, r in journal_skips.items() if h in by_hash}
+        mine = [h for h in todo if dist.owns_hash(h)] if dist.world > 1 else todo
 
-        if todo:
+        if mine:
             journal.start(fp)
-            new_rows, new_bad = _run_backbone(cfg, loaded, spec, device, precision, catalog, by_hash, todo, journal)
+            new_rows, new_bad = _run_backbone(cfg, loaded, spec, device, precision, catalog, by_hash, mine, journal)
             known.update(new_rows)
             bad.update(new_bad)
+        if dist.world > 1:
+            dist.barrier()  # every rank's rows are in the journal now
+            if not dist.is_main:
+                return ExtractSummary(
+                    path=out,
+                    rows=0,
+                    extracted=len(mine),
+                    reused=0,
+                    seconds=time.perf_counter() - t0,
+                    note=f"rank {dist.rank}/{dist.world}: extracted {len(mine)} of {len(todo)} new photos "
+                    f"(its shard); rank 0 writes {out}",
+                )
+            rows, skips = journal.load()
+            known.update({h: v for h, v in rows.items() if h in by_hash})
+            bad.update({h: r for h, r in skips.items() if h in by_hash})
 
         contents = _assemble(cfg, catalog, by_hash, known, bad, skipped, fp, old)
         write_cache(out, contents)
@@ -160,6 +191,41 @@ def extract(cfg: ExtractConfig) -> ExtractSummary:
         listed = "; ".join(f"{p}: {r}" for p, r in summary.skipped[:5])
         raise InputError(f"{len(summary.skipped)} file(s) skipped and --strict is set: {listed}")
     return summary
+
+
+def _prepare(cfg: ExtractConfig, out: Path, journal: Journal, fp: dict[str, str], fresh_journal: bool) -> None:
+    """Under the writer lock: clean up after killed writers, refuse a cache or drop a journal
+    of another configuration, start over on --rebuild."""
+    remove_stale_temporaries(out)
+    if cfg.rebuild:
+        journal.clear()
+    else:
+        if out.exists():
+            with Cache(out) as c:
+                _check_fingerprint(out, c.fingerprint, fp)
+        jfp = journal.fingerprint()
+        if jfp is not None and fingerprint_diff(jfp, fp):
+            journal.clear()  # unfinished work of another configuration: useless here
+    if fresh_journal:
+        journal.start(fp)  # before the other ranks append to it
+
+
+_KEY_ONLY = np.zeros(0, np.float16)
+
+
+def _read_old(out: Path, features: bool) -> CacheContents:
+    """The committed cache; ranks other than 0 need only its keys, not its features."""
+    with Cache(out) as c:
+        if features:
+            return c.read_all()
+        return CacheContents(
+            features=_KEY_ONLY,
+            content_hash=c.content_hash,
+            paths=[],
+            labels=np.zeros(0, np.int32),
+            class_names=[],
+            attrs={},
+        )
 
 
 def _check_fingerprint(out: Path, have: dict[str, object], want: dict[str, str]) -> None:

@@ -1,8 +1,9 @@
 """Stage: images + head directory -> fine-tuned network. ``finetune(cfg) -> FinetuneSummary``.
 
 Linear probe, then fine-tune (LP-FT, Kumar et al. 2022): the network starts as the backbone
-plus the head ``fit-head`` fitted, so the first gradient steps do not wreck the pretrained
-features with a random head's large errors. Then, from the top down, one more group of backbone
+plus the head ``fit-head`` fitted (refitted on the training photos only, see
+:meth:`_Run._probe_on_train`), so the first gradient steps do not wreck the pretrained features
+with a random head's large errors. Then, from the top down, one more group of backbone
 layers is unfrozen every ``unfreeze_every`` epochs (gradual unfreezing, the seed article's FAQ 3),
 each group training with a smaller learning rate than the one above it (``unfreeze.py``). AdamW,
 linear warm-up then cosine decay, optional label smoothing and class weights, gradient
@@ -22,6 +23,12 @@ from ``last.pt`` after a crash or SIGKILL, mid-epoch included.
 Under ``torchrun`` (``WORLD_SIZE`` > 1) each process trains on its ``DistributedSampler`` share
 inside ``DistributedDataParallel`` (NCCL on GPUs, gloo on CPUs); validation is sharded and
 summed across ranks, so every rank takes the same early-stopping decision; only rank 0 writes.
+
+This module sets up (head, data, model, layer groups) and writes FT_DIR; the loop itself,
+checkpoints and resume are in ``trainer.py``; DDP plumbing in ``ddp.py``.
+
+Import note: stages do not import each other; ``export`` knows FT_DIR through
+``finetune.json`` alone (``export.source_from_finetune``), so neither imports the other.
 """
 
 from __future__ import annotations
@@ -199,20 +206,15 @@ class _Run(Trainer):
             why = f"its feature cache {cache_path} is gone"
         tensors = None
         if not why and r.main:
-            tensors = _refit_probe(Path(cache_path), self.split.train, len(self.class_names), meta, Path(self.cfg.head))
+            tensors = _refit_probe(
+                Path(str(cache_path)), self.split.train, len(self.class_names), meta, Path(self.cfg.head)
+            )
             if tensors is None:
                 why = "the cache lacks some training photos or classes"
         tensors = broadcast(tensors, r)
         if tensors is None:
             self.log(f"starting from head.npz, which has seen the validation photos ({why or 'see above'})")
         return tensors
-
-    def _class_weights(self) -> torch.Tensor | None:
-        if self.cfg.class_weight != "balanced":
-            return None
-        counts = np.bincount([e.label for e in self.split.train], minlength=len(self.class_names)).astype(np.float64)
-        w = np.where(counts > 0, counts.sum() / (len(counts) * np.maximum(counts, 1)), 0.0)
-        return torch.tensor(w, dtype=torch.float32, device=self.r.device)
 
     # ----------------------------------------------------------------- outputs
 

@@ -155,7 +155,8 @@ def fit_head(cfg: FitHeadConfig) -> FitSummary:
         class_names = mapped.class_names
         if len(class_names) < 2:
             raise InputError(
-                f"{cfg.cache} has labelled photos of one class only ({class_names[0]!r}); a classifier needs at least two"
+                f"{cfg.cache} has labelled photos of one class only ({class_names[0]!r}); "
+                "a classifier needs at least two"
             )
         y = mapped.y[rows]
         all_hashes = cache.content_hash
@@ -181,15 +182,15 @@ def fit_head(cfg: FitHeadConfig) -> FitSummary:
         tr, va = stratified_group_split(y, groups, cfg.val_fraction, cfg.seed)
         if len(va) == 0:
             raise InputError("too few labelled photos for a validation split: give each class at least two")
-        if cfg.head != "logreg":
-            best_c, curve = None, []
-        elif cfg.c is None:
+        curve: list[dict[str, float]] = []
+        best_c: float | None = None
+        if cfg.head == "logreg" and cfg.c is None:
             best_c, curve = sweep_c(
                 X[tr], y[tr], X[va], y[va], class_weight=cfg.class_weight, max_iter=cfg.max_iter, solver=solver,
                 device=device,
             )  # fmt: skip
-        else:
-            best_c, curve = float(cfg.c), []
+        elif cfg.head == "logreg":
+            best_c = float(cfg.c)  # type: ignore[arg-type]
         mlp_device = device if cfg.head == "mlp" and solver == "torch" else "cpu"
         probe = _make_head(cfg, best_c or 1.0, solver, mlp_device).fit(X[tr], y[tr])
         val_logits = probe.logits(X[va])

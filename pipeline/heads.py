@@ -61,7 +61,9 @@ def iter_chunks(X: RowSource, chunk_rows: int = CHUNK_ROWS) -> Iterator[tuple[in
 
 def standardisation(X: RowSource, chunk_rows: int = CHUNK_ROWS) -> tuple[np.ndarray, np.ndarray]:
     """Per-feature mean and std, accumulated in float64 over row chunks (one pass, bounded memory)."""
-    n, s, ss = 0, 0.0, 0.0
+    n = 0
+    s: Any = 0.0
+    ss: Any = 0.0
     for _, c in iter_chunks(X, chunk_rows):
         c64 = c.astype(np.float64)
         n += len(c)
@@ -223,6 +225,7 @@ class LogisticHead(_LinearHead):
         dtype = torch.float64 if dev.type == "cpu" else torch.float32
         mean = torch.as_tensor(self.mean_, device=dev, dtype=dtype)
         scale = torch.as_tensor(self.scale_, device=dev, dtype=dtype)
+
         # In-memory features are moved to the device and standardised once; an on-disk source
         # is re-read and standardised chunk by chunk on every L-BFGS pass, so memory stays one
         # chunk regardless of the cache size.
@@ -371,7 +374,7 @@ class MLPHead(_Head):
         hold = np.zeros(len(y_idx), bool)
         for c in range(k):
             idx = np.flatnonzero(y_idx == c)
-            m = int(round(len(idx) * self.validation_fraction))
+            m = round(len(idx) * self.validation_fraction)
             if len(idx) >= 3 and m:
                 hold[rng.choice(idx, m, replace=False)] = True
         dev = torch.device(self.device)

@@ -73,7 +73,9 @@ class LabelMap:
             raise InputError(f"{where}: unknown key(s) {sorted(unknown)}; use [classes], [rename] and drop = [...]")
         classes = data.get("classes")
         if not isinstance(classes, dict) or not classes:
-            raise InputError(f'{where} needs a [classes] table of output classes and ids, e.g. lipstick = 0, "口红" = 1')
+            raise InputError(
+                f'{where} needs a [classes] table of output classes and ids, e.g. lipstick = 0, "口红" = 1'
+            )
         for name, cid in classes.items():
             if not isinstance(cid, int) or isinstance(cid, bool) or cid < 0:
                 raise InputError(f"{where}: class {name!r} has id {cid!r}; ids are whole numbers >= 0")

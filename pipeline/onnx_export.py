@@ -76,6 +76,8 @@ def onnx_session(path: Path, device: torch.device | None = None, threads: int | 
     if device is not None and device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
         providers.insert(0, "CUDAExecutionProvider")
     try:
-        return ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+        # From bytes, not the path: the graph cannot pull in "external data" files from beside
+        # (or above) the model directory, and the bytes checked are the bytes run.
+        return ort.InferenceSession(path.read_bytes(), sess_options=opts, providers=providers)
     except Exception as e:  # onnxruntime raises its own exception types for invalid graphs
         raise ArtifactError(f"{path} cannot be loaded by onnxruntime ({str(e).splitlines()[0]}); re-export") from None

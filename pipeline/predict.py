@@ -127,15 +127,23 @@ class Predictor:
                 bar.update(len(r.index))
         return probs, errors
 
+    @property
+    def unknown_threshold(self) -> float | None:
+        """The threshold chosen at fit-head time, if any (``fit-head --unknown-threshold``)."""
+        t = self.loaded.manifest.get("unknown_threshold")
+        return float(t) if isinstance(t, int | float) else None
+
     def predict(
         self, sources: Sequence[Source], *, top_k: int = 3, unknown_threshold: float | None = None, **kw: Any
     ) -> list[dict[str, Any]]:
         """One dict per input: ``label``, ``probability``, ``top_k`` [(label, p), ...], ``error``.
 
-        With ``unknown_threshold``, a photo whose best probability is below it gets the label
-        ``"unknown"`` (``top_k`` still lists the classes)."""
+        A photo whose best probability is below ``unknown_threshold`` (default: the model's own,
+        if fit-head set one; 0 turns it off) gets the label ``"unknown"``; ``top_k`` still lists
+        the classes."""
+        threshold = self.unknown_threshold if unknown_threshold is None else unknown_threshold
         probs, errors = self.predict_proba(sources, **kw)
-        return [self._row(p, e, top_k, unknown_threshold) for p, e in zip(probs, errors, strict=True)]
+        return [self._row(p, e, top_k, threshold) for p, e in zip(probs, errors, strict=True)]
 
     def _row(self, p: np.ndarray, err: str, top_k: int, threshold: float | None) -> dict[str, Any]:
         if err:
@@ -305,6 +313,7 @@ def predict(cfg: PredictConfig, stdin: IO[str] | None = None) -> tuple[Path, Pre
     predictor = Predictor.load(cfg.model, cfg.device, cfg.precision)
     paths = expand_inputs(cfg.inputs, stdin)
     k = max(1, min(cfg.top_k, len(predictor.class_names)))
+    threshold = predictor.unknown_threshold if cfg.unknown_threshold is None else cfg.unknown_threshold
     emb = _EmbeddingWriter(Path(cfg.embeddings), paths, predictor.feature_dim) if cfg.embeddings else None
     to_stdout = cfg.out == "-"
     out = Path(cfg.out)
@@ -320,7 +329,7 @@ def predict(cfg: PredictConfig, stdin: IO[str] | None = None) -> tuple[Path, Pre
             for r in predictor.iter_batches(paths, batch_size=cfg.batch_size, workers=cfg.workers):
                 probs = iter(r.probabilities)
                 for j, i in enumerate(r.index):
-                    row = predictor._row(next(probs) if r.ok[j] else np.empty(0), r.errors[j], k, cfg.unknown_threshold)
+                    row = predictor._row(next(probs) if r.ok[j] else np.empty(0), r.errors[j], k, threshold)
                     failed += bool(row["error"])
                     unknown += row["label"] == UNKNOWN
                     writer.write(paths[int(i)], row)

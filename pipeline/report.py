@@ -64,7 +64,7 @@ def coverage_curve(proba: np.ndarray, y: np.ndarray, steps: int = COVERAGE_STEPS
     order = np.argsort(-conf, kind="stable")
     out = []
     for i in range(1, steps + 1):
-        n = max(1, int(round(len(y) * i / steps)))
+        n = max(1, round(len(y) * i / steps))
         keep = order[:n]
         out.append(
             {"coverage": n / len(y), "accuracy": float(correct[keep].mean()), "threshold": float(conf[keep].min())}
@@ -162,7 +162,9 @@ def _figures(out: Path, s: Scored, m: dict[str, Any]) -> dict[str, str]:
         for i in range(k):
             for j in range(k):
                 if cm[i, j]:
-                    ax.text(j, i, int(cm[i, j]), ha="center", va="center", color="white" if norm[i, j] > 0.5 else "k")
+                    ax.text(
+                        j, i, str(int(cm[i, j])), ha="center", va="center", color="white" if norm[i, j] > 0.5 else "k"
+                    )
     fig.colorbar(im, ax=ax, fraction=0.046, label="share of the true class")
     ax.set_title("Confusion matrix (counts; colour = row share)")
     fig.tight_layout()
@@ -248,7 +250,8 @@ body {{ font-family: system-ui, sans-serif; margin: 2em; max-width: 1200px; }}
 table {{ border-collapse: collapse; }} td, th {{ border: 1px solid #ccc; padding: 2px 8px; text-align: right; }}
 td:first-child {{ text-align: left; }} img.plot {{ max-width: 100%; }}
 .mistakes {{ display: flex; flex-wrap: wrap; gap: 12px; }}
-.mistake {{ width: 180px; margin: 0; font-size: 12px; }} .mistake img {{ width: {THUMB}px; image-rendering: pixelated; }}
+.mistake {{ width: 180px; margin: 0; font-size: 12px; }}
+.mistake img {{ width: {THUMB}px; image-rendering: pixelated; }}
 code {{ word-break: break-all; }}
 </style></head><body>
 <h1>Evaluation report</h1>

@@ -86,7 +86,7 @@ def stratified_group_split(
     for c in np.unique(y):
         idx = np.flatnonzero(y == c)
         rng.shuffle(idx)
-        target = 0 if len(idx) < 2 else max(1, int(round(len(idx) * val_fraction)))
+        target = 0 if len(idx) < 2 else max(1, round(len(idx) * val_fraction))
         # Group order follows the shuffled rows, so singletons reproduce the plain split.
         order = list(dict.fromkeys(groups[idx].tolist()))
         if len(order) < 2:

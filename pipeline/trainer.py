@@ -62,6 +62,8 @@ class Progress:
 
 
 class Trainer:
+    """Set by the stage before :meth:`setup_training`:"""
+
     cfg: FinetuneConfig
     r: Rank
     out: Path
@@ -89,6 +91,13 @@ class Trainer:
         warm = int(cfg.warmup * self.total_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _warmup_cosine(warm, self.total_steps))
         self.criterion = nn.CrossEntropyLoss(weight=self._class_weights(), label_smoothing=cfg.label_smoothing)
+
+    def _class_weights(self) -> torch.Tensor | None:
+        if self.cfg.class_weight != "balanced":
+            return None
+        counts = np.bincount([e.label for e in self.split.train], minlength=len(self.class_names)).astype(np.float64)
+        w = np.where(counts > 0, counts.sum() / (len(counts) * np.maximum(counts, 1)), 0.0)
+        return torch.tensor(w, dtype=torch.float32, device=self.r.device)
 
     # ----------------------------------------------------------------- unfreezing and DDP
 

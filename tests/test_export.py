@@ -184,3 +184,38 @@ def test_mlp_head_spec_exports_in_both_formats(head_copy, tmp_path):
     ref = build_head("mlp", {k: torch.from_numpy(v) for k, v in tensors.items()})
     x = torch.randn(4, 32)
     torch.testing.assert_close(loaded.model.head(x), ref(x))
+
+
+def test_models_exported_by_the_foundation_still_load(models, tmp_path):
+    """Schema v1 (issue 2): no runtime, head named after the estimator, ImageNet layer inside."""
+    old = Path(shutil.copytree(models[0], tmp_path / "v1"))
+    state = torch.load(old / "model.pt", weights_only=True)
+    state["net.imagenet_head.weight"] = torch.zeros(1000, 32)
+    torch.save(state, old / "model.pt")
+    m = _manifest(old)
+    for key in ("runtime", "parity", "input"):
+        del m[key]
+    from pipeline.backbones import sha256_file
+
+    m.update(
+        schema_version=1,
+        head={"kind": "logreg", "n_classes": 3, "C": 1.0},
+        files={"model.pt": sha256_file(old / "model.pt")},
+    )
+    (old / "manifest.json").write_text(json.dumps(m), encoding="utf-8")
+    loaded = load_model(old)
+    assert loaded.runtime == "native" and loaded.manifest["head"]["kind"] == "linear"
+    x = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    torch.testing.assert_close(loaded.model(x), load_model(models[0]).model(x))
+
+
+def test_onnx_without_the_extra_says_how_to_install_it(tiny_head, tmp_path, run_cli, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "onnx", None)  # as if `pip install 'headstart[onnx]'` never ran
+    r = run_cli("export", tiny_head, "--out", tmp_path / "m", "--format", "onnx")
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    assert "Error: ONNX support needs the optional 'onnx' package; install it with `pip install 'headstart[onnx]'`" in (
+        r.output
+    )
+    assert not (tmp_path / "m").exists() and list(tmp_path.iterdir()) == []

@@ -108,7 +108,7 @@ def test_grouped_split_keeps_near_duplicates_on_one_side():
         assert sorted(np.concatenate([tr, va])) == list(range(60))
         assert all(4 <= (y[va] == c).sum() <= 8 for c in range(3))  # still stratified
     # Without groups it is the plain stratified split, row for row.
-    tr0, va0 = stratified_group_split(y, np.arange(60), 0.3, 0)
+    _, va0 = stratified_group_split(y, np.arange(60), 0.3, 0)
     assert len(va0) == 18
 
 
@@ -188,9 +188,10 @@ def test_fit_head_records_calibration_and_per_class_metrics(lite0, tmp_path):
     )
     meta = json.loads((s.path / "head.json").read_text())
     assert set(meta["metrics"]["per_class"]) == {*BASE, NEW}
-    assert meta["temperature"] > 0 and meta["calibration"]["val_log_loss_after"] <= meta["calibration"][
-        "val_log_loss_before"
-    ] + 1e-9
+    assert (
+        meta["temperature"] > 0
+        and meta["calibration"]["val_log_loss_after"] <= meta["calibration"]["val_log_loss_before"] + 1e-9
+    )
     assert 0 <= meta["calibration"]["unknown_threshold"]["val_coverage"] <= 1
     assert meta["c_sweep"] and meta["C"] in [p["C"] for p in meta["c_sweep"]]
     with np.load(s.path / "head.npz", allow_pickle=False) as z:

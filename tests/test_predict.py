@@ -170,3 +170,17 @@ def test_gpu_batches_match_cpu(model, images):
     gpu, errors = Predictor.load(model, device=device, precision="fp32").predict_proba(photos)
     assert not any(errors)
     np.testing.assert_allclose(gpu, cpu, atol=1e-3)
+
+
+def test_threshold_chosen_at_fit_head_time_is_the_default(model, images, tmp_path):
+    import shutil
+
+    m = Path(shutil.copytree(model, tmp_path / "model"))
+    manifest = json.loads((m / "manifest.json").read_text(encoding="utf-8"))
+    manifest["unknown_threshold"] = 1.0  # what `fit-head --unknown-threshold` records, via export
+    (m / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
+    photos = sorted((images / "bag").glob("*.png"))
+    p = Predictor.load(m, device="cpu")
+    assert p.unknown_threshold == 1.0
+    assert {r["label"] for r in p.predict(photos) if r["probability"] < 1.0} <= {"unknown"}
+    assert {r["label"] for r in p.predict(photos, unknown_threshold=0.0)} <= set(CLASSES)
