@@ -12,6 +12,7 @@ are end to end (model load, hashing, decoding, network, cache write), in the sam
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 import time
@@ -54,7 +55,10 @@ def main() -> None:
     inc, n_inc = run()
     print(f"full extraction: {n_full} photos in {full:.2f} s ({n_full / full:.1f} images/s)")
     print(f"after adding {k} photos (5%): extracted {n_inc} in {inc:.2f} s")
-    print(f"ratio: {inc / full:.3f} of a full extraction (target <= 0.10)")
+    print(
+        f"ratio: {inc / full:.3f} of a full extraction (target <= 0.10); "
+        f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
+    )
 
 
 if __name__ == "__main__":

@@ -79,8 +79,8 @@ def load_scorer(path: str | Path) -> Scorer:
             "precision": m["precision"],
         }
         return Scorer(
-            "model", p, loaded.class_names, loaded.model.head, fp, LabelMap.from_record(m.get("label_map")),
-            m.get("unknown_threshold"), loaded.model.net,
+            "model", p, loaded.class_names, loaded.model.head, fp, LabelMap.from_record(m["head"].get("label_map")),
+            m["head"].get("unknown_threshold"), loaded.model.net,
         )  # fmt: skip
     if (p / "head.json").is_file():
         from .artifacts import build_head, read_head

@@ -109,7 +109,15 @@ def source_from_head(head_dir: str | Path, weights_file: str | None = None) -> M
         preprocessing=prep,
         precision=str(fp["precision"]),
         class_names=list(meta["class_names"]),
-        head={"kind": spec_h.kind, "estimator": meta.get("kind"), "C": meta.get("C")},
+        head={
+            "kind": spec_h.kind,
+            "estimator": meta.get("kind"),
+            "C": meta.get("C"),
+            # Issue 4: carried so evaluate/predict know the head's class ids, label map (merges
+            # and renames of folder names), temperature (already folded into the tensors) and
+            # the recorded --unknown-threshold. None for heads written before issue 4.
+            **{k: meta.get(k) for k in ("class_ids", "label_map", "temperature", "unknown_threshold")},
+        },
         provenance={
             "source": "head",
             "head_dir": str(head_dir.resolve()),
@@ -118,8 +126,6 @@ def source_from_head(head_dir: str | Path, weights_file: str | None = None) -> M
             "cache": meta.get("cache"),
         },
         sample_images=_cache_images(meta.get("cache")),
-        # Decisions made at fit-head time that predict and evaluate should honour.
-        extra={k: meta[k] for k in ("label_map", "unknown_threshold") if meta.get(k) is not None},
     )
 
 

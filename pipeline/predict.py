@@ -130,7 +130,7 @@ class Predictor:
     @property
     def unknown_threshold(self) -> float | None:
         """The threshold chosen at fit-head time, if any (``fit-head --unknown-threshold``)."""
-        t = self.loaded.manifest.get("unknown_threshold")
+        t = self.loaded.manifest["head"].get("unknown_threshold")
         return float(t) if isinstance(t, int | float) else None
 
     def predict(

@@ -59,10 +59,6 @@ def test_two_processes_give_the_single_process_cache(catalog, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "rank 1/2: extracted" in r.stdout and f"{out}: 48 rows, 3 classes; extracted 49" in r.stdout
     _same(out, single)
-    # Re-run: nothing new, nothing extracted, same cache.
-    r = _torchrun(catalog, out)
-    assert r.returncode == 0 and "extracted 0" in r.stdout and "reused 49" in r.stdout, r.stdout
-    _same(out, single)
 
 
 @pytest.mark.slow
@@ -77,4 +73,9 @@ def test_killed_distributed_run_resumes_from_the_journal(catalog, tmp_path):
     r = _torchrun(catalog, out)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "extracted 33" in r.stdout  # 49 distinct contents - 2 x 8 rows kept from the journal
+    _same(out, single)
+    # Re-run: every row reused; only the broken file is tried again (a skip is not cached:
+    # its reason may go away, e.g. with a higher --max-pixels).
+    r = _torchrun(catalog, out)
+    assert r.returncode == 0 and "extracted 1 " in r.stdout and "reused 48" in r.stdout, r.stdout
     _same(out, single)

@@ -163,6 +163,22 @@ def test_frozen_groups_do_not_move_under_adamw_weight_decay():
     assert not torch.equal(after["head.weight"], before["head.weight"])
 
 
+def test_letterboxed_features_fine_tune_and_export_letterboxed(small_catalog, tmp_path):
+    """The framing recorded in the head's fingerprint is the one fine-tuning trains and
+    validates on and the one the exported model predicts with."""
+    cache = tmp_path / "lb.h5"
+    extract(ExtractConfig(images=str(small_catalog), out=str(cache), backbone="tiny", letterbox=True,
+                          progress=False, workers=0))  # fmt: skip
+    fit_head(FitHeadConfig(cache=str(cache), out=str(tmp_path / "head"), near_duplicate_threshold=None))
+    with pytest.raises(InputError, match="letterboxed"):
+        finetune(_cfg(small_catalog, tmp_path / "head", tmp_path / "ft", augment="product"))
+    finetune(_cfg(small_catalog, tmp_path / "head", tmp_path / "ft", epochs=1))
+    doc = json.loads((tmp_path / "ft" / "finetune.json").read_text())
+    assert doc["preprocessing"]["letterbox"] is True and doc["training"]["augment"] == "letterbox"
+    loaded = load_model(export(ExportConfig(head=str(tmp_path / "ft"), out=str(tmp_path / "model"))))
+    assert loaded.preprocessing.letterbox is True
+
+
 def test_finetune_refuses_foreign_images(small_catalog, head_dir, tmp_path):
     other = tmp_path / "other"
     (other / "bag").mkdir(parents=True)

@@ -100,6 +100,16 @@ def test_merging_two_classes_and_adding_one_changes_nothing_in_the_cache(tmp_pat
     with np.load(tmp_path / "head2" / "head.npz", allow_pickle=False) as z:
         assert z["weight"].shape[0] == 3
 
+    # evaluate maps the cache's folder names through the head's label map: sneaker -> shoes.
+    r = run_cli("evaluate", tmp_path / "head2", cache, "--out", tmp_path / "report")
+    assert r.exit_code == 0, r.output
+    m = json.loads((tmp_path / "report" / "metrics.json").read_text())
+    assert list(m["per_class"]) == ["bag", "shoes", "trouser"] and m["n"] == 24
+    assert m["per_class"]["shoes"]["support"] == 12
+    r = run_cli("evaluate", tmp_path / "head1", cache, "--out", tmp_path / "report1")
+    assert "6 photos of other categories left out" in r.output  # trouser was dropped in v1
+    assert _digest(cache) == before
+
 
 def test_a_new_folder_extracts_only_its_photos(tmp_path):
     """Adding a category = a new folder: extract runs the backbone on the new photos only."""

@@ -177,10 +177,23 @@ def test_threshold_chosen_at_fit_head_time_is_the_default(model, images, tmp_pat
 
     m = Path(shutil.copytree(model, tmp_path / "model"))
     manifest = json.loads((m / "manifest.json").read_text(encoding="utf-8"))
-    manifest["unknown_threshold"] = 1.0  # what `fit-head --unknown-threshold` records, via export
+    manifest["head"]["unknown_threshold"] = 1.0  # what `fit-head --unknown-threshold` records, via export
     (m / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
     photos = sorted((images / "bag").glob("*.png"))
     p = Predictor.load(m, device="cpu")
     assert p.unknown_threshold == 1.0
     assert {r["label"] for r in p.predict(photos) if r["probability"] < 1.0} <= {"unknown"}
     assert {r["label"] for r in p.predict(photos, unknown_threshold=0.0)} <= set(CLASSES)
+
+
+def test_fit_head_threshold_flows_through_export(tiny_head, tmp_path):
+    from pipeline.config import FitHeadConfig
+    from pipeline.fit_head import fit_head
+
+    cache = tiny_head.parent / "features.h5"
+    head = tmp_path / "head"
+    fit_head(
+        FitHeadConfig(cache=str(cache), out=str(head), c=0.01, near_duplicate_threshold=None, unknown_threshold=0.9)
+    )
+    model = export(ExportConfig(head=str(head), out=str(tmp_path / "model"), format="onnx"))
+    assert Predictor.load(model, device="cpu").unknown_threshold == 0.9

@@ -97,6 +97,7 @@ def test_evaluate_model_on_images_agrees_with_the_head_on_the_cache(chain, run_c
     a = json.loads((tmp_path / "a" / "metrics.json").read_text())
     b = json.loads((tmp_path / "b" / "metrics.json").read_text())
     assert a["n"] == b["n"] == 24 and a["meta"]["data_kind"] == "images"
+    assert a["unknown"]["threshold"] == 0.4  # carried from head.json through the exported manifest
     assert abs(a["accuracy"] - b["accuracy"]) <= 1 / 24  # float16 cache vs recomputed features
 
 
