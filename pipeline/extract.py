@@ -9,6 +9,7 @@ from the folder. Identical files are decoded once; a renamed file reuses its row
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as _dt
 import json
 import os
@@ -106,6 +107,8 @@ def extract(cfg: ExtractConfig) -> ExtractSummary:
         raise InputError(f"--dtype must be float16 or float32, not {cfg.dtype!r}")
     spec = with_preprocessing(get_spec(cfg.backbone), draft=cfg.draft, letterbox=cfg.letterbox)
     dist = distributed.from_env()
+    if not dist.is_main:
+        cfg = dataclasses.replace(cfg, progress=False)  # one set of progress bars, rank 0's
     device = runtime.resolve_device(cfg.device)
     if dist.world > 1 and device.type == "cuda" and device.index is None:
         device = torch.device("cuda", dist.local_rank)  # one GPU per local rank
@@ -131,7 +134,7 @@ def extract(cfg: ExtractConfig) -> ExtractSummary:
         dist.agree(error)
         old = None if cfg.rebuild or not out.exists() else _read_old(out, features=dist.is_main)
 
-        hashes = _hash_all(catalog, cfg.progress and dist.is_main, dist)
+        hashes = _hash_all(catalog, cfg.progress, dist)
         skipped: list[tuple[str, str]] = [(s.rel, s.reason) for s in catalog.skipped]
         by_hash: dict[str, list[int]] = defaultdict(list)
         for i, h in enumerate(hashes):
