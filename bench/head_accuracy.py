@@ -11,11 +11,11 @@ official test file), EfficientNet-Lite0 features from the cache, test accuracy o
 * `fit-head --head mlp` and `--head centroid`;
 * logistic regression on raw pixels (same split) - the floor.
 
-Part 2 - Fashion-MNIST, a CPU-sized subset (default 150 train + 100 test photos per class, from
+Part 2 - Fashion-MNIST, a CPU-sized subset (default 100 train + 50 test photos per class, from
 the official train and test files): linear probe on Lite0 features vs logistic regression on
 raw pixels of the same subset (both C-swept). Published raw-pixel LR on all 60k: about 0.83-0.84.
 
-    python bench/head_accuracy.py [--train-per-class 150] [--test-per-class 100]
+    python bench/head_accuracy.py [--train-per-class 100] [--test-per-class 50]
 
 Needs the Debian package dataset-fashion-mnist (/usr/share/datasets/fashion-mnist).
 """
@@ -132,8 +132,8 @@ def part2(out: Path, train_per_class: int, test_per_class: int) -> dict[str, flo
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--train-per-class", type=int, default=150)
-    ap.add_argument("--test-per-class", type=int, default=100)
+    ap.add_argument("--train-per-class", type=int, default=100)
+    ap.add_argument("--test-per-class", type=int, default=50)
     ap.add_argument("--out", type=Path, default=Path("artifacts/bench/head_accuracy"))
     ap.add_argument("--skip-fmnist", action="store_true")
     args = ap.parse_args()
