@@ -50,7 +50,8 @@ def _cfg(images: Path, out: Path, **kw) -> ExtractConfig:
 
 
 def _cli(images: Path, out: Path, env: dict[str, str] | None = None, **kw) -> subprocess.CompletedProcess[str]:
-    full_env = {**os.environ, "HEADSTART_COMMIT_ROWS": "8", **(env or {})}
+    # Commit every 8 rows and never by time, so a loaded machine cannot change where batches end.
+    full_env = {**os.environ, "HEADSTART_COMMIT_ROWS": "8", "HEADSTART_COMMIT_SECONDS": "3600", **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", "pipeline", "extract", str(images), "--out", str(out), *OPTS],
         capture_output=True,

@@ -36,7 +36,8 @@ def catalog(tmp_path_factory) -> Path:
 def _torchrun(images: Path, out: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     cmd += ["-m", "pipeline", "extract", str(images), "--out", str(out), *OPTS]
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "HEADSTART_COMMIT_ROWS": "8", **(env or {})}
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "HEADSTART_COMMIT_ROWS": "8", "HEADSTART_COMMIT_SECONDS": "3600"}
+    full_env.update(env or {})
     return subprocess.run(cmd, capture_output=True, text=True, env=full_env, timeout=600)
 
 
