@@ -22,6 +22,7 @@ anything.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Iterator
 from typing import Any, Protocol
@@ -38,6 +39,7 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 COARSE_LOG10_C = np.arange(-6.0, 3.0, 1.0)  # 1e-6 ... 1e2 on standardised features
 FINE_OFFSETS = (-0.5, -0.25, 0.25, 0.5)
 CHUNK_ROWS = 65536
+SINGLE_THREAD_VALUES = 20_000_000  # below this many feature values, fit on one CPU thread
 HEAD_KINDS = ("logreg", "mlp", "centroid")
 
 
@@ -54,12 +56,12 @@ class RowSource(Protocol):
     def __getitem__(self, key: slice) -> np.ndarray: ...
 
 
-def iter_chunks(X: RowSource, chunk_rows: int = CHUNK_ROWS) -> Iterator[tuple[int, np.ndarray]]:
+def iter_chunks(X: RowSource | np.ndarray, chunk_rows: int = CHUNK_ROWS) -> Iterator[tuple[int, np.ndarray]]:
     for start in range(0, int(X.shape[0]), chunk_rows):
         yield start, np.asarray(X[start : start + chunk_rows], dtype=np.float32)
 
 
-def standardisation(X: RowSource, chunk_rows: int = CHUNK_ROWS) -> tuple[np.ndarray, np.ndarray]:
+def standardisation(X: RowSource | np.ndarray, chunk_rows: int = CHUNK_ROWS) -> tuple[np.ndarray, np.ndarray]:
     """Per-feature mean and std, accumulated in float64 over row chunks (one pass, bounded memory)."""
     n = 0
     s: Any = 0.0
@@ -72,6 +74,24 @@ def standardisation(X: RowSource, chunk_rows: int = CHUNK_ROWS) -> tuple[np.ndar
     mean = s / n
     var = np.maximum(ss / n - mean**2, 0.0)
     return mean.astype(np.float32), (np.sqrt(var) + 1e-6).astype(np.float32)
+
+
+@contextlib.contextmanager
+def _small_problem_threads(n_values: int, device: str) -> Iterator[None]:
+    """One CPU thread for small torch fits: on a shared 2-core machine, torch's worker threads
+    wait for each other far longer than a 300 x 1280 problem takes on one core (the same effect
+    fit_head.py measured for BLAS: 0.2 s vs 8 s)."""
+    import torch
+
+    if device != "cpu" or n_values > SINGLE_THREAD_VALUES:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def softmax(z: np.ndarray) -> np.ndarray:
@@ -198,7 +218,8 @@ class LogisticHead(_LinearHead):
         if self.solver == "sklearn":
             self._fit_sklearn(np.asarray(X, np.float32), y_idx)
         else:
-            self._fit_torch(X, y_idx)
+            with _small_problem_threads(int(X.shape[0]) * int(X.shape[1]), str(self.device)):
+                self._fit_torch(X, y_idx)
         self.temperature_ = 1.0
         return self
 
@@ -360,11 +381,15 @@ class MLPHead(_Head):
         self.device = device
 
     def fit(self, X: Any, y: Any) -> MLPHead:
+        X, y = validate_data(self, X, y, dtype=np.float32)
+        with _small_problem_threads(X.size, str(self.device)):
+            return self._fit(X, y)
+
+    def _fit(self, X: np.ndarray, y: np.ndarray) -> MLPHead:
         import torch
         import torch.nn.functional as F
         from torch import nn
 
-        X, y = validate_data(self, X, y, dtype=np.float32)
         self.classes_, y_idx = _encode_targets(y)
         k = len(self.classes_)
         self.mean_, self.scale_ = standardisation(X)
@@ -462,11 +487,16 @@ def forward_state(state: dict[str, Any], X: np.ndarray) -> np.ndarray:
 
 def fit_temperature(logits: np.ndarray, y_idx: np.ndarray) -> float:
     """Temperature scaling (Guo et al., 2017): the T > 0 minimising the validation log-loss of
-    ``softmax(logits / T)``. One parameter, so it changes confidence, never the predicted class."""
+    ``softmax(logits / T)``. One parameter, so it changes confidence, never the predicted class.
+
+    When every validation photo is already right, the log-loss keeps falling as T -> 0 and says
+    nothing about over-confidence (a tiny split would make every probability 1.0): T stays 1."""
     from scipy.optimize import minimize_scalar
 
     z = np.asarray(logits, np.float64)
     y_idx = np.asarray(y_idx)
+    if len(y_idx) == 0 or bool((z.argmax(1) == y_idx).all()):
+        return 1.0
 
     def nll(log_t: float) -> float:
         p = softmax(z / np.exp(log_t))

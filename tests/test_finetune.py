@@ -299,3 +299,16 @@ def test_torchrun_two_processes_equal_one_process_with_twice_the_batch(even_cata
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
     loaded = load_model(export(ExportConfig(head=str(ddp), out=str(tmp_path / "model"))))
     assert loaded.model is not None and loaded.class_names == doc["class_names"]
+
+
+def test_gradient_accumulation_equals_the_bigger_batch(even_catalog, tmp_path):
+    """2 micro-batches of 2 accumulated = one batch of 4 (16 training photos: no ragged window)."""
+    images, head = even_catalog
+    kw = dict(epochs=1, unfreeze_every=0.5, lr=1e-2, patience=0)
+    finetune(_cfg(images, head, tmp_path / "accum", batch_size=2, accum_steps=2, **kw))
+    finetune(_cfg(images, head, tmp_path / "big", batch_size=4, **kw))
+    a = json.loads((tmp_path / "accum" / "finetune.json").read_text())
+    b = json.loads((tmp_path / "big" / "finetune.json").read_text())
+    assert a["training"]["optimizer_steps"] == b["training"]["optimizer_steps"] == 4
+    assert a["history"][1]["loss"] != a["history"][0]["loss"]  # it trained
+    assert a["history"][1]["loss"] == pytest.approx(b["history"][1]["loss"], abs=1e-5)

@@ -88,6 +88,8 @@ def test_temperature_scaling_recovers_a_known_temperature():
     t = fit_temperature(z, y)
     assert 2.7 < t < 3.3
     assert calibration_error(softmax(z / t), y) < calibration_error(softmax(z), y)
+    # A perfectly classified validation split carries no information about over-confidence.
+    assert fit_temperature(np.eye(3) * 2.0, np.arange(3)) == 1.0
 
 
 def test_grouped_split_keeps_near_duplicates_on_one_side():
