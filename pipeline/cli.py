@@ -133,7 +133,7 @@ def backbones(as_json: bool) -> None:
     show_default=True,
     help="Storage type of the features.",
 )
-@click.option("--batch-size", type=click.IntRange(1), help="Default: 256 on GPU, 32 on CPU.")
+@click.option("--batch-size", type=click.IntRange(1), help="Default: 256 on GPU, 16 on CPU.")
 @click.option("--workers", type=click.IntRange(0), help="Decode processes. Default: from the CPU count.")
 @click.option(
     "--draft/--no-draft", default=True, show_default=True, help="JPEG DCT-domain downscaling of large photos."
@@ -324,7 +324,7 @@ def export(head: str, **kw: Any) -> None:
     show_default=True,
     help="auto = the precision the head was trained on, when this machine runs it fast.",
 )
-@click.option("--batch-size", type=click.IntRange(1), help="Default: 256 on GPU, 32 on CPU.")
+@click.option("--batch-size", type=click.IntRange(1), help="Default: 256 on GPU, 16 on CPU.")
 @click.option("--workers", type=click.IntRange(0), help="Decode processes.")
 @_progress_option
 def predict(model: str, inputs: tuple[str, ...], **kw: Any) -> None:
@@ -349,7 +349,7 @@ def predict(model: str, inputs: tuple[str, ...], **kw: Any) -> None:
 )
 @click.option("--worst", type=click.IntRange(0), default=24, show_default=True, help="Mistakes shown as thumbnails.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
-@click.option("--batch-size", type=click.IntRange(1), help="Default: 256 on GPU, 32 on CPU.")
+@click.option("--batch-size", type=click.IntRange(1), help="Default: 256 on GPU, 16 on CPU.")
 @click.option("--workers", type=click.IntRange(0), help="Decode processes.")
 @_progress_option
 def evaluate(model: str, data: str, **kw: Any) -> None:

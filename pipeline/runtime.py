@@ -61,7 +61,9 @@ def autocast(device: torch.device, precision: str) -> Iterator[None]:
 
 
 def auto_batch_size(device: torch.device) -> int:
-    return 256 if device.type == "cuda" else 32
+    # On the CPU smaller batches run faster per image (activations stay in cache): Lite0, bf16 +
+    # channels_last on the 2-core dev CPU, quiet rounds: batch 16 113-123 img/s, 32 85-96, 64 ~60.
+    return 256 if device.type == "cuda" else 16
 
 
 def auto_workers(device: torch.device) -> int:
