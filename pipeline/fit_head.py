@@ -40,7 +40,6 @@ from typing import Any
 
 import joblib
 import numpy as np
-from threadpoolctl import threadpool_limits
 
 from . import __version__
 from .backbones import sha256_file
@@ -52,6 +51,7 @@ from .heads import (
     LogisticHead,
     MLPHead,
     NearestCentroidHead,
+    blas_threads_for,
     calibration_error,
     classification_metrics,
     fit_temperature,
@@ -63,11 +63,6 @@ from .splits import near_duplicate_groups, stratified_group_split
 
 HEAD_SCHEMA_VERSION = 1
 BYTES_PER_VALUE_IN_MEMORY = 12  # float32 features + train/val copies + standardised copy
-# Small problems run BLAS on one thread. Measured on the shared 2-core development machine,
-# 300 x 1280 features: one L-BFGS fit 0.2 s on one thread, 8 s on two while other jobs used the
-# cores (OpenBLAS worker threads busy-wait for each other), and a whole fit-head 140 s. Threads
-# pay off only for large matrices: 20M values is e.g. 15k photos x 1280 features.
-SINGLE_THREAD_BLAS_VALUES = 20_000_000
 
 
 @dataclass
@@ -170,8 +165,7 @@ def fit_head(cfg: FitHeadConfig) -> FitSummary:
         hashes = [all_hashes[i] for i in rows]
         need = float(len(rows)) * cache.feature_dim * BYTES_PER_VALUE_IN_MEMORY
         streamed = need > memory_budget(cfg)
-        if len(rows) * cache.feature_dim <= SINGLE_THREAD_BLAS_VALUES:
-            stack.enter_context(threadpool_limits(limits=1))
+        stack.enter_context(blas_threads_for(len(rows) * cache.feature_dim))
         X: Any
         if streamed:
             if cfg.head != "logreg":
