@@ -14,16 +14,21 @@ from pipeline.demo import SAMPLE_CATALOG
 TEST_DEVICE = os.environ.get("HEADSTART_TEST_DEVICE", "cpu")
 
 
+def copy_sample_photos(
+    root: Path, per_class: int = 6, classes: tuple[str, ...] = ("bag", "sneaker", "trouser")
+) -> Path:
+    """Copy ``per_class`` real Fashion-MNIST photos of each class into ``root/<class>/``."""
+    for cls in classes:
+        (root / cls).mkdir(parents=True)
+        for p in sorted((SAMPLE_CATALOG / "train" / cls).glob("*.png"))[:per_class]:
+            shutil.copy(p, root / cls / p.name)
+    return root
+
+
 @pytest.fixture
 def small_catalog(tmp_path: Path) -> Path:
     """3 classes x 6 real Fashion-MNIST photos, copied so tests may modify the folder."""
-    root = tmp_path / "images"
-    for cls in ("bag", "sneaker", "trouser"):
-        src = sorted((SAMPLE_CATALOG / "train" / cls).glob("*.png"))[:6]
-        (root / cls).mkdir(parents=True)
-        for p in src:
-            shutil.copy(p, root / cls / p.name)
-    return root
+    return copy_sample_photos(tmp_path / "images")
 
 
 @pytest.fixture
@@ -48,11 +53,7 @@ def tiny_head(tmp_path_factory) -> Path:
     from pipeline.fit_head import fit_head
 
     root = tmp_path_factory.mktemp("tiny_head")
-    images = root / "images"
-    for cls in ("bag", "sneaker", "trouser"):
-        (images / cls).mkdir(parents=True)
-        for p in sorted((SAMPLE_CATALOG / "train" / cls).glob("*.png"))[:6]:
-            shutil.copy(p, images / cls / p.name)
+    images = copy_sample_photos(root / "images")
     cache = root / "features.h5"
     extract(ExtractConfig(images=str(images), out=str(cache), backbone="tiny", progress=False, workers=0))
     # Random tiny features are all "near duplicates"; keep the split plain, C fixed for speed.

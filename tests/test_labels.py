@@ -8,6 +8,7 @@ import shutil
 
 import numpy as np
 import pytest
+from conftest import copy_sample_photos
 
 from pipeline.config import ExtractConfig, FitHeadConfig
 from pipeline.demo import SAMPLE_CATALOG
@@ -71,11 +72,7 @@ def test_merging_two_classes_and_adding_one_changes_nothing_in_the_cache(tmp_pat
     """v1: bag, sneaker, sandal (the trouser photos are in the cache but dropped). v2: sneaker
     and sandal merged into 'shoes', trouser added. Only fit-head reruns; the cache file keeps
     its bytes, size and mtime."""
-    root = tmp_path / "images"
-    for cls in ("bag", "sneaker", "sandal", "trouser"):
-        (root / cls).mkdir(parents=True)
-        for p in sorted((SAMPLE_CATALOG / "train" / cls).glob("*.png"))[:6]:
-            shutil.copy(p, root / cls / p.name)
+    root = copy_sample_photos(tmp_path / "images", 6, ("bag", "sneaker", "sandal", "trouser"))
     cache = tmp_path / "features.h5"
     extract(ExtractConfig(images=str(root), out=str(cache), backbone="tiny", workers=0, progress=False))
     before = _digest(cache)
@@ -113,11 +110,7 @@ def test_merging_two_classes_and_adding_one_changes_nothing_in_the_cache(tmp_pat
 
 def test_a_new_folder_extracts_only_its_photos(tmp_path):
     """Adding a category = a new folder: extract runs the backbone on the new photos only."""
-    root = tmp_path / "images"
-    for cls in ("bag", "sneaker"):
-        (root / cls).mkdir(parents=True)
-        for p in sorted((SAMPLE_CATALOG / "train" / cls).glob("*.png"))[:5]:
-            shutil.copy(p, root / cls / p.name)
+    root = copy_sample_photos(tmp_path / "images", 5, ("bag", "sneaker"))
     cache = tmp_path / "f.h5"
     kw = dict(images=str(root), out=str(cache), backbone="tiny", workers=0, progress=False)
     extract(ExtractConfig(**kw))

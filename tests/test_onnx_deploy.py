@@ -136,14 +136,12 @@ def test_readme_snippet_on_real_efficientnet_lite0(tmp_path, run_cli, odd_images
     check compares onnxruntime with PyTorch on the real network, then the README script vs
     ``headstart predict`` on odd real photos. (Script vs *native* predict: the tiny test above;
     native vs ONNX on Lite0: the parity check, asserted here.)"""
+    from conftest import copy_sample_photos
+
     from pipeline.extract import extract
     from pipeline.fit_head import fit_head
 
-    images = tmp_path / "train"
-    for cls in ("bag", "sneaker", "trouser"):
-        (images / cls).mkdir(parents=True)
-        for p in sorted((SAMPLE_CATALOG / "train" / cls).glob("*.png"))[:4]:
-            shutil.copy(p, images / cls / p.name)
+    images = copy_sample_photos(tmp_path / "train", per_class=4)
     extract(ExtractConfig(images=str(images), out=str(tmp_path / "f.h5"), progress=False, workers=0))
     fit_head(
         FitHeadConfig(cache=str(tmp_path / "f.h5"), out=str(tmp_path / "head"), c=0.1, near_duplicate_threshold=None)

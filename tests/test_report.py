@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import copy_sample_photos
 from PIL import Image
 
 from pipeline.config import ExportConfig, ExtractConfig, FitHeadConfig
@@ -51,14 +52,8 @@ def chromium() -> str:
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory):
     """Tiny backbone: cache, head (with an unknown threshold), exported model."""
-    from pipeline.demo import SAMPLE_CATALOG
-
     root = tmp_path_factory.mktemp("report")
-    images = root / "images"
-    for cls in ("bag", "sneaker", "trouser"):
-        (images / cls).mkdir(parents=True)
-        for p in sorted((SAMPLE_CATALOG / "train" / cls).glob("*.png"))[:8]:
-            shutil.copy(p, images / cls / p.name)
+    images = copy_sample_photos(root / "images", per_class=8)
     kw = dict(backbone="tiny", workers=0, progress=False)
     extract(ExtractConfig(images=str(images), out=str(root / "f.h5"), **kw))
     fit_head(
