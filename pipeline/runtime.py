@@ -47,10 +47,10 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 
 
 def use_channels_last(device: torch.device, precision: str) -> bool:
-    # fp32 on the CPU gains 2.4x from channels_last; on CUDA it feeds the tensor cores. bf16 on
-    # the CPU was first measured fastest in the default layout, but re-measured (issue 3, Lite0,
-    # batch 32, 4 alternating rounds on the same 2-core AMX CPU, load average 6): default layout
-    # 4.7-6.1 img/s, channels_last 5.3-11.9 img/s - so channels_last everywhere.
+    # fp32 on the CPU gains from channels_last; on CUDA it feeds the tensor cores. bf16 on the
+    # CPU was first measured fastest in the default layout, but re-measured (issue 3, Lite0,
+    # batch 32, 3 alternating rounds on the same 2-core AMX CPU): fp32 24.5 img/s, fp32 + CL 35,
+    # bf16 45, bf16 + CL 75 (and 5-6 vs 5-12 under load) - so channels_last everywhere.
     return True
 
 
