@@ -152,7 +152,7 @@ def embed_batches(
 ) -> Iterator[tuple[Batch, np.ndarray]]:
     """Yield each batch with float32 features ``(n_ok, D)`` for its decodable items."""
     channels_last = runtime.use_channels_last(device, precision)
-    net = net.to(device).eval()
+    net = net.for_inference().to(device)
     if channels_last:
         net = net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     dataset = loader.dataset
