@@ -405,7 +405,7 @@ def cache_group() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def cache_info(cache: str, as_json: bool) -> None:
     """Fingerprint, row and class counts, skipped files of CACHE."""
-    from .cache import format_info, info
+    from .cache_inspect import format_info, info
 
     d = info(cache)
     click.echo(json.dumps(d, indent=2, ensure_ascii=False) if as_json else format_info(d))
@@ -415,7 +415,7 @@ def cache_info(cache: str, as_json: bool) -> None:
 @click.argument("cache", type=click.Path())
 def cache_verify(cache: str) -> None:
     """Check CACHE's integrity: every dataset readable, no duplicate keys, counts consistent."""
-    from .cache import verify_or_raise
+    from .cache_inspect import verify_or_raise
 
     click.echo(verify_or_raise(cache))
 

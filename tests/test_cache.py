@@ -21,7 +21,8 @@ import h5py
 import numpy as np
 import pytest
 
-from pipeline.cache import Cache, Journal, info, verify, writer_lock
+from pipeline.cache import Cache, Journal, writer_lock
+from pipeline.cache_inspect import info, verify
 from pipeline.config import ExtractConfig
 from pipeline.demo import SAMPLE_CATALOG
 from pipeline.errors import CacheError
