@@ -1,5 +1,10 @@
-"""``torchrun`` support for extraction: which rank am I, which files are mine, and the three
-collectives extraction needs (gather, barrier, agree on an error).
+"""``torchrun`` support for every stage: which rank am I, which files are mine, and the few
+collectives the stages need (gather, broadcast, barrier, agree on an error).
+
+A stage run as one process gets ``Dist()`` (rank 0 of 1) and every collective is a no-op, so
+the same code serves a laptop and eight GPUs.
+
+Extraction (``from_env``):
 
 Under ``torchrun --nproc_per_node=N -m pipeline extract ...`` every rank discovers the same
 files, hashes a 1/N slice of them and gathers the rest, then runs the backbone only on the new
@@ -11,15 +16,21 @@ uncommitted batch: the re-run finds every other rank's finished work in the jour
 
 The control traffic is small Python objects, so it always goes over a gloo process group, also
 on GPU machines (NCCL would need them as CUDA tensors).
+
+Fine-tuning (``distributed(device)``): DistributedDataParallel needs NCCL on GPUs (gloo on
+CPUs) and one device per process, so that context manager also pins ``cuda:LOCAL_RANK``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import os
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
+
+import torch
 
 from .errors import HeadstartError
 
@@ -35,6 +46,7 @@ class Dist:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))  # training's device
 
     @property
     def is_main(self) -> bool:
@@ -55,6 +67,16 @@ class Dist:
         out: list[Any] = [None] * self.world
         td.all_gather_object(out, obj)
         return out
+
+    def broadcast(self, obj: Any) -> Any:
+        """Rank 0's ``obj`` on every rank."""
+        if self.world == 1:
+            return obj
+        import torch.distributed as td
+
+        box: list[Any] = [obj]
+        td.broadcast_object_list(box, src=0)
+        return box[0]
 
     def barrier(self) -> None:
         if self.world > 1:
@@ -84,6 +106,32 @@ def from_env() -> Dist:
     if not td.is_initialized():
         td.init_process_group("gloo", timeout=TIMEOUT)
     return Dist(td.get_rank(), td.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+@contextlib.contextmanager
+def distributed(device: str) -> Iterator[Dist]:
+    """One process, or one of ``torchrun``'s, with its device: NCCL on GPUs, gloo on CPUs."""
+    import torch.distributed as td
+
+    from . import runtime
+
+    dev = runtime.resolve_device(device)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        yield Dist(device=dev)
+        return
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if dev.type == "cuda":
+        dev = torch.device("cuda", local)
+        torch.cuda.set_device(dev)
+    owned = not td.is_initialized()
+    if owned:
+        td.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    try:
+        yield Dist(td.get_rank(), td.get_world_size(), local, dev)
+    finally:
+        if owned:
+            td.destroy_process_group()
 
 
 def merge_shards(parts: Sequence[dict[int, T]], n: int) -> list[T]:

@@ -25,7 +25,7 @@ inside ``DistributedDataParallel`` (NCCL on GPUs, gloo on CPUs); validation is s
 summed across ranks, so every rank takes the same early-stopping decision; only rank 0 writes.
 
 This module sets up (head, data, model, layer groups) and writes FT_DIR; the loop itself,
-checkpoints and resume are in ``trainer.py``; DDP plumbing in ``ddp.py``.
+checkpoints and resume are in ``trainer.py``; torchrun plumbing in ``distributed.py``.
 
 Import note: stages do not import each other; ``export`` knows FT_DIR through
 ``finetune.json`` alone (``export.source_from_finetune``), so neither imports the other.
@@ -54,7 +54,7 @@ from .artifacts import Classifier, build_head, read_head
 from .augment import resolve_preset
 from .backbones import Preprocessing, get_spec, load_backbone, sha256_file, with_preprocessing
 from .config import FinetuneConfig, save_resolved
-from .ddp import Rank, broadcast, distributed
+from .distributed import Dist, distributed
 from .errors import BackboneError, InputError
 from .labels import LabelMap
 from .train_data import read_val_hashes, split_examples
@@ -117,13 +117,13 @@ def _check(cfg: FinetuneConfig) -> None:
 
 
 class _Run(Trainer):
-    def __init__(self, cfg: FinetuneConfig, r: Rank) -> None:
+    def __init__(self, cfg: FinetuneConfig, r: Dist) -> None:
         self.cfg, self.r = cfg, r
         self.out = Path(cfg.out)
         self.t0 = time.perf_counter()
 
     def log(self, msg: str) -> None:
-        if self.r.main and self.cfg.progress:
+        if self.r.is_main and self.cfg.progress:
             print(f"finetune: {msg}", file=sys.stderr, flush=True)
 
     # ----------------------------------------------------------------- setup
@@ -146,10 +146,10 @@ class _Run(Trainer):
         self.class_names: list[str] = list(meta["class_names"])
 
         split = None
-        if r.main:  # hash once, share with the other ranks
+        if r.is_main:  # hash once, share with the other ranks
             label_map = LabelMap.from_record(meta.get("label_map"))
             split = split_examples(cfg.images, self.class_names, read_val_hashes(head_dir), label_map)
-        self.split = broadcast(split, r)
+        self.split = r.broadcast(split)
         self.precision = runtime.resolve_precision(cfg.precision, r.device)
         torch.manual_seed(cfg.seed)  # the random head (--init random) is the same on every rank
         self.model = self._build_model(head_spec, fp, prep)
@@ -164,7 +164,7 @@ class _Run(Trainer):
 
         self.setup_training()
         p, stopped_early, resumed = self.fit()
-        if r.main:
+        if r.is_main:
             self._write_outputs(p, stopped_early)
         if r.world > 1:
             dist.barrier()  # no rank returns before rank 0 has written FT_DIR
@@ -208,13 +208,13 @@ class _Run(Trainer):
         elif not cache_path or not Path(cache_path).is_file():
             why = f"its feature cache {cache_path} is gone"
         tensors = None
-        if not why and r.main:
+        if not why and r.is_main:
             tensors = _refit_probe(
                 Path(str(cache_path)), self.split.train, len(self.class_names), meta, Path(self.cfg.head)
             )
             if tensors is None:
                 why = "the cache lacks some training photos or classes"
-        tensors = broadcast(tensors, r)
+        tensors = r.broadcast(tensors)
         if tensors is None:
             self.log(f"starting from head.npz, which has seen the validation photos ({why or 'see above'})")
         return tensors
@@ -290,7 +290,7 @@ class _Run(Trainer):
             images_per_s=rate(p),
             n_train=len(self.split.train),
             n_val=len(self.split.val),
-            is_main=self.r.main,
+            is_main=self.r.is_main,
             resumed_from=resumed,
         )
 
@@ -305,7 +305,7 @@ class _Run(Trainer):
             images_per_s=doc["training"]["images_per_s"],
             n_train=doc["n_train"],
             n_val=doc["n_val"],
-            is_main=self.r.main,
+            is_main=self.r.is_main,
             resumed_from=" (already finished)",
         )
 

@@ -30,7 +30,7 @@ from . import checkpoint, runtime
 from .artifacts import Classifier
 from .backbones import Preprocessing
 from .config import FinetuneConfig, to_dict
-from .ddp import Rank, gather
+from .distributed import Dist
 from .errors import InputError
 from .heads import classification_metrics
 from .loader import make_loader
@@ -65,7 +65,7 @@ class Trainer:
     """Set by the stage before :meth:`setup_training`:"""
 
     cfg: FinetuneConfig
-    r: Rank
+    r: Dist
     out: Path
     model: Classifier
     groups: LayerGroups
@@ -129,8 +129,8 @@ class Trainer:
         return {**d, "world_size": self.r.world, "n_train": len(self.split.train)}
 
     def _save_last(self, p: Progress) -> None:
-        rngs = gather(checkpoint.rng_state(), self.r)  # every rank's own stream
-        if not self.r.main:
+        rngs = self.r.gather(checkpoint.rng_state())  # every rank's own stream
+        if not self.r.is_main:
             return
         state = {
             "format": "headstart-finetune-checkpoint",
@@ -170,7 +170,7 @@ class Trainer:
     def fit(self) -> tuple[Progress, bool, bool]:
         """Train to the end (or early stop): (progress, stopped early, resumed)."""
         cfg, r = self.cfg, self.r
-        if r.main:
+        if r.is_main:
             checkpoint.remove_tmp_files(self.out / "checkpoint")
         p = self._resume()
         resumed = p is not None
@@ -274,7 +274,7 @@ class Trainer:
         return stop
 
     def _save_best(self, p: Progress) -> None:
-        if self.r.main:
+        if self.r.is_main:
             checkpoint.atomic_save({k: v.detach().cpu() for k, v in self.model.state_dict().items()}, self.out / BEST)
 
     @torch.inference_mode()
@@ -305,7 +305,7 @@ class Trainer:
             losses = nn.functional.cross_entropy(logits, y, reduction="none")
             for i, pred, loss in zip(pos, logits.argmax(1).tolist(), losses.tolist(), strict=True):
                 preds[mine[i]] = (pred, loss)
-        for part in gather(preds, r):
+        for part in r.gather(preds):
             preds.update(part)
         order = sorted(preds)
         y_true = np.array([self.split.val[i].label for i in order])
