@@ -45,6 +45,7 @@ from typing import Any
 import h5py
 import numpy as np
 
+from .atomic import atomic_file, fsync_dir
 from .errors import CacheError
 
 SCHEMA_VERSION = 1
@@ -132,7 +133,8 @@ class Journal:
     def start(self, fingerprint: dict[str, Any]) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         if not (self.dir / "fingerprint.json").is_file():
-            _atomic_write_bytes(self.dir / "fingerprint.json", json.dumps(fingerprint).encode())
+            with atomic_file(self.dir / "fingerprint.json") as f:
+                f.write(json.dumps(fingerprint).encode())
 
     def append(
         self,
@@ -252,7 +254,7 @@ def write_cache(path: Path, c: CacheContents) -> None:
                 os.fsync(fh.fileno())
         crash_point("cache-before-replace")
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
         crash_point("cache-replaced")
     except OSError as e:
         tmp.unlink(missing_ok=True)
@@ -290,24 +292,6 @@ def _check_free_space(path: Path, need: int) -> None:
     free = shutil.disk_usage(path.parent).free
     if free < need:
         raise OSError(errno.ENOSPC, f"{need / 1e9:.2f} GB needed, {free / 1e9:.2f} GB free")
-
-
-def _fsync_dir(d: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(d, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _disk_error(e: OSError, target: Path) -> CacheError:

@@ -36,7 +36,6 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import json
-import os
 import shutil
 import sys
 import time
@@ -51,6 +50,7 @@ from torch import nn
 
 from . import __version__, checkpoint, runtime
 from .artifacts import Classifier, build_head, read_head
+from .atomic import atomic_file
 from .augment import resolve_preset
 from .backbones import Preprocessing, get_spec, load_backbone, sha256_file, with_preprocessing
 from .config import FinetuneConfig, save_resolved
@@ -274,9 +274,8 @@ class _Run(Trainer):
             },
             "files": {"model.pt": sha256_file(self.out / "model.pt")},
         }
-        tmp = self.out / ".finetune.json.tmp"
-        tmp.write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        os.replace(tmp, self.out / "finetune.json")
+        with atomic_file(self.out / "finetune.json") as f:
+            f.write((json.dumps(doc, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
         save_resolved(cfg, self.out / "config.json", batch_size_used=self.batch, augment_used=self.preset)
         shutil.rmtree(self.out / "checkpoint", ignore_errors=True)  # done: model.pt is the best epoch
 
