@@ -34,7 +34,7 @@ import datetime as _dt
 import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +59,7 @@ from .heads import (
     sweep_c,
 )
 from .labels import LabelMap, apply_label_map
-from .splits import near_duplicate_groups, stratified_group_split
+from .splits import grouped_split, near_duplicate_groups
 
 HEAD_SCHEMA_VERSION = 1
 BYTES_PER_VALUE_IN_MEMORY = 12  # float32 features + train/val copies + standardised copy
@@ -75,6 +75,7 @@ class FitSummary:
     seconds: float
     kind: str = "logreg"
     temperature: float = 1.0
+    warnings: list[str] = field(default_factory=list)
 
     def line(self) -> str:
         m = self.metrics
@@ -82,13 +83,7 @@ class FitSummary:
         return (
             f"{self.path}: validation accuracy {m['accuracy']:.3f}, macro-F1 {m['macro_f1']:.3f} "
             f"on {self.n_val} photos ({what}, T={self.temperature:.2f}, {self.n_train} train, {self.seconds:.1f}s)"
-        )
-
-
-def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per class: shuffle, hold out round(n * fraction) rows (at least one if the class has
-    two or more), deterministically for a given seed. Returns (train_idx, val_idx)."""
-    return stratified_group_split(labels, np.arange(len(labels)), val_fraction, seed)
+        ) + "".join(f"\nwarning: {w}" for w in self.warnings)
 
 
 class CacheRows:
@@ -182,7 +177,16 @@ def fit_head(cfg: FitHeadConfig) -> FitSummary:
             return np.asarray(cache.features(rows[idx]) if streamed else X[idx])
 
         groups = near_duplicate_groups(features_of, y, cfg.near_duplicate_threshold)
-        tr, va = stratified_group_split(y, groups, cfg.val_fraction, cfg.seed)
+        split = grouped_split(y, groups, cfg.val_fraction, cfg.seed)
+        tr, va = split.train, split.val
+        ungrouped = [class_names[c] for c in split.ungrouped_classes]
+        warnings = []
+        if ungrouped:
+            warnings.append(
+                f"photos of {len(ungrouped)} class(es) were too alike to split by near-duplicate group "
+                f"({', '.join(ungrouped[:5])}{', ...' if len(ungrouped) > 5 else ''}): their validation photos "
+                "were drawn ignoring the groups, so validation may be optimistic for them"
+            )
         if len(va) == 0:
             raise InputError("too few labelled photos for a validation split: give each class at least two")
         curve: list[dict[str, float]] = []
@@ -249,7 +253,9 @@ def fit_head(cfg: FitHeadConfig) -> FitSummary:
             "near_duplicate_threshold": cfg.near_duplicate_threshold,
             "near_duplicate_groups": len(merged),
             "rows_in_near_duplicate_groups": sum(len(g) for g in merged),
+            "ungrouped_classes": ungrouped,
         },
+        "warnings": warnings,
         "fingerprint": fingerprint,
         "cache": str(Path(cfg.cache).resolve()),
         "cache_updated": cache_attrs.get("updated"),
@@ -259,7 +265,9 @@ def fit_head(cfg: FitHeadConfig) -> FitSummary:
     }
     (out / "head.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     save_resolved(cfg, out / "config.json", C=best_c, solver=solver, temperature=temperature)
-    return FitSummary(out, metrics, best_c, len(tr), len(va), time.perf_counter() - t0, cfg.head, temperature)
+    return FitSummary(
+        out, metrics, best_c, len(tr), len(va), time.perf_counter() - t0, cfg.head, temperature, warnings
+    )
 
 
 def _calibration(logits: np.ndarray, y: np.ndarray, temperature: float, threshold: float | None) -> dict[str, Any]:

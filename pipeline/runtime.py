@@ -1,8 +1,14 @@
 """Hardware choices made once: device, precision, memory format, batch size, workers.
 
-Measured on the 2-core development CPU (AVX512 + AMX), EfficientNet-Lite0, batch 64:
-fp32 12 img/s, fp32 + channels_last 30 img/s, bf16 autocast 56 img/s. So ``auto`` picks bf16 on
-CUDA and on CPUs with AMX or avx512_bf16, fp32 elsewhere; both in channels_last (see below).
+``--precision auto`` picks bf16 on CUDA (where supported) and, on the CPU, where the CPU has
+native bf16 matrix instructions (AMX or avx512_bf16); fp32 elsewhere. The rule is checked by
+``bench/precision_auto.py`` (fp32 against bf16 on the same photos, in-run rates), and held on
+each CPU measured so far (EfficientNet-Lite0, 2 cores; docs/benchmarks.md has the details):
+
+* AVX-512 + AMX: bf16 56 img/s, fp32 12-30 img/s -> bf16;
+* avx512_bf16, no AMX: bf16 68.5, fp32 57.8 img/s -> bf16;
+* AVX2 only (AMD EPYC, no AVX-512): bf16 2.1, fp32 27.6 img/s -> fp32 (bf16 is emulated there,
+  13x slower: a flag-free "bf16 everywhere" would be a disaster on such CPUs).
 """
 
 from __future__ import annotations

@@ -4,7 +4,8 @@ Catalogs hold the same product several times - re-shot, re-cropped, re-compresse
 lands in training and another in validation, validation measures memory, not generalisation,
 and the C sweep and the temperature are tuned on that optimism. Exact copies are already one row
 in the cache (rows are keyed by content hash); near copies are found here as rows whose features
-have cosine similarity above a threshold, and every connected group goes to one side.
+have cosine similarity above a threshold, and every connected group goes to one side - unless
+the groups are too large to split a class by (see :func:`grouped_split`).
 
 The default threshold, 0.97, is measured (EfficientNet-Lite0, raw features): distinct photos of
 one category in the bundled catalog reach at most 0.948 (median nearest neighbour 0.81); the same
@@ -18,6 +19,7 @@ filed under two classes is a labelling problem, not a split problem.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -72,32 +74,62 @@ def near_duplicate_groups(
     return groups
 
 
-def stratified_group_split(
-    y: np.ndarray, groups: np.ndarray, val_fraction: float, seed: int
-) -> tuple[np.ndarray, np.ndarray]:
+@dataclass(frozen=True)
+class GroupedSplit:
+    """Row indices of each side, and the classes whose validation rows had to be drawn
+    ignoring the near-duplicate groups (their photos were too alike to split by group)."""
+
+    train: np.ndarray
+    val: np.ndarray
+    ungrouped_classes: tuple[int, ...] = ()
+
+
+def grouped_split(y: np.ndarray, groups: np.ndarray, val_fraction: float, seed: int) -> GroupedSplit:
     """Per class: shuffle its groups, move whole groups to validation until it holds about
-    ``round(n * fraction)`` rows (at least one group when the class has two or more). Groups
-    never straddle. With singleton groups this is exactly the plain stratified split.
-    Returns sorted (train_idx, val_idx)."""
+    ``target = round(n * fraction)`` rows (at least one when the class has two or more).
+
+    A group is moved only while the class's validation stays within ``target + target // 2``
+    rows and at least one row stays in training, so one large group (a class whose photos are
+    all alike: uniform product photography, or the random ``tiny`` backbone) can never carry a
+    whole class into validation. A class for which whole groups cannot give at least half its
+    target is split ignoring groups (the plain stratified split) and reported in
+    ``ungrouped_classes``: its validation may be optimistic, but the C sweep and the temperature
+    still see every class. With singleton groups this is exactly the plain stratified split."""
     if not 0.0 < val_fraction < 1.0:
         raise InputError(f"--val-fraction must be between 0 and 1, not {val_fraction}")
     rng = np.random.default_rng(seed)
     val_mask = np.zeros(len(y), bool)
+    ungrouped: list[int] = []
     for c in np.unique(y):
         idx = np.flatnonzero(y == c)
         rng.shuffle(idx)
-        target = 0 if len(idx) < 2 else max(1, round(len(idx) * val_fraction))
+        if len(idx) < 2:
+            continue  # one photo: training only
+        target = max(1, round(len(idx) * val_fraction))
+        limit = min(target + target // 2, len(idx) - 1)
         # Group order follows the shuffled rows, so singletons reproduce the plain split.
         order = list(dict.fromkeys(groups[idx].tolist()))
-        if len(order) < 2:
-            continue  # one group: it cannot be on both sides, keep it for training
-        sizes = {g: int(np.sum(groups[idx] == g)) for g in order}
+        members = {g: idx[groups[idx] == g] for g in order}
+        chosen: list[int] = []
         taken = 0
-        for g in order[:-1]:  # leave at least one group for training
+        for g in order:
             if taken >= target:
                 break
-            if taken and taken + sizes[g] > target + sizes[g] // 2:
-                continue  # a large group would overshoot; try the next
-            val_mask[idx[groups[idx] == g]] = True
-            taken += sizes[g]
-    return np.flatnonzero(~val_mask), np.flatnonzero(val_mask)
+            if taken + len(members[g]) <= limit:
+                chosen.append(g)
+                taken += len(members[g])
+        if taken * 2 < target:
+            val_mask[idx[:target]] = True
+            ungrouped.append(int(c))
+            continue
+        for g in chosen:
+            val_mask[members[g]] = True
+    return GroupedSplit(np.flatnonzero(~val_mask), np.flatnonzero(val_mask), tuple(ungrouped))
+
+
+def stratified_group_split(
+    y: np.ndarray, groups: np.ndarray, val_fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`grouped_split` as sorted (train_idx, val_idx)."""
+    split = grouped_split(y, groups, val_fraction, seed)
+    return split.train, split.val

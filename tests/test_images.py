@@ -116,9 +116,7 @@ def test_corrupt_inputs(tmp_path):
 
 def test_draft_keeps_the_resize_target():
     prep = get_spec("efficientnet_lite0").preprocessing
-    big = "/usr/share/libjxl-testdata/jxl/flower/flower.png.im_q85_420.jpg"
-    if not os.path.exists(big):
-        pytest.skip("libjxl-testdata is not installed")
+    big = DATA / "flower_q85_420.jpg"  # 2268x1512 4:2:0 JPEG of a real photo (vendored)
     img = open_rgb(big, draft_to=prep.resize)
     assert min(img.size) >= prep.resize and min(img.size) < 1512  # downscaled in the DCT, not below 256
     assert load_pixels(big, prep).shape == (3, 224, 224)
@@ -199,6 +197,7 @@ def _drop_file_capabilities() -> None:
             raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP) failed")
 
 
+@pytest.mark.must_run
 def test_unreadable_file(tmp_path):
     """chmod 000. Root reads any file whatever its mode bits (the tests run as root here), so
     the honest check runs the real extractor in a child process without the two capabilities

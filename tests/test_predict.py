@@ -157,7 +157,11 @@ def test_python_api_accepts_paths_and_pil_images(model, images):
         rows = p.predict([photo, img.copy(), str(photo)], top_k=2)
     assert rows[0]["label"] in CLASSES and len(rows[0]["top_k"]) == 2
     assert rows[0] == rows[1] == rows[2]
-    top1 = rows[0]["probability"]
+    # The threshold is compared with the probability of the same one-photo batch: oneDNN's fp32
+    # kernels may differ in the last bits between a batch of 3 and a batch of 1 (seen on AVX2).
+    alone = p.predict([photo])[0]
+    assert alone["label"] == rows[0]["label"]
+    top1 = alone["probability"]
     assert p.predict([photo], unknown_threshold=top1)[0]["label"] == rows[0]["label"]  # not below: kept
     assert p.predict([photo], unknown_threshold=float(np.nextafter(top1, 2)))[0]["label"] == "unknown"
 
