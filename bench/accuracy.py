@@ -33,15 +33,15 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 from build_sample_catalog import CLASSES, SRC, pick, read_idx
 
-from pipeline import runtime
 from pipeline.config import ExportConfig, ExtractConfig, FinetuneConfig, FitHeadConfig
+from pipeline.core import runtime
+from pipeline.data.images import discover, hash_file, open_rgb
 from pipeline.export import export
 from pipeline.extract import extract
-from pipeline.finetune import finetune
+from pipeline.finetune.stage import finetune
 from pipeline.fit_head import fit_head
-from pipeline.heads import LogisticHead, sweep_c
-from pipeline.images import discover, hash_file, open_rgb
 from pipeline.predict import Predictor
+from pipeline.probe.estimators import LogisticHead, sweep_c
 
 
 def write_split(out: Path, stem: str, per_class: int, seed: int) -> Path:

@@ -27,7 +27,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from photos import make_photos
 
-from pipeline.cache import Cache
+from pipeline.cache.store import Cache
 from pipeline.config import ExtractConfig
 from pipeline.extract import extract
 

@@ -31,9 +31,9 @@ from torch.utils.data import DataLoader, Dataset
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from photos import make_photos
 
-from pipeline.backbones import load_backbone
 from pipeline.config import ExtractConfig
 from pipeline.extract import extract
+from pipeline.models.backbones import load_backbone
 
 
 class SeedDataset(Dataset):

@@ -39,12 +39,12 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 from build_sample_catalog import CLASSES, SRC, pick, read_idx
 
-from pipeline.cache import Cache
+from pipeline.cache.store import Cache
 from pipeline.config import ExtractConfig, FitHeadConfig
 from pipeline.demo import SAMPLE_CATALOG, pixel_baseline
 from pipeline.extract import extract
 from pipeline.fit_head import fit_head
-from pipeline.heads import LogisticHead, sweep_c
+from pipeline.probe.estimators import LogisticHead, sweep_c
 
 
 def load(cache: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:

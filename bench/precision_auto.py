@@ -23,8 +23,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from photos import make_photos
 
-from pipeline import runtime
 from pipeline.config import ExtractConfig
+from pipeline.core import runtime
 from pipeline.extract import extract
 
 

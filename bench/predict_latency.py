@@ -42,12 +42,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline import runtime
-from pipeline.artifacts import Classifier, build_head
-from pipeline.backbones import get_spec, load_backbone
+from pipeline.artifacts.head_dir import Classifier, build_head
+from pipeline.artifacts.onnx import onnx_session
+from pipeline.core import runtime
+from pipeline.data.images import load_pixels
 from pipeline.export import SAMPLE_CATALOG, ModelSource, load_model, write_model
-from pipeline.images import load_pixels
-from pipeline.onnx_export import onnx_session
+from pipeline.models.backbones import get_spec, load_backbone
 
 
 def build_models(backbone: str, n_classes: int, out: Path) -> tuple[Path, Path]:

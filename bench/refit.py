@@ -29,12 +29,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.backbones import get_spec, load_backbone
 from pipeline.config import ExtractConfig, FitHeadConfig
+from pipeline.data.images import discover, load_pixels
 from pipeline.demo import SAMPLE_CATALOG
 from pipeline.extract import extract
 from pipeline.fit_head import fit_head
-from pipeline.images import discover, load_pixels
+from pipeline.models.backbones import get_spec, load_backbone
 
 LABEL_MAP = """\
 [classes]

@@ -81,7 +81,7 @@ def _progress_option(f: Any) -> Any:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def backbones(as_json: bool) -> None:
     """List the backbones and whether each can be used offline right now."""
-    from .backbones import get_spec, names
+    from .models.backbones import get_spec, names
 
     rows = []
     for name in names():
@@ -252,7 +252,7 @@ def finetune(images: str, **kw: Any) -> None:
     Gradual unfreezing from the top, layer-wise learning rates, early stopping on fit-head's
     validation photos; resumable. Runs under `torchrun` too (DistributedDataParallel).
     """
-    from .finetune import finetune as run
+    from .finetune.stage import finetune as run
 
     summary = run(FinetuneConfig(images=images, **kw))
     if summary.is_main:
@@ -405,7 +405,7 @@ def cache_group() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def cache_info(cache: str, as_json: bool) -> None:
     """Fingerprint, row and class counts, skipped files of CACHE."""
-    from .cache_inspect import format_info, info
+    from .cache.inspection import format_info, info
 
     d = info(cache)
     click.echo(json.dumps(d, indent=2, ensure_ascii=False) if as_json else format_info(d))
@@ -415,7 +415,7 @@ def cache_info(cache: str, as_json: bool) -> None:
 @click.argument("cache", type=click.Path())
 def cache_verify(cache: str) -> None:
     """Check CACHE's integrity: every dataset readable, no duplicate keys, counts consistent."""
-    from .cache_inspect import verify_or_raise
+    from .cache.inspection import verify_or_raise
 
     click.echo(verify_or_raise(cache))
 

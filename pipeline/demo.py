@@ -14,13 +14,13 @@ from pathlib import Path
 import numpy as np
 
 from .config import ExportConfig, ExtractConfig, FitHeadConfig, PredictConfig
+from .data.images import discover, open_rgb
 from .errors import InputError
 from .export import export
 from .extract import extract
 from .fit_head import fit_head
-from .heads import LogisticHead, sweep_c
-from .images import discover, open_rgb
 from .predict import predict
+from .probe.estimators import LogisticHead, sweep_c
 
 SAMPLE_CATALOG = Path(__file__).resolve().parent / "data" / "sample_catalog"
 

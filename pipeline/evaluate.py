@@ -19,11 +19,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from .artifacts.report import Scored, write_report
 from .config import EvaluateConfig, save_resolved
+from .data.labels import LabelMap
 from .errors import ArtifactError, CacheError, InputError
-from .heads import softmax
-from .labels import LabelMap
-from .report import Scored, write_report
+from .probe.estimators import softmax
 
 
 @dataclass
@@ -45,8 +45,8 @@ class Scorer:
 
     def backbone(self) -> nn.Module:
         if self.net is None:
-            from .backbones import Preprocessing, get_spec, load_backbone, with_preprocessing
             from .errors import BackboneError
+            from .models.backbones import Preprocessing, get_spec, load_backbone, with_preprocessing
 
             fp = self.fingerprint
             spec = with_preprocessing(get_spec(fp["backbone"]), Preprocessing.from_dict(fp["preprocessing"]))
@@ -83,7 +83,7 @@ def load_scorer(path: str | Path) -> Scorer:
             m["head"].get("unknown_threshold"), loaded.model.net,
         )  # fmt: skip
     if (p / "head.json").is_file():
-        from .artifacts import build_head, read_head
+        from .artifacts.head_dir import build_head, read_head
 
         meta, spec = read_head(p)
         fp = dict(meta["fingerprint"])
@@ -117,8 +117,8 @@ def _truth_index(scorer: Scorer, categories: list[str | None]) -> np.ndarray:
 
 
 def _from_cache(scorer: Scorer, path: Path) -> tuple[np.ndarray, list[str | None], list[str], list[Path | None]]:
-    from .backbones import Preprocessing
-    from .cache import Cache
+    from .cache.store import Cache
+    from .models.backbones import Preprocessing
 
     with Cache(path) as c:
         fp = c.fingerprint
@@ -147,10 +147,10 @@ def _from_cache(scorer: Scorer, path: Path) -> tuple[np.ndarray, list[str | None
 
 
 def _from_images(scorer: Scorer, cfg: EvaluateConfig) -> tuple[np.ndarray, list[str | None], list[str], list]:
-    from . import runtime
-    from .backbones import Preprocessing
-    from .images import discover
-    from .loader import embed_batches, make_loader
+    from .core import runtime
+    from .data.images import discover
+    from .data.loader import embed_batches, make_loader
+    from .models.backbones import Preprocessing
 
     cat = discover(cfg.data, labelled=True)
     items = [i for i in cat.items if i.label is not None]

@@ -42,18 +42,11 @@ import numpy as np
 import torch
 
 from . import __version__
-from .artifacts import (
-    Classifier,
-    build_head,
-    head_tensors,
-    read_head,
-    read_json,
-    verify_files,
-)
-from .backbones import Preprocessing, get_spec, load_backbone, sha256_file, with_preprocessing
+from .artifacts.head_dir import Classifier, build_head, head_tensors, read_head, read_json, verify_files
 from .config import ExportConfig, save_resolved
+from .data.images import DecodeError, load_pixels
 from .errors import ArtifactError, BackboneError, HeadstartError, InputError
-from .images import DecodeError, load_pixels
+from .models.backbones import Preprocessing, get_spec, load_backbone, sha256_file, with_preprocessing
 
 MODEL_FORMAT = "headstart-model"
 MODEL_SCHEMA_VERSION = 2  # v2: runtime, head spec kind, parity; v1 (issue 2) is still read
@@ -170,7 +163,7 @@ def _cache_images(cache_path: str | None) -> list[Path]:
     a head can travel without its photos)."""
     if not cache_path or not Path(cache_path).is_file():
         return []
-    from .cache import Cache
+    from .cache.store import Cache
 
     with contextlib.suppress(HeadstartError, OSError), Cache(cache_path) as c:
         root = Path(str(c.attrs.get("image_root", "")))
@@ -206,7 +199,7 @@ def write_model(
         filename = RUNTIMES[fmt]
         extra: dict[str, Any] = {}
         if fmt == "onnx":
-            from .onnx_export import export_onnx
+            from .artifacts.onnx import export_onnx
 
             extra["outputs"] = export_onnx(src.classifier, stage / filename, src.preprocessing.crop, _metadata(src))
         else:
@@ -307,7 +300,7 @@ def _parity(src: ModelSource, stage: Path, tolerance: float) -> dict[str, Any]:
         want = src.classifier(torch.from_numpy(pixels)).softmax(1).numpy()
     loaded = load_model(stage)  # the real loading path: manifest, checksum, weights_only
     if loaded.runtime == "onnx":
-        from .onnx_export import onnx_session
+        from .artifacts.onnx import onnx_session
 
         got = onnx_session(loaded.weights_path).run(["probabilities"], {"pixels": pixels})[0]
         runtime = _ort_version()

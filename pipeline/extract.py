@@ -23,9 +23,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import __version__, distributed, runtime
-from .backbones import get_spec, load_backbone, with_preprocessing
-from .cache import (
+from . import __version__
+from .cache.store import (
     Cache,
     CacheContents,
     Journal,
@@ -36,11 +35,13 @@ from .cache import (
     writer_lock,
 )
 from .config import ExtractConfig, save_resolved
-from .distributed import Dist, merge_shards
+from .core import distributed, runtime
+from .core.distributed import Dist, merge_shards
+from .data.gpu_decode import require_cuda
+from .data.images import Catalog, discover, hash_file
+from .data.loader import DECODERS, embed_batches, make_loader
 from .errors import CacheError, HeadstartError, InputError
-from .gpu_decode import require_cuda
-from .images import Catalog, discover, hash_file
-from .loader import DECODERS, embed_batches, make_loader
+from .models.backbones import get_spec, load_backbone, with_preprocessing
 
 # A journal batch is committed every this many rows or seconds, whichever comes first: a kill
 # loses at most that much work, and batch files stay few. The environment overrides exist for

@@ -42,11 +42,12 @@ import joblib
 import numpy as np
 
 from . import __version__
-from .backbones import sha256_file
-from .cache import Cache
+from .cache.store import Cache
 from .config import FitHeadConfig, save_resolved
+from .data.labels import LabelMap, apply_label_map
 from .errors import InputError
-from .heads import (
+from .models.backbones import sha256_file
+from .probe.estimators import (
     HEAD_KINDS,
     LogisticHead,
     MLPHead,
@@ -58,8 +59,7 @@ from .heads import (
     mean_log_loss,
     sweep_c,
 )
-from .labels import LabelMap, apply_label_map
-from .splits import grouped_split, near_duplicate_groups
+from .probe.splits import grouped_split, near_duplicate_groups
 
 HEAD_SCHEMA_VERSION = 1
 BYTES_PER_VALUE_IN_MEMORY = 12  # float32 features + train/val copies + standardised copy
@@ -118,7 +118,7 @@ def memory_budget(cfg: FitHeadConfig) -> float:
 
 def resolve_solver(device: str) -> tuple[str, str]:
     """``--device`` -> (solver, torch device). CUDA: torch L-BFGS on the GPU; CPU: scikit-learn."""
-    from .runtime import resolve_device
+    from .core.runtime import resolve_device
 
     dev = resolve_device(device)
     return ("torch", str(dev)) if dev.type == "cuda" else ("sklearn", "cpu")
@@ -265,13 +265,11 @@ def fit_head(cfg: FitHeadConfig) -> FitSummary:
     }
     (out / "head.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     save_resolved(cfg, out / "config.json", C=best_c, solver=solver, temperature=temperature)
-    return FitSummary(
-        out, metrics, best_c, len(tr), len(va), time.perf_counter() - t0, cfg.head, temperature, warnings
-    )
+    return FitSummary(out, metrics, best_c, len(tr), len(va), time.perf_counter() - t0, cfg.head, temperature, warnings)
 
 
 def _calibration(logits: np.ndarray, y: np.ndarray, temperature: float, threshold: float | None) -> dict[str, Any]:
-    from .heads import softmax
+    from .probe.estimators import softmax
 
     before, after = softmax(logits), softmax(logits / temperature)
     out: dict[str, Any] = {

@@ -26,12 +26,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import runtime
 from .config import PredictConfig, save_resolved
+from .core import runtime
+from .data.images import IMAGE_EXTENSIONS
+from .data.loader import Batch, Source, embed_batches, make_loader
 from .errors import InputError
 from .export import LoadedModel, load_model
-from .images import IMAGE_EXTENSIONS
-from .loader import Batch, Source, embed_batches, make_loader
 
 UNKNOWN = "unknown"
 LIST_EXTENSIONS = frozenset({".txt", ".lst", ".csv"})
@@ -59,7 +59,7 @@ class Predictor:
         loaded = load_model(path)
         dev = runtime.resolve_device(device)
         if loaded.runtime == "onnx":
-            from .onnx_export import onnx_session
+            from .artifacts.onnx import onnx_session
 
             if precision not in ("auto", "fp32"):
                 raise InputError(f"an ONNX model runs in fp32 only, not {precision}; use --precision fp32 or auto")

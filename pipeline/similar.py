@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .cache import Cache
+from .cache.store import Cache
 from .errors import BackboneError, InputError
 
 CHUNK_ROWS = 65536
@@ -38,9 +38,9 @@ def embed_query(image: str | os.PathLike[str], cache: Cache, device: str = "auto
     """The query's features, computed with the cache's backbone, weights and preprocessing."""
     import torch
 
-    from . import runtime
-    from .backbones import Preprocessing, get_spec, load_backbone, with_preprocessing
-    from .images import DecodeError, load_pixels
+    from .core import runtime
+    from .data.images import DecodeError, load_pixels
+    from .models.backbones import Preprocessing, get_spec, load_backbone, with_preprocessing
 
     fp = cache.fingerprint
     prep = Preprocessing.from_dict(json.loads(str(fp["preprocessing"])))
@@ -67,7 +67,7 @@ def embed_query(image: str | os.PathLike[str], cache: Cache, device: str = "auto
 def similar(
     image: str | os.PathLike[str], cache_path: str | os.PathLike[str], k: int = 10, device: str = "auto"
 ) -> list[Match]:
-    from .images import hash_file
+    from .data.images import hash_file
 
     image = Path(image)
     if not image.is_file():

@@ -27,14 +27,14 @@ def pytest_configure(config: pytest.Config) -> None:
     if TEST_PRECISION:
         if TEST_PRECISION not in ("fp32", "bf16"):
             raise pytest.UsageError(f"HEADSTART_TEST_PRECISION must be fp32 or bf16, not {TEST_PRECISION!r}")
-        from pipeline import runtime
+        from pipeline.core import runtime
 
         # resolve_precision looks this up at call time, so "auto" on the CPU follows the override.
         runtime.cpu_has_fast_bf16 = lambda: TEST_PRECISION == "bf16"
 
 
 def pytest_report_header(config: pytest.Config) -> str:
-    from pipeline import runtime
+    from pipeline.core import runtime
 
     forced = f" (forced by HEADSTART_TEST_PRECISION={TEST_PRECISION})" if TEST_PRECISION else ""
     return f"headstart: --precision auto on this CPU -> {'bf16' if runtime.cpu_has_fast_bf16() else 'fp32'}{forced}"

@@ -7,9 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.backbones import get_spec, load_backbone, names
+from pipeline.data.images import load_pixels
 from pipeline.errors import BackboneError
-from pipeline.images import load_pixels
+from pipeline.models.backbones import get_spec, load_backbone, names
 
 
 def test_registry_has_the_promised_backbones():

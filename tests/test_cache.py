@@ -21,8 +21,8 @@ import h5py
 import numpy as np
 import pytest
 
-from pipeline.cache import Cache, Journal, writer_lock
-from pipeline.cache_inspect import info, verify
+from pipeline.cache.inspection import info, verify
+from pipeline.cache.store import Cache, Journal, writer_lock
 from pipeline.config import ExtractConfig
 from pipeline.demo import SAMPLE_CATALOG
 from pipeline.errors import CacheError
@@ -176,7 +176,7 @@ def test_second_writer_gets_an_error_while_readers_work(reference, tmp_path, run
         [
             sys.executable,
             "-c",
-            "import sys, time; from pathlib import Path; from pipeline.cache import writer_lock\n"
+            "import sys, time; from pathlib import Path; from pipeline.cache.store import writer_lock\n"
             "with writer_lock(Path(sys.argv[1])):\n    print('locked', flush=True); time.sleep(120)",
             str(out),
         ],

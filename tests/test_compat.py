@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from conftest import copy_sample_photos
 
-from pipeline.artifacts import load_head_estimator, read_head
-from pipeline.cache import Cache
+from pipeline.artifacts.head_dir import load_head_estimator, read_head
+from pipeline.cache.store import Cache
 from pipeline.config import ExportConfig, FitHeadConfig
 from pipeline.export import export, load_model
 from pipeline.fit_head import fit_head

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from pipeline.cache import Cache
+from pipeline.cache.store import Cache
 from pipeline.config import ExportConfig, ExtractConfig, FitHeadConfig
 from pipeline.demo import SAMPLE_CATALOG, run_demo
 from pipeline.export import export

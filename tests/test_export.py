@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.artifacts import build_head, load_head_estimator, read_head
+from pipeline.artifacts.head_dir import build_head, load_head_estimator, read_head
 from pipeline.config import ExportConfig
+from pipeline.data.images import load_pixels
 from pipeline.errors import ArtifactError
 from pipeline.export import MODEL_SCHEMA_VERSION, export, load_model, sample_pixels
-from pipeline.images import load_pixels
 from pipeline.predict import Predictor
 
 
@@ -111,7 +111,7 @@ def test_export_refuses_to_overwrite_a_foreign_folder(tiny_head, tmp_path, run_c
 
 
 def test_parity_falls_back_to_the_bundled_catalog():
-    from pipeline.backbones import get_spec
+    from pipeline.models.backbones import get_spec
 
     pixels, origin = sample_pixels([Path("/nonexistent/a.png")], get_spec("tiny").preprocessing)
     assert origin == "bundled sample catalog" and pixels.shape == (16, 3, 32, 32) and pixels.dtype == np.uint8
@@ -172,7 +172,7 @@ def test_mlp_head_spec_exports_in_both_formats(head_copy, tmp_path):
     }
     np.savez(head_copy / "head.npz", kind="mlp", **tensors)
     meta = json.loads((head_copy / "head.json").read_text(encoding="utf-8"))
-    from pipeline.backbones import sha256_file
+    from pipeline.models.backbones import sha256_file
 
     meta["files"] = {"head.npz": sha256_file(head_copy / "head.npz")}
     (head_copy / "head.json").write_text(json.dumps(meta), encoding="utf-8")
@@ -195,7 +195,7 @@ def test_models_exported_by_the_foundation_still_load(models, tmp_path):
     m = _manifest(old)
     for key in ("runtime", "parity", "input"):
         del m[key]
-    from pipeline.backbones import sha256_file
+    from pipeline.models.backbones import sha256_file
 
     m.update(
         schema_version=1,

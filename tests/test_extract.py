@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.backbones import get_spec, with_preprocessing
-from pipeline.cache import Cache
+from pipeline.cache.store import Cache
 from pipeline.config import ExtractConfig
+from pipeline.data.gpu_decode import decode_batch, probe_jpeg
+from pipeline.data.images import load_pixels
 from pipeline.demo import SAMPLE_CATALOG
 from pipeline.errors import InputError
 from pipeline.extract import extract
-from pipeline.gpu_decode import decode_batch, probe_jpeg
-from pipeline.images import load_pixels
+from pipeline.models.backbones import get_spec, with_preprocessing
 
 DATA = Path(__file__).parent / "data" / "images"
 
@@ -106,8 +106,8 @@ def test_identical_files_are_decoded_once(catalog, tmp_path):
 def test_journal_rows_are_reused_and_the_journal_cleared(catalog, tmp_path):
     """What a killed run leaves (a journal, no cache) is picked up only if its fingerprint
     matches; the kill itself is tested with real subprocesses in test_cache.py."""
-    from pipeline.backbones import load_backbone
-    from pipeline.cache import Journal
+    from pipeline.cache.store import Journal
+    from pipeline.models.backbones import load_backbone
 
     extract(_cfg(catalog, tmp_path / "ref.h5"))
     with Cache(tmp_path / "ref.h5") as c:

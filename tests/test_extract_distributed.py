@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.cache import Cache, Journal
-from pipeline.cache_inspect import verify
+from pipeline.cache.inspection import verify
+from pipeline.cache.store import Cache, Journal
 from pipeline.config import ExtractConfig
 from pipeline.demo import SAMPLE_CATALOG
 from pipeline.extract import extract

@@ -18,15 +18,15 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.augment import augment, resolve_preset, sample_generator
-from pipeline.backbones import get_spec, load_backbone, with_preprocessing
 from pipeline.config import ExportConfig, ExtractConfig, FinetuneConfig, FitHeadConfig
+from pipeline.data.augment import augment, resolve_preset, sample_generator
 from pipeline.errors import InputError
 from pipeline.export import export, load_model
 from pipeline.extract import extract
-from pipeline.finetune import finetune
+from pipeline.finetune.layers import layer_groups
+from pipeline.finetune.stage import finetune
 from pipeline.fit_head import fit_head
-from pipeline.unfreeze import layer_groups
+from pipeline.models.backbones import get_spec, load_backbone, with_preprocessing
 
 REPO = Path(__file__).resolve().parents[1]
 LIPSTICK = (178, 24, 61)
@@ -94,7 +94,7 @@ def test_augmentation_must_match_the_fingerprinted_framing():
 
 @pytest.mark.parametrize("name", ["tiny", "efficientnet_lite0", "resnet50"])
 def test_layer_groups_partition_the_network_top_down(name):
-    from pipeline.artifacts import Classifier
+    from pipeline.artifacts.head_dir import Classifier
 
     net = load_backbone(name, load_weights=False).net
     net.imagenet_head = None
@@ -146,7 +146,7 @@ def test_finetune_end_to_end_and_export(small_catalog, head_dir, tmp_path):
 def test_frozen_groups_do_not_move_under_adamw_weight_decay():
     """One AdamW step with weight decay, top group unfrozen: the bottom group is bit-identical
     (a frozen parameter has no gradient, so AdamW skips it, decay included)."""
-    from pipeline.artifacts import Classifier
+    from pipeline.artifacts.head_dir import Classifier
 
     net = load_backbone("tiny").net
     model = Classifier(net, torch.nn.Linear(32, 3))

@@ -12,12 +12,12 @@ from PIL import Image
 from sklearn.datasets import load_digits
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
-from pipeline.cache import Cache
+from pipeline.cache.store import Cache
 from pipeline.config import ExtractConfig, FitHeadConfig
 from pipeline.demo import SAMPLE_CATALOG
 from pipeline.extract import extract
 from pipeline.fit_head import fit_head
-from pipeline.heads import (
+from pipeline.probe.estimators import (
     LogisticHead,
     MLPHead,
     NearestCentroidHead,
@@ -26,7 +26,7 @@ from pipeline.heads import (
     forward_state,
     softmax,
 )
-from pipeline.splits import near_duplicate_groups, stratified_group_split
+from pipeline.probe.splits import near_duplicate_groups, stratified_group_split
 
 
 @parametrize_with_checks(
@@ -123,7 +123,8 @@ NEW = "sandal"
 @pytest.fixture(scope="module")
 def lite0(tmp_path_factory):
     """Real EfficientNet-Lite0 features: 4 categories x 10 photos, a new one with 5, a held-out
-    set of 10 per category, and one photo exported again a touch brighter (a near duplicate)."""
+    set of all 50 test photos per category, and one photo exported again a touch brighter (a
+    near duplicate)."""
     root = tmp_path_factory.mktemp("fewshot")
     train, test = root / "train", root / "test"
     for cls in (*BASE, NEW):
@@ -132,7 +133,7 @@ def lite0(tmp_path_factory):
         for p in sorted((SAMPLE_CATALOG / "train" / cls).glob("*.png"))[:n]:
             shutil.copy(p, train / cls / p.name)
         (test / cls).mkdir(parents=True)
-        for p in sorted((SAMPLE_CATALOG / "test" / cls).glob("*.png"))[:10]:
+        for p in sorted((SAMPLE_CATALOG / "test" / cls).glob("*.png")):
             shutil.copy(p, test / cls / p.name)
     original = sorted((train / "bag").glob("*.png"))[0]
     # The same product photo exported again, a touch brighter: other bytes, other content hash.

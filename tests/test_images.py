@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.backbones import get_spec
 from pipeline.config import ExtractConfig
+from pipeline.data.images import DecodeError, discover, load_pixels, open_rgb
 from pipeline.errors import InputError
 from pipeline.extract import extract
-from pipeline.images import DecodeError, discover, load_pixels, open_rgb
+from pipeline.models.backbones import get_spec
 
 DATA = Path(__file__).parent / "data" / "images"
 
@@ -168,7 +168,7 @@ def test_bad_files_are_recorded_never_fatal(odd_catalog, tmp_path):
     for path, why in EXPECTED_SKIPS.items():
         assert why in reasons[path], (path, reasons[path])
     assert s.rows == 12  # 11 odd files + 唇膏.jpg
-    from pipeline.cache import Cache
+    from pipeline.cache.store import Cache
 
     with Cache(out) as c:
         assert "口红/唇膏.jpg" in c.paths and dict(c.skipped) == reasons
@@ -223,7 +223,7 @@ def test_unreadable_file(tmp_path):
         pytest.skip(f"cannot drop capabilities in this container: {e}")
     assert r.returncode == 0, r.stderr
     assert "skipped locked.jpg: permission denied" in r.stderr
-    from pipeline.cache import Cache
+    from pipeline.cache.store import Cache
 
     with Cache(out) as c:
         assert c.paths == ["ok.jpg"] and c.skipped == [("locked.jpg", "permission denied")]
@@ -250,7 +250,7 @@ def test_manifest_and_unlabelled_inputs(tmp_path):
     assert [(s.rel, s.reason) for s in cat.skipped] == [("photos/missing.jpg", "file not found")]
     s = extract(ExtractConfig(images=str(manifest), out=str(tmp_path / "m.h5"), backbone="tiny", progress=False))
     assert s.rows == 3 and s.class_names == ["口红", "香水"]
-    from pipeline.cache import Cache
+    from pipeline.cache.store import Cache
 
     with Cache(tmp_path / "m.h5") as c:
         assert dict(zip(c.paths, c.labels.tolist(), strict=True)) == {

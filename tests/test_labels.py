@@ -11,11 +11,11 @@ import pytest
 from conftest import copy_sample_photos
 
 from pipeline.config import ExtractConfig, FitHeadConfig
+from pipeline.data.labels import LabelMap, apply_label_map
 from pipeline.demo import SAMPLE_CATALOG
 from pipeline.errors import InputError
 from pipeline.extract import extract
 from pipeline.fit_head import fit_head
-from pipeline.labels import LabelMap, apply_label_map
 
 
 def _map(text: str, tmp_path) -> LabelMap:

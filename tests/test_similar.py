@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 
-from pipeline.cache import Cache
+from pipeline.cache.store import Cache
 from pipeline.config import ExtractConfig
 from pipeline.extract import extract
 from pipeline.similar import similar

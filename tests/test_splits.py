@@ -11,7 +11,7 @@ from conftest import copy_sample_photos
 from pipeline.config import ExtractConfig, FitHeadConfig
 from pipeline.extract import extract
 from pipeline.fit_head import fit_head
-from pipeline.splits import grouped_split, near_duplicate_groups
+from pipeline.probe.splits import grouped_split, near_duplicate_groups
 
 
 def test_a_class_of_near_duplicates_is_split_ungrouped_not_held_out_whole():

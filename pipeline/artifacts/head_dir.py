@@ -24,8 +24,11 @@ because :class:`Classifier` and the saved state dict are built from the spec alo
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import json
-from collections.abc import Callable, Mapping
+import sys
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,8 +37,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .backbones import FeatureNet, sha256_file
-from .errors import ArtifactError
+from ..errors import ArtifactError
+from ..models.backbones import FeatureNet, sha256_file
 
 HEAD_SCHEMA_VERSION = 1  # what this headstart reads; fit_head writes the same number
 
@@ -139,7 +142,25 @@ def load_head_estimator(head_dir: str | Path) -> Any:
     head_dir = Path(head_dir)
     meta = read_head_meta(head_dir)
     verify_files(head_dir, meta["files"], ("head.joblib",), what="head.json", fix=_HEAD_FIX)
-    return joblib.load(head_dir / "head.joblib")
+    with _modules_under_their_old_names():
+        return joblib.load(head_dir / "head.joblib")
+
+
+# A pickle names the module of each class it holds. Release 0.1.0 kept the estimators in
+# ``pipeline.heads``; its head.joblib files must keep loading after the move.
+RENAMED_MODULES = {"pipeline.heads": "pipeline.probe.estimators"}
+
+
+@contextlib.contextmanager
+def _modules_under_their_old_names() -> Iterator[None]:
+    added = [old for old in RENAMED_MODULES if old not in sys.modules]
+    for old in added:
+        sys.modules[old] = importlib.import_module(RENAMED_MODULES[old])
+    try:
+        yield
+    finally:
+        for old in added:
+            sys.modules.pop(old, None)
 
 
 # --------------------------------------------------------------------------- head modules

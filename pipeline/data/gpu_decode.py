@@ -7,7 +7,7 @@ reads bytes and parses headers.
 
 What stays on the CPU, per file: anything that is not a plain RGB or greyscale JPEG (PNG, CMYK,
 ...), anything above the pixel limit, and any JPEG nvjpeg refuses - those go through the same
-:func:`~pipeline.images.load_pixels` as ``--decode cpu``. EXIF orientation is read from the header
+:func:`~pipeline.data.images.load_pixels` as ``--decode cpu``. EXIF orientation is read from the header
 on the CPU and applied on the GPU (nvjpeg ignores it).
 
 Pixels differ slightly from the CPU path (nvjpeg's IDCT and upsampling, torch's antialiased
@@ -30,8 +30,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .backbones import Preprocessing
-from .errors import InputError
+from ..errors import InputError
+from ..models.backbones import Preprocessing
 from .images import DEFAULT_MAX_PIXELS, DecodeError, load_pixels
 
 _EXIF_ORIENTATION = 0x0112
@@ -93,7 +93,7 @@ def apply_orientation(x: torch.Tensor, orientation: int) -> torch.Tensor:
 
 def resize_crop(x: torch.Tensor, prep: Preprocessing) -> torch.Tensor:
     """uint8 (N, 3, H, W) or (3, H, W) -> uint8 (..., 3, crop, crop): the geometry of
-    :func:`pipeline.images.preprocess` (short side to ``resize``, centre crop; or letterbox on
+    :func:`pipeline.data.images.preprocess` (short side to ``resize``, centre crop; or letterbox on
     white), with torch's antialiased resampling. Same-sized photos resize in one call."""
     single = x.dim() == 3
     x = x[None] if single else x

@@ -20,7 +20,7 @@ from collections.abc import Iterator
 
 import torch
 
-from .errors import InputError
+from ..errors import InputError
 
 PRECISIONS = ("auto", "fp32", "bf16")
 

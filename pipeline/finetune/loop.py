@@ -26,16 +26,17 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from . import checkpoint, runtime
-from .artifacts import Classifier
-from .backbones import Preprocessing
-from .config import FinetuneConfig, to_dict
-from .distributed import Dist
-from .errors import InputError
-from .heads import classification_metrics
-from .loader import make_loader
-from .train_data import ResumeSampler, Split, TrainSet, collate, per_rank_samples
-from .unfreeze import LayerGroups
+from ..artifacts.head_dir import Classifier
+from ..config import FinetuneConfig, to_dict
+from ..core import runtime
+from ..core.distributed import Dist
+from ..data.loader import make_loader
+from ..errors import InputError
+from ..models.backbones import Preprocessing
+from ..probe.estimators import classification_metrics
+from . import checkpoint
+from .data import ResumeSampler, Split, TrainSet, collate, per_rank_samples
+from .layers import LayerGroups
 
 LAST, BEST = "checkpoint/last.pt", "checkpoint/best.pt"
 # Settings a resumed run must share with the run it continues: they fix the data order, the

@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from .backbones import Preprocessing
-from .errors import InputError
+from ..errors import InputError
+from ..models.backbones import Preprocessing
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
 # PIL raises DecompressionBombError above 2x its MAX_IMAGE_PIXELS; we refuse at our own limit

@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
-from .artifacts import Classifier, ExportGraph
-from .errors import ArtifactError, InputError
+from ..errors import ArtifactError, InputError
+from .head_dir import Classifier, ExportGraph
 
 OPSET = 17  # onnxruntime >= 1.14 runs it; old enough for most deployment runtimes
 INPUT, OUTPUTS = "pixels", ("probabilities", "features")

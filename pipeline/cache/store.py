@@ -45,8 +45,8 @@ from typing import Any
 import h5py
 import numpy as np
 
-from .atomic import atomic_file, fsync_dir
-from .errors import CacheError
+from ..core.atomic import atomic_file, fsync_dir
+from ..errors import CacheError
 
 SCHEMA_VERSION = 1
 FINGERPRINT_KEYS = ("backbone", "weights", "weights_sha256", "preprocessing", "precision", "feature_dim")

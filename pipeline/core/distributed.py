@@ -32,7 +32,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from .errors import HeadstartError
+from ..errors import HeadstartError
 
 T = TypeVar("T")
 

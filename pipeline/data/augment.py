@@ -28,8 +28,8 @@ import torchvision.transforms.v2.functional as F
 from PIL import Image
 from torchvision.transforms import InterpolationMode
 
-from .backbones import Preprocessing
-from .errors import InputError
+from ..errors import InputError
+from ..models.backbones import Preprocessing
 from .images import preprocess
 
 PRESETS = ("auto", "product", "letterbox", "none")

@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
-from .atomic import atomic_file
-from .errors import ArtifactError
+from ..core.atomic import atomic_file
+from ..errors import ArtifactError
 
 
 def atomic_save(obj: Any, path: Path) -> None:

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import BackboneError
+from ..errors import BackboneError
 
 DEFAULT_BACKBONE = "efficientnet_lite0"
 

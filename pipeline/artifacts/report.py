@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from .heads import calibration_error, classification_metrics, mean_log_loss
+from ..probe.estimators import calibration_error, classification_metrics, mean_log_loss
 
 UNKNOWN = "unknown"
 COVERAGE_STEPS = 20
@@ -199,7 +199,7 @@ def _figures(out: Path, s: Scored, m: dict[str, Any]) -> dict[str, str]:
 def _thumbnails(folder: Path, s: Scored, mistakes: list[dict[str, Any]]) -> dict[int, str]:
     from PIL import Image
 
-    from .images import open_rgb
+    from ..data.images import open_rgb
 
     folder.mkdir(parents=True, exist_ok=True)
     out: dict[int, str] = {}

@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import InputError
+from ..errors import InputError
 
 IDENTITY = "(none: cache categories as they are)"
 

@@ -20,9 +20,9 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from . import runtime
-from .backbones import FeatureNet, Preprocessing
-from .errors import InputError
+from ..core import runtime
+from ..errors import InputError
+from ..models.backbones import FeatureNet, Preprocessing
 from .gpu_decode import RawJpeg, decode_batch, probe_jpeg, require_cuda
 from .images import DEFAULT_MAX_PIXELS, DecodeError, load_pixels
 

@@ -48,18 +48,20 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from . import __version__, checkpoint, runtime
-from .artifacts import Classifier, build_head, read_head
-from .atomic import atomic_file
-from .augment import resolve_preset
-from .backbones import Preprocessing, get_spec, load_backbone, sha256_file, with_preprocessing
-from .config import FinetuneConfig, save_resolved
-from .distributed import Dist, distributed
-from .errors import BackboneError, InputError
-from .labels import LabelMap
-from .train_data import read_val_hashes, split_examples
-from .trainer import BEST, LAST, Progress, Trainer, rate
-from .unfreeze import layer_groups
+from .. import __version__
+from ..artifacts.head_dir import Classifier, build_head, read_head
+from ..config import FinetuneConfig, save_resolved
+from ..core import runtime
+from ..core.atomic import atomic_file
+from ..core.distributed import Dist, distributed
+from ..data.augment import resolve_preset
+from ..data.labels import LabelMap
+from ..errors import BackboneError, InputError
+from ..models.backbones import Preprocessing, get_spec, load_backbone, sha256_file, with_preprocessing
+from . import checkpoint
+from .data import read_val_hashes, split_examples
+from .layers import layer_groups
+from .loop import BEST, LAST, Progress, Trainer, rate
 
 FT_FORMAT = "headstart-finetune"
 FT_SCHEMA_VERSION = 1
@@ -310,8 +312,8 @@ class _Run(Trainer):
 
 
 def _refit_probe(cache_path: Path, train: list[Any], n_classes: int, meta: dict[str, Any], head_dir: Path) -> Any:
-    from .cache import Cache
-    from .heads import LogisticHead
+    from ..cache.store import Cache
+    from ..probe.estimators import LogisticHead
 
     class_weight = None
     with contextlib.suppress(OSError, ValueError):  # the class weighting fit-head used

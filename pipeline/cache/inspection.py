@@ -12,8 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from .cache import FINGERPRINT_KEYS, Cache, Journal
-from .errors import CacheError
+from ..errors import CacheError
+from .store import FINGERPRINT_KEYS, Cache, Journal
 
 
 def info(path: str | os.PathLike[str]) -> dict[str, Any]:

@@ -16,11 +16,11 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset, DistributedSampler, Sampler
 
-from .augment import augment, sample_generator
-from .backbones import Preprocessing
-from .errors import ArtifactError, InputError
-from .images import DEFAULT_MAX_PIXELS, DecodeError, discover, hash_file, open_rgb
-from .labels import LabelMap
+from ..data.augment import augment, sample_generator
+from ..data.images import DEFAULT_MAX_PIXELS, DecodeError, discover, hash_file, open_rgb
+from ..data.labels import LabelMap
+from ..errors import ArtifactError, InputError
+from ..models.backbones import Preprocessing
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,6 @@
+"""The HDF5 feature cache: schema, writer, journal, lock, reader (``store``) and its
+inspection (``inspection``: ``cache info`` / ``cache verify``). No torch at import time."""
+
+from .store import Cache
+
+__all__ = ["Cache"]
