@@ -35,13 +35,15 @@ from build_sample_catalog import CLASSES, SRC, pick, read_idx
 
 from pipeline.config import ExportConfig, ExtractConfig, FinetuneConfig, FitHeadConfig
 from pipeline.core import runtime
-from pipeline.data.images import discover, hash_file, open_rgb
+from pipeline.core.hashing import hash_file
+from pipeline.data.images import discover, open_rgb
 from pipeline.export import export
 from pipeline.extract import extract
 from pipeline.finetune.stage import finetune
 from pipeline.fit_head import fit_head
 from pipeline.predict import Predictor
-from pipeline.probe.estimators import LogisticHead, sweep_c
+from pipeline.probe.estimators import LogisticHead
+from pipeline.probe.selection import sweep_c
 
 
 def write_split(out: Path, stem: str, per_class: int, seed: int) -> Path:

@@ -41,10 +41,12 @@ from build_sample_catalog import CLASSES, SRC, pick, read_idx
 
 from pipeline.cache.store import Cache
 from pipeline.config import ExtractConfig, FitHeadConfig
-from pipeline.demo import SAMPLE_CATALOG, pixel_baseline
+from pipeline.data import SAMPLE_CATALOG
+from pipeline.demo import pixel_baseline
 from pipeline.extract import extract
 from pipeline.fit_head import fit_head
-from pipeline.probe.estimators import LogisticHead, sweep_c
+from pipeline.probe.estimators import LogisticHead
+from pipeline.probe.selection import sweep_c
 
 
 def load(cache: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:

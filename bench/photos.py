@@ -3,8 +3,8 @@
 No product-photo set exists offline, so the benchmark photos are crops of real photographs
 that are on every development machine: scikit-learn's two sample photos (CC-BY 2.0),
 scikit-image's sample photos, and the 2268x1512 flower photo of Debian's ``libjxl-testdata``
-(BSD-3-Clause, vendored in ``tests/data/images/``). Each benchmark photo is a different random crop (60-100% of the width and
-height), possibly mirrored, resized so its long side is ``size`` px and saved as a JPEG
+(BSD-3-Clause, vendored in ``tests/data/images/``). Each benchmark photo is a different random
+crop (60-100% of the width and height), possibly mirrored, resized so its long side is ``size`` px and saved as a JPEG
 (quality 90, 4:2:0) - the shape and encoding of a typical web catalog photo. They are real
 photographs, not noise, but they are not cosmetics.
 """

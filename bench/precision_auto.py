@@ -28,10 +28,18 @@ from pipeline.core import runtime
 from pipeline.extract import extract
 
 
-def cpu_flags() -> str:
+def cpuinfo(key: str) -> str:
+    """The first ``key : value`` line of /proc/cpuinfo ("" where there is none)."""
     try:
-        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
-    except (OSError, StopIteration):
+        with open("/proc/cpuinfo") as f:
+            return next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith(key)), "")
+    except OSError:
+        return ""
+
+
+def cpu_flags() -> str:
+    flags = cpuinfo("flags").split()
+    if not flags:
         return "unknown"
     wanted = [f for f in flags if f.startswith("amx") or f in ("avx512f", "avx512_bf16", "avx512_vnni", "avx2")]
     return " ".join(wanted) or "none of avx2/avx512/amx"
@@ -56,11 +64,7 @@ def main() -> None:
     make_photos(photos / "all", args.n, 640)
     for extra in sorted((photos / "all").glob("photo-*.jpg"))[args.n :]:
         extra.unlink()
-    model = platform.processor() or platform.machine()
-    try:
-        model = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    model = cpuinfo("model name") or platform.processor() or platform.machine()
     auto = runtime.resolve_precision("auto", torch.device("cpu"))
     print(f"CPU {model}; flags: {cpu_flags()}; {torch.get_num_threads()} torch threads; torch {torch.__version__}")
     print(f"{args.n} photos, {args.backbone}; --precision auto resolves to {auto} here")

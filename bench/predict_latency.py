@@ -42,12 +42,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.artifacts.head_dir import Classifier, build_head
+from pipeline.artifacts.model_dir import ModelSource, load_model, write_model
 from pipeline.artifacts.onnx import onnx_session
 from pipeline.core import runtime
+from pipeline.data import SAMPLE_CATALOG
 from pipeline.data.images import load_pixels
-from pipeline.export import SAMPLE_CATALOG, ModelSource, load_model, write_model
 from pipeline.models.backbones import get_spec, load_backbone
+from pipeline.models.heads import Classifier, build_head
 
 
 def build_models(backbone: str, n_classes: int, out: Path) -> tuple[Path, Path]:
@@ -59,12 +60,9 @@ def build_models(backbone: str, n_classes: int, out: Path) -> tuple[Path, Path]:
         "linear",
         {"weight": torch.randn(n_classes, net.feature_dim, generator=g) * 0.05, "bias": torch.zeros(n_classes)},
     )
-    spec = loaded.spec
     src = ModelSource(
         classifier=Classifier(net, head).eval(),
-        backbone={"name": spec.name, "weights": spec.weights_name, "weights_sha256": loaded.weights_sha256},
-        preprocessing=spec.preprocessing,
-        precision="fp32",
+        fingerprint=loaded.fingerprint("fp32"),
         class_names=[f"class_{i}" for i in range(n_classes)],
         head={"kind": "linear"},
         provenance={"source": "bench/predict_latency.py (random head)"},
@@ -87,7 +85,7 @@ def native_runner(model_dir: Path, precision: str) -> Callable[[np.ndarray], np.
     model = load_model(model_dir).model
     assert model is not None
     cpu = torch.device("cpu")
-    channels_last = runtime.use_channels_last(cpu, precision)
+    channels_last = runtime.CHANNELS_LAST
     if channels_last:
         model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
 

@@ -30,8 +30,8 @@ import torch
 from torch import nn
 
 from pipeline.config import ExtractConfig, FitHeadConfig
+from pipeline.data import SAMPLE_CATALOG
 from pipeline.data.images import discover, load_pixels
-from pipeline.demo import SAMPLE_CATALOG
 from pipeline.extract import extract
 from pipeline.fit_head import fit_head
 from pipeline.models.backbones import get_spec, load_backbone

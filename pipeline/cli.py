@@ -1,15 +1,20 @@
 """The ``headstart`` command line: a thin click shell over the library.
 
 Each command parses options, builds one config, calls one library function and prints one
-summary line. This is the only module that imports click; library errors
+summary line. The options of a command are generated from its config dataclass
+(:mod:`pipeline.config`: defaults, help texts, allowed values), so a default is written once.
+This is the only module that imports click; library errors
 (:class:`~pipeline.errors.HeadstartError`) are translated here, once, into ``Error: ...`` and
 exit status 1.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
+import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,15 +23,24 @@ import click
 from . import __version__
 from .config import (
     DEFAULT_BACKBONE,
+    DemoConfig,
     EvaluateConfig,
     ExportConfig,
     ExtractConfig,
     FinetuneConfig,
     FitHeadConfig,
     PredictConfig,
+    SimilarConfig,
+    has_default,
     load_default_map,
 )
 from .errors import HeadstartError
+from .probe.kinds import HEAD_KINDS
+
+# Option names other than --field-name (short aliases; similar's -k has no long form).
+_DECLS = {"out": ("--out", "-o"), "backbone": ("--backbone", "-b"), "k": ("-k",)}
+_CONFIG_KEY = "headstart.config"  # ctx.meta: the --config file in use
+_CONFIG_HELP = "TOML file with one table per command ([extract], [fit-head], ...); flags override it."
 
 
 class HeadstartGroup(click.Group):
@@ -37,18 +51,93 @@ class HeadstartGroup(click.Group):
             return super().invoke(ctx)
         except HeadstartError as e:
             raise click.ClickException(str(e)) from None
+        except click.BadParameter as e:  # a bad value in a --config file: say where it came from
+            name = e.param.name if e.param else None
+            if e.ctx and name and e.ctx.get_parameter_source(name) is click.core.ParameterSource.DEFAULT_MAP:
+                where = f" (set in config file {e.ctx.meta.get(_CONFIG_KEY)})"
+                raise click.BadParameter(e.message + where, ctx=e.ctx, param=e.param) from None
+            raise
         except KeyboardInterrupt:
             click.echo("Interrupted; finished batches are kept and the next run resumes.", err=True)
             sys.exit(130)
 
 
 def _load_config(ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
+    """``headstart --config F cmd``: all tables; ``headstart cmd --config F``: cmd's table."""
     if value:
         try:
-            ctx.default_map = load_default_map(value)
-        except HeadstartError as e:
-            raise click.BadParameter(str(e)) from None
+            tables = load_default_map(value)
+        except HeadstartError as e:  # raised while parsing, before HeadstartGroup.invoke
+            raise click.ClickException(str(e)) from None
+        ctx.meta[_CONFIG_KEY] = value
+        if ctx.parent is None:
+            ctx.default_map = tables
+        else:
+            ctx.default_map = {**(ctx.default_map or {}), **tables.get(ctx.info_name or "", {})}
     return value
+
+
+def _config_option() -> click.Option:
+    return click.Option(
+        ["--config"],
+        type=click.Path(dir_okay=False),
+        callback=_load_config,
+        is_eager=True,
+        expose_value=False,
+        help=_CONFIG_HELP,
+    )
+
+
+def _click_type(base: Any, meta: Any) -> Any:
+    if "choices" in meta:
+        return click.Choice(list(meta["choices"]))
+    if "path" in meta:
+        return click.Path(dir_okay=meta["path"] != "file")
+    bounds = {k: meta[k] for k in ("min", "max", "min_open") if k in meta}
+    if base is int:
+        return click.IntRange(**bounds) if bounds else click.INT
+    if base is float:
+        return click.FloatRange(**bounds) if bounds else click.FLOAT
+    return None  # str
+
+
+def _param(f: dataclasses.Field[Any], hint: Any, positional: bool) -> click.Parameter:
+    """The click argument or option of one config field; its default is the field's."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    many = typing.get_origin(hint) is tuple
+    base = str if many else (args[0] if args else hint)
+    kind = _click_type(base, f.metadata)
+    if positional:
+        return click.Argument([f.name], type=kind, nargs=-1 if many else 1, required=True)
+    flag = "--" + f.name.replace("_", "-")
+    decls = list(_DECLS.get(f.name, (flag,)))
+    kw: dict[str, Any] = {"type": kind, "help": f.metadata.get("help") or None}
+    if base is bool:
+        decls, kw["type"] = [f"{flag}/--no-{flag[2:]}" if f.default else flag], None
+        kw["is_flag"] = not f.default or None
+    if not has_default(f):
+        kw["required"] = True
+    elif f.default is not None and f.default is not False:
+        kw.update(default=f.default, show_default=True)
+    return click.Option([f.name, *decls], **kw)
+
+
+def _from_config(cls: type, *positional: str) -> Callable[[Any], Any]:
+    """Arguments (the ``positional`` fields) and options for every field of the dataclass ``cls``,
+    in field order, plus ``--config``. A field declared below with ``@click.option`` keeps that
+    option (it must take its default from ``cls``); other declared options come after."""
+    hints = typing.get_type_hints(cls)
+
+    def decorate(fn: Any) -> Any:
+        declared = {p.name: p for p in reversed(getattr(fn, "__click_params__", []))}
+        params = [
+            declared.pop(f.name, None) or _param(f, hints[f.name], f.name in positional)
+            for f in dataclasses.fields(cls)
+        ]
+        fn.__click_params__ = list(reversed([*params, *declared.values(), _config_option()]))
+        return fn
+
+    return decorate
 
 
 @click.group(cls=HeadstartGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -59,7 +148,7 @@ def _load_config(ctx: click.Context, _param: click.Parameter, value: str | None)
     callback=_load_config,
     is_eager=True,
     expose_value=False,
-    help="TOML file with one table per command ([extract], [fit-head], ...); flags override it.",
+    help=_CONFIG_HELP + " Also accepted after the command.",
 )
 def cli() -> None:
     """Classify product photos with a pretrained backbone: extract features once, fit a head
@@ -71,10 +160,6 @@ def cli() -> None:
       headstart export artifacts/head --out artifacts/model
       headstart predict artifacts/model new_photos/ --out artifacts/predictions.csv
     """
-
-
-def _progress_option(f: Any) -> Any:
-    return click.option("--progress/--no-progress", default=True, show_default=True, help="Show progress bars.")(f)
 
 
 @cli.command()
@@ -112,45 +197,8 @@ def backbones(as_json: bool) -> None:
 
 
 @cli.command()
-@click.argument("images", type=click.Path())
-@click.option(
-    "--out", "-o", default=ExtractConfig.out, show_default=True, help="HDF5 feature cache to create or update."
-)
-@click.option("--backbone", "-b", default=DEFAULT_BACKBONE, show_default=True, help="See `headstart backbones`.")
-@click.option("--weights-file", type=click.Path(dir_okay=False), help="Backbone weights file (torchvision .pth).")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
-@click.option(
-    "--precision",
-    type=click.Choice(["auto", "fp32", "bf16"]),
-    default="auto",
-    show_default=True,
-    help="Compute precision; auto = bf16 on CUDA and on CPUs with AMX/avx512_bf16.",
-)
-@click.option(
-    "--dtype",
-    type=click.Choice(["float16", "float32"]),
-    default="float16",
-    show_default=True,
-    help="Storage type of the features.",
-)
-@click.option("--batch-size", type=click.IntRange(1), help="Default: 256 on GPU, 16 on CPU.")
-@click.option("--workers", type=click.IntRange(0), help="Decode processes. Default: from the CPU count.")
-@click.option(
-    "--draft/--no-draft", default=True, show_default=True, help="JPEG DCT-domain downscaling of large photos."
-)
-@click.option("--letterbox", is_flag=True, help="Pad to a square on white instead of centre-cropping.")
-@click.option(
-    "--decode",
-    type=click.Choice(["cpu", "gpu"]),
-    default="cpu",
-    show_default=True,
-    help="gpu: batched nvjpeg JPEG decoding and resizing on the GPU (CPU fallback per file).",
-)
-@click.option("--max-pixels", type=click.IntRange(1), help="Refuse larger images (decompression bombs).")
-@click.option("--rebuild", is_flag=True, help="Discard the existing cache and start over.")
-@click.option("--strict", is_flag=True, help="Exit with an error if any file was skipped.")
-@_progress_option
-def extract(images: str, **kw: Any) -> None:
+@_from_config(ExtractConfig, "images")
+def extract(**kw: Any) -> None:
     """Run the backbone once over IMAGES and cache the features in HDF5.
 
     IMAGES is a folder of class folders (images/lipstick/*.jpg), a folder of unlabelled
@@ -159,7 +207,7 @@ def extract(images: str, **kw: Any) -> None:
     """
     from .extract import extract as run
 
-    summary = run(ExtractConfig(images=images, **kw))
+    summary = run(ExtractConfig(**kw))
     for path, reason in summary.skipped[:20]:
         click.echo(f"skipped {path}: {reason}", err=True)
     if len(summary.skipped) > 20:
@@ -168,85 +216,24 @@ def extract(images: str, **kw: Any) -> None:
 
 
 @cli.command("fit-head")
-@click.argument("cache", type=click.Path())
-@click.option("--out", "-o", default=FitHeadConfig.out, show_default=True, help="Head directory to write.")
+@_from_config(FitHeadConfig, "cache")
 @click.option(
     "--head",
-    type=click.Choice(["logreg", "mlp", "centroid"]),
-    default="logreg",
+    type=click.Choice(HEAD_KINDS),
+    default=FitHeadConfig.head,
     show_default=True,
     help="logreg (swept C), mlp (one hidden layer), centroid (few-shot: five photos make a class).",
 )
-@click.option("--c", "c", type=float, help="Inverse regularisation strength; default: swept on the validation split.")
-@click.option("--classes", type=click.Path(dir_okay=False), help="Label map TOML: merge/rename/drop, stable ids.")
-@click.option("--val-fraction", type=float, default=0.2, show_default=True, help="Stratified validation share.")
-@click.option(
-    "--near-duplicate-threshold",
-    type=click.FloatRange(0, 1),
-    default=FitHeadConfig.near_duplicate_threshold,
-    show_default=True,
-    help="Photos with feature cosine above this stay on one side of the split (1 = off).",
-)
-@click.option("--class-weight", type=click.Choice(["balanced"]), help="Re-weight classes (imbalanced catalogs).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the validation split.")
-@click.option("--max-iter", type=click.IntRange(1), default=1000, show_default=True, help="L-BFGS iterations.")
-@click.option("--device", default="auto", show_default=True, help="cuda: torch L-BFGS on the GPU; cpu: scikit-learn.")
-@click.option(
-    "--calibrate/--no-calibrate", default=True, show_default=True, help="Temperature scaling on the validation split."
-)
-@click.option(
-    "--unknown-threshold", type=click.FloatRange(0, 1), help="Recorded in the head: below it, evaluate says unknown."
-)
-@click.option("--hidden", type=click.IntRange(1), default=512, show_default=True, help="MLP hidden width.")
-@click.option("--max-memory-gb", type=click.FloatRange(0), help="Above: stream features from the cache (logreg).")
-def fit_head(cache: str, **kw: Any) -> None:
+def fit_head(**kw: Any) -> None:
     """Train a classification head on a feature cache, in seconds."""
     from .fit_head import fit_head as run
 
-    click.echo(run(FitHeadConfig(cache=cache, **kw)).line())
+    click.echo(run(FitHeadConfig(**kw)).line())
 
 
 @cli.command()
-@click.argument("images", type=click.Path())
-@click.option("--head", required=True, type=click.Path(), help="HEAD_DIR from fit-head (the LP-FT start).")
-@click.option("--out", "-o", default=FinetuneConfig.out, show_default=True, help="FT_DIR to write.")
-@click.option("--epochs", type=click.IntRange(1), default=FinetuneConfig.epochs, show_default=True)
-@click.option("--batch-size", type=click.IntRange(1), help="Per process. Default: 64 on GPU, 32 on CPU.")
-@click.option("--accum-steps", type=click.IntRange(1), default=1, show_default=True, help="Gradient accumulation.")
-@click.option("--lr", type=click.FloatRange(0, min_open=True), default=FinetuneConfig.lr, show_default=True)
-@click.option(
-    "--layer-decay", type=float, default=FinetuneConfig.layer_decay, show_default=True, help="LR factor per group down."
-)
-@click.option("--stages", type=click.IntRange(1), default=FinetuneConfig.stages, show_default=True, help="Groups.")
-@click.option(
-    "--unfreeze-every",
-    type=click.FloatRange(0),
-    default=FinetuneConfig.unfreeze_every,
-    show_default=True,
-    help="Epochs between unfreezing the next group down; 0 = all at once.",
-)
-@click.option("--warmup", type=float, default=FinetuneConfig.warmup, show_default=True, help="Share of steps.")
-@click.option("--weight-decay", type=click.FloatRange(0), default=FinetuneConfig.weight_decay, show_default=True)
-@click.option("--label-smoothing", type=float, default=0.0, show_default=True)
-@click.option("--class-weight", type=click.Choice(["balanced"]), help="Re-weight classes (imbalanced catalogs).")
-@click.option(
-    "--augment",
-    type=click.Choice(["auto", "product", "letterbox", "none"]),
-    default="auto",
-    show_default=True,
-    help="Augmentation preset; none of them changes colour.",
-)
-@click.option("--init", type=click.Choice(["lp", "random"]), default="lp", show_default=True, help="Start head.")
-@click.option("--patience", type=click.IntRange(0), default=FinetuneConfig.patience, show_default=True)
-@click.option("--checkpoint-every", type=click.IntRange(1), default=FinetuneConfig.checkpoint_every, show_default=True)
-@click.option("--resume", is_flag=True, help="Continue an interrupted fine-tune from FT_DIR/checkpoint/last.pt.")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
-@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True)
-@click.option("--workers", type=click.IntRange(0), help="Decode processes.")
-@click.option("--weights-file", type=click.Path(dir_okay=False), help="Backbone weights file.")
-@_progress_option
-def finetune(images: str, **kw: Any) -> None:
+@_from_config(FinetuneConfig, "images")
+def finetune(**kw: Any) -> None:
     """Fine-tune the whole network on IMAGES, starting from a fitted head (LP-FT).
 
     Gradual unfreezing from the top, layer-wise learning rates, early stopping on fit-head's
@@ -254,40 +241,19 @@ def finetune(images: str, **kw: Any) -> None:
     """
     from .finetune.stage import finetune as run
 
-    summary = run(FinetuneConfig(images=images, **kw))
+    summary = run(FinetuneConfig(**kw))
     if summary.is_main:
         click.echo(summary.line())
 
 
 @cli.command()
-@click.argument("head", type=click.Path())
-@click.option("--out", "-o", default=ExportConfig.out, show_default=True, help="Model directory to write.")
-@click.option(
-    "--weights-file", type=click.Path(dir_okay=False), help="Backbone weights file, if not found automatically."
-)
-@click.option(
-    "--format",
-    "format",
-    type=click.Choice(["native", "onnx"]),
-    default="native",
-    show_default=True,
-    help="native: model.pt for headstart/PyTorch; onnx: model.onnx for onnxruntime (pip install 'headstart[onnx]').",
-)
-@click.option(
-    "--parity-tolerance",
-    type=click.FloatRange(0),
-    default=ExportConfig.parity_tolerance,
-    show_default=True,
-    help="Fail if exported and PyTorch probabilities differ by more on sample images.",
-)
-def export(head: str, **kw: Any) -> None:
+@_from_config(ExportConfig, "head")
+def export(**kw: Any) -> None:
     """Combine backbone, preprocessing and HEAD into one self-contained, parity-checked model."""
-    import json as _json
-
     from .export import export as run
 
-    path = run(ExportConfig(head=head, **kw))
-    manifest = _json.loads((path / "manifest.json").read_text(encoding="utf-8"))
+    path = run(ExportConfig(**kw))
+    manifest = json.loads((path / "manifest.json").read_text(encoding="utf-8"))
     parity = manifest["parity"]
     click.echo(
         f"{path}: {manifest['runtime']} model written ({', '.join(manifest['files'])} + manifest.json); "
@@ -296,38 +262,8 @@ def export(head: str, **kw: Any) -> None:
 
 
 @cli.command()
-@click.argument("model", type=click.Path())
-@click.argument("inputs", nargs=-1, required=True)
-@click.option(
-    "--out", "-o", default=PredictConfig.out, show_default=True, help="CSV or .jsonl file to write; - for stdout."
-)
-@click.option(
-    "--format",
-    "format",
-    type=click.Choice(["csv", "jsonl"]),
-    help="Output format. Default: jsonl if --out ends in .jsonl/.ndjson, else csv.",
-)
-@click.option("--top-k", type=click.IntRange(1), default=3, show_default=True, help="Labels per photo.")
-@click.option(
-    "--unknown-threshold",
-    type=click.FloatRange(0, 1),
-    help="Label a photo 'unknown' when its best probability is below this.",
-)
-@click.option(
-    "--embeddings", type=click.Path(dir_okay=False), help="Also write the features, one row per input (.npy or .h5)."
-)
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
-@click.option(
-    "--precision",
-    type=click.Choice(["auto", "fp32", "bf16"]),
-    default="auto",
-    show_default=True,
-    help="auto = the precision the head was trained on, when this machine runs it fast.",
-)
-@click.option("--batch-size", type=click.IntRange(1), help="Default: 256 on GPU, 16 on CPU.")
-@click.option("--workers", type=click.IntRange(0), help="Decode processes.")
-@_progress_option
-def predict(model: str, inputs: tuple[str, ...], **kw: Any) -> None:
+@_from_config(PredictConfig, "model", "inputs")
+def predict(**kw: Any) -> None:
     """Classify INPUTS with an exported MODEL (native or ONNX); write CSV or JSON Lines.
 
     INPUTS are image files, folders (searched recursively), glob patterns ('photos/**/*.jpg'),
@@ -336,23 +272,13 @@ def predict(model: str, inputs: tuple[str, ...], **kw: Any) -> None:
     """
     from .predict import predict as run
 
-    _, summary = run(PredictConfig(model=model, inputs=inputs, **kw))
+    _, summary = run(PredictConfig(**kw))
     click.echo(summary.line(), err=kw["out"] == "-")
 
 
 @cli.command()
-@click.argument("model", type=click.Path())
-@click.argument("data", type=click.Path())
-@click.option("--out", "-o", default=EvaluateConfig.out, show_default=True, help="Report directory to write.")
-@click.option(
-    "--unknown-threshold", type=click.FloatRange(0, 1), help="Report coverage/accuracy at it (default: the head's)."
-)
-@click.option("--worst", type=click.IntRange(0), default=24, show_default=True, help="Mistakes shown as thumbnails.")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
-@click.option("--batch-size", type=click.IntRange(1), help="Default: 256 on GPU, 16 on CPU.")
-@click.option("--workers", type=click.IntRange(0), help="Decode processes.")
-@_progress_option
-def evaluate(model: str, data: str, **kw: Any) -> None:
+@_from_config(EvaluateConfig, "model", "data")
+def evaluate(**kw: Any) -> None:
     """Score MODEL (exported model or head directory) on DATA (labelled photos or a feature cache).
 
     Writes metrics.json, per_class.csv and report.html (confusion matrix, reliability plot,
@@ -360,39 +286,33 @@ def evaluate(model: str, data: str, **kw: Any) -> None:
     """
     from .evaluate import evaluate as run
 
-    click.echo(run(EvaluateConfig(model=model, data=data, **kw)).line())
+    click.echo(run(EvaluateConfig(**kw)).line())
 
 
 @cli.command()
-@click.argument("image", type=click.Path())
-@click.option("--cache", "cache", required=True, type=click.Path(), help="Feature cache to search.")
-@click.option("-k", "k", type=click.IntRange(1), default=10, show_default=True, help="How many photos.")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
+@_from_config(SimilarConfig, "image")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def similar(image: str, cache: str, k: int, device: str, as_json: bool) -> None:
+def similar(as_json: bool, **kw: Any) -> None:
     """The K catalog photos most similar to IMAGE (cosine of cached features)."""
-    from dataclasses import asdict
-
     from .similar import similar as run
 
-    matches = run(image, cache, k=k, device=device)
+    cfg = SimilarConfig(**kw)
+    matches = run(cfg.image, cfg.cache, k=cfg.k, device=cfg.device)
     if as_json:
-        click.echo(json.dumps([asdict(m) for m in matches], indent=2, ensure_ascii=False))
+        click.echo(json.dumps([dataclasses.asdict(m) for m in matches], indent=2, ensure_ascii=False))
         return
     for m in matches:
         click.echo(m.line())
 
 
 @cli.command()
-@click.option("--out", "-o", default="artifacts/demo", show_default=True, help="Where to write everything.")
-@click.option("--backbone", "-b", default=DEFAULT_BACKBONE, show_default=True, help="See `headstart backbones`.")
-@_progress_option
-def demo(out: str, backbone: str, progress: bool) -> None:
+@_from_config(DemoConfig)
+def demo(**kw: Any) -> None:
     """Run extract -> fit-head -> export -> predict on the bundled sample catalog."""
     from .demo import run_demo
 
-    result = run_demo(Path(out), backbone=backbone, progress=progress)
-    click.echo(result.line())
+    cfg = DemoConfig(**kw)
+    click.echo(run_demo(Path(cfg.out), backbone=cfg.backbone, progress=cfg.progress).line())
 
 
 @cli.group("cache")

@@ -1,16 +1,22 @@
-"""Configuration: one frozen dataclass per stage; defaults < TOML file < command-line flags.
+"""Configuration: one frozen dataclass per command; defaults < TOML file < command-line flags.
 
-``headstart --config FILE cmd`` loads FILE (one table per command, e.g. ``[fit-head]``) into
-click's ``default_map``, so explicit flags always win. Each stage writes the configuration it
-actually used next to its output (``config.json``), the way timm writes ``args.yaml``.
+The dataclass fields are the one place where defaults are written. Each field's metadata holds
+its help text and what values it takes (``choices``, ``min``/``max``, ``path``); the click
+options in :mod:`pipeline.cli` and ``configs/default.toml`` (:func:`default_toml`) are derived
+from them. ``headstart --config FILE cmd`` (or ``headstart cmd --config FILE``) loads FILE, one
+table per command (e.g. ``[fit-head]``), into click's ``default_map``, so explicit flags always
+win; unknown tables and keys are errors (:func:`load_default_map`). Each stage writes the
+configuration it actually used next to its output (``config.json``), the way timm writes
+``args.yaml``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,115 +24,188 @@ from .errors import InputError
 
 DEFAULT_BACKBONE = "efficientnet_lite0"
 ARTIFACTS = Path("artifacts")
+PRECISIONS = ("auto", "fp32", "bf16")
+CLASS_WEIGHTS = ("balanced",)
+DEVICE_HELP = "auto, cpu, cuda, cuda:N."
+PROGRESS_HELP = "Show progress bars."
+BATCH_HELP = "Default: 256 on GPU, 16 on CPU."
+PRECISION_HELP = "Compute precision; auto = bf16 on CUDA and on CPUs with AMX/avx512_bf16."
+BOMB_HELP = "Refuse larger images (decompression bombs)."
+
+
+def _opt(default: Any, help: str = "", **meta: Any) -> Any:
+    """A field with its single default, its help text and (``meta``) the values it takes."""
+    return field(default=default, metadata={"help": help, **meta})
 
 
 @dataclass(frozen=True)
 class ExtractConfig:
-    images: str
-    out: str = str(ARTIFACTS / "features.h5")
-    backbone: str = DEFAULT_BACKBONE
-    weights_file: str | None = None
-    device: str = "auto"
-    precision: str = "auto"  # auto | fp32 | bf16 (part of the fingerprint)
-    dtype: str = "float16"  # storage type of /features
-    batch_size: int | None = None  # None = chosen from the hardware
-    workers: int | None = None
-    draft: bool = True
-    letterbox: bool = False
-    decode: str = "cpu"  # cpu (PIL in DataLoader workers) | gpu (nvjpeg, batched, CPU fallback per file)
-    max_pixels: int | None = None
-    rebuild: bool = False
-    strict: bool = False
-    progress: bool = True
+    images: str = field(
+        metadata={"help": "Folder of class folders, folder of unlabelled images, or CSV manifest.", "path": "any"}
+    )
+    out: str = _opt(str(ARTIFACTS / "features.h5"), "HDF5 feature cache to create or update.")
+    backbone: str = _opt(DEFAULT_BACKBONE, "See `headstart backbones`.")
+    weights_file: str | None = _opt(None, "Backbone weights file (torchvision .pth).", path="file")
+    device: str = _opt("auto", DEVICE_HELP)
+    precision: str = _opt("auto", PRECISION_HELP, choices=PRECISIONS)  # part of the cache fingerprint
+    dtype: str = _opt("float16", "Storage type of the features.", choices=("float16", "float32"))
+    batch_size: int | None = _opt(None, BATCH_HELP, min=1)  # None = chosen from the hardware
+    workers: int | None = _opt(None, "Decode processes. Default: from the CPU count.", min=0)
+    draft: bool = _opt(True, "JPEG DCT-domain downscaling of large photos.")
+    letterbox: bool = _opt(False, "Pad to a square on white instead of centre-cropping.")
+    decode: str = _opt(
+        "cpu",
+        "gpu: batched nvjpeg JPEG decoding and resizing on the GPU (CPU fallback per file).",
+        choices=("cpu", "gpu"),
+    )
+    max_pixels: int | None = _opt(None, BOMB_HELP, min=1)
+    rebuild: bool = _opt(False, "Discard the existing cache and start over.")
+    strict: bool = _opt(False, "Exit with an error if any file was skipped.")
+    progress: bool = _opt(True, PROGRESS_HELP)
 
 
 @dataclass(frozen=True)
 class FitHeadConfig:
-    cache: str
-    out: str = str(ARTIFACTS / "head")
-    head: str = "logreg"
-    c: float | None = None  # None = sweep C on the validation split
-    val_fraction: float = 0.2
-    class_weight: str | None = None  # None | "balanced"
-    seed: int = 0
-    max_iter: int = 1000
+    cache: str = field(metadata={"help": "Feature cache from extract.", "path": "any"})
+    out: str = _opt(str(ARTIFACTS / "head"), "Head directory to write.")
+    head: str = _opt(
+        "logreg", "Head kind, e.g. logreg (swept C), mlp, centroid; `headstart fit-head --help` lists them."
+    )
+    c: float | None = _opt(None, "Inverse regularisation strength; default: swept on the validation split.")
+    val_fraction: float = _opt(0.2, "Stratified validation share.")
+    class_weight: str | None = _opt(None, "Re-weight classes (imbalanced catalogs).", choices=CLASS_WEIGHTS)
+    seed: int = _opt(0, "Seed of the validation split.")
+    max_iter: int = _opt(1000, "L-BFGS iterations.", min=1)
     # Issue 4 (heads, label maps, honest splits, calibration); see fit_head.py for each.
-    device: str = "auto"  # auto | cpu | cuda | cuda:N - cuda* = torch L-BFGS on the GPU
-    classes: str | None = None  # label map TOML: merge / rename / drop with stable class ids
-    near_duplicate_threshold: float | None = 0.97  # feature cosine; None or 1 = off (why 0.97: splits.py)
-    calibrate: bool = True  # temperature scaling on the validation split
-    unknown_threshold: float | None = None  # recorded in head.json for evaluate / predict
-    hidden: int = 512  # MLP head width
-    max_memory_gb: float | None = None  # above: stream features from the cache (None = half the RAM)
+    device: str = _opt("auto", "cuda: torch L-BFGS on the GPU; cpu: scikit-learn.")
+    classes: str | None = _opt(None, "Label map TOML: merge/rename/drop, stable ids.", path="file")
+    near_duplicate_threshold: float | None = _opt(  # why 0.97: splits.py
+        0.97, "Photos with feature cosine above this stay on one side of the split (1 = off).", min=0, max=1
+    )
+    calibrate: bool = _opt(True, "Temperature scaling on the validation split.")
+    unknown_threshold: float | None = _opt(None, "Recorded in the head: below it, evaluate says unknown.", min=0, max=1)
+    hidden: int = _opt(512, "MLP hidden width.", min=1)
+    max_memory_gb: float | None = _opt(None, "Above: stream features from the cache (logreg).", min=0)  # None: RAM/2
 
 
 @dataclass(frozen=True)
 class FinetuneConfig:
-    images: str
-    head: str  # HEAD_DIR from fit-head: LP-FT start, class names, preprocessing, validation split
-    out: str = str(ARTIFACTS / "finetune")
-    epochs: int = 10
-    batch_size: int | None = None  # per process; None = 64 on GPU, 32 on CPU
-    accum_steps: int = 1  # gradient accumulation (small GPUs)
-    lr: float = 1e-4  # head and top group; lower groups get lr * layer_decay**depth
-    layer_decay: float = 0.5
-    stages: int = 4  # backbone layer groups for unfreezing and learning rates
-    unfreeze_every: float = 1.0  # epochs between unfreezing the next group down; 0 = all at once
-    warmup: float = 0.1  # fraction of the optimizer steps
-    weight_decay: float = 0.05
-    label_smoothing: float = 0.0
-    class_weight: str | None = None  # None | "balanced"
-    augment: str = "auto"  # auto | product | letterbox | none (never changes colour)
-    init: str = "lp"  # lp: start from the fitted head (LP-FT) | random: a fresh head
-    patience: int = 3  # epochs without better validation log-loss before stopping; 0 = never
-    clip_grad: float | None = 1.0
-    checkpoint_every: int = 50  # optimizer steps between resume checkpoints (and every epoch)
-    resume: bool = False
-    seed: int = 0
-    device: str = "auto"
-    precision: str = "auto"
-    workers: int | None = None
-    weights_file: str | None = None
-    max_pixels: int | None = None
-    progress: bool = True
+    images: str = field(metadata={"help": "Photos to fine-tune on (as for extract).", "path": "any"})
+    # HEAD_DIR from fit-head: LP-FT start, class names, preprocessing, validation split
+    head: str = field(metadata={"help": "HEAD_DIR from fit-head (the LP-FT start).", "path": "any"})
+    out: str = _opt(str(ARTIFACTS / "finetune"), "FT_DIR to write.")
+    epochs: int = _opt(10, "Epochs at most (early stopping may end sooner).", min=1)
+    batch_size: int | None = _opt(None, "Per process. Default: 64 on GPU, 32 on CPU.", min=1)
+    accum_steps: int = _opt(1, "Gradient accumulation.", min=1)
+    lr: float = _opt(
+        1e-4, "Learning rate of the head and top group; each group down: times --layer-decay.", min=0, min_open=True
+    )
+    layer_decay: float = _opt(0.5, "LR factor per group down.")  # group at depth d: lr * layer_decay**d
+    stages: int = _opt(4, "Backbone layer groups (for unfreezing and learning rates).", min=1)
+    unfreeze_every: float = _opt(1.0, "Epochs between unfreezing the next group down; 0 = all at once.", min=0)
+    warmup: float = _opt(0.1, "Share of the optimizer steps for learning-rate warm-up.")
+    weight_decay: float = _opt(0.05, "AdamW weight decay.", min=0)
+    label_smoothing: float = _opt(0.0, "Label smoothing of the cross-entropy loss, in [0, 1).")
+    class_weight: str | None = _opt(None, "Re-weight classes (imbalanced catalogs).", choices=CLASS_WEIGHTS)
+    augment: str = _opt(
+        "auto", "Augmentation preset; none of them changes colour.", choices=("auto", "product", "letterbox", "none")
+    )
+    init: str = _opt("lp", "Start head.", choices=("lp", "random"))  # lp: the fitted head (LP-FT)
+    patience: int = _opt(3, "Epochs without better validation log-loss before stopping; 0 = never.", min=0)
+    clip_grad: float | None = _opt(1.0, "Clip the gradient norm to this; 0 = off.", min=0)
+    checkpoint_every: int = _opt(50, "Optimizer steps between resume checkpoints (and every epoch).", min=1)
+    resume: bool = _opt(False, "Continue an interrupted fine-tune from FT_DIR/checkpoint/last.pt.")
+    seed: int = _opt(0, "Seed of shuffling, augmentation and a random head.")
+    device: str = _opt("auto", DEVICE_HELP)
+    precision: str = _opt("auto", PRECISION_HELP, choices=PRECISIONS)
+    workers: int | None = _opt(None, "Decode processes.", min=0)
+    weights_file: str | None = _opt(None, "Backbone weights file.", path="file")
+    max_pixels: int | None = _opt(None, BOMB_HELP, min=1)
+    progress: bool = _opt(True, PROGRESS_HELP)
 
 
 @dataclass(frozen=True)
 class ExportConfig:
-    head: str
-    out: str = str(ARTIFACTS / "model")
-    weights_file: str | None = None
-    format: str = "native"  # native (model.pt) | onnx (model.onnx, needs the `onnx` extra)
-    parity_tolerance: float = 1e-3  # max |p_exported - p_pytorch| on sample images
+    head: str = field(metadata={"help": "HEAD_DIR from fit-head or FT_DIR from finetune.", "path": "any"})
+    out: str = _opt(str(ARTIFACTS / "model"), "Model directory to write.")
+    weights_file: str | None = _opt(None, "Backbone weights file, if not found automatically.", path="file")
+    format: str = _opt(
+        "native",
+        "native: model.pt for headstart/PyTorch; onnx: model.onnx for onnxruntime (pip install 'headstart[onnx]').",
+        choices=("native", "onnx"),
+    )
+    parity_tolerance: float = _opt(
+        1e-3, "Fail if exported and PyTorch probabilities differ by more on sample images.", min=0
+    )
 
 
 @dataclass(frozen=True)
 class PredictConfig:
-    model: str
-    inputs: tuple[str, ...]
-    out: str = str(ARTIFACTS / "predictions.csv")
-    format: str | None = None  # csv | jsonl; None = from the --out extension
-    top_k: int = 3
-    unknown_threshold: float | None = None  # top-1 probability below it -> label "unknown"
-    embeddings: str | None = None  # .npy or .h5 file for the features, one row per input
-    device: str = "auto"
-    precision: str = "auto"
-    batch_size: int | None = None
-    workers: int | None = None
-    progress: bool = True
+    model: str = field(metadata={"help": "Model directory from export.", "path": "any"})
+    inputs: tuple[str, ...] = field(metadata={"help": "Image files, folders, glob patterns, lists of paths, or -."})
+    out: str = _opt(str(ARTIFACTS / "predictions.csv"), "CSV or .jsonl file to write; - for stdout.")
+    format: str | None = _opt(
+        None, "Output format. Default: jsonl if --out ends in .jsonl/.ndjson, else csv.", choices=("csv", "jsonl")
+    )
+    top_k: int = _opt(3, "Labels per photo.", min=1)
+    unknown_threshold: float | None = _opt(
+        None, "Label a photo 'unknown' when its best probability is below this.", min=0, max=1
+    )
+    embeddings: str | None = _opt(None, "Also write the features, one row per input (.npy or .h5).", path="file")
+    device: str = _opt("auto", DEVICE_HELP)
+    precision: str = _opt(
+        "auto", "auto = the precision the head was trained on, when this machine runs it fast.", choices=PRECISIONS
+    )
+    batch_size: int | None = _opt(None, BATCH_HELP, min=1)
+    workers: int | None = _opt(None, "Decode processes.", min=0)
+    progress: bool = _opt(True, PROGRESS_HELP)
 
 
 @dataclass(frozen=True)
 class EvaluateConfig:
-    model: str  # an exported model directory or a head directory
-    data: str  # a folder of class folders / CSV manifest, or a feature cache (.h5)
-    out: str = str(ARTIFACTS / "report")
-    unknown_threshold: float | None = None  # None = the head's, if it recorded one
-    worst: int = 24  # mistakes shown as thumbnails
-    device: str = "auto"
-    batch_size: int | None = None
-    workers: int | None = None
-    progress: bool = True
+    model: str = field(metadata={"help": "An exported model directory or a head directory.", "path": "any"})
+    data: str = field(
+        metadata={"help": "A folder of class folders / CSV manifest, or a feature cache (.h5).", "path": "any"}
+    )
+    out: str = _opt(str(ARTIFACTS / "report"), "Report directory to write.")
+    unknown_threshold: float | None = _opt(None, "Report coverage/accuracy at it (default: the head's).", min=0, max=1)
+    worst: int = _opt(24, "Mistakes shown as thumbnails.", min=0)
+    device: str = _opt("auto", DEVICE_HELP)
+    batch_size: int | None = _opt(None, BATCH_HELP, min=1)
+    workers: int | None = _opt(None, "Decode processes.", min=0)
+    progress: bool = _opt(True, PROGRESS_HELP)
+
+
+@dataclass(frozen=True)
+class SimilarConfig:
+    image: str = field(metadata={"help": "The query photo.", "path": "any"})
+    cache: str = field(metadata={"help": "Feature cache to search.", "path": "any"})
+    k: int = _opt(10, "How many photos.", min=1)
+    device: str = _opt("auto", DEVICE_HELP)
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    out: str = _opt(str(ARTIFACTS / "demo"), "Where to write everything.")
+    backbone: str = _opt(DEFAULT_BACKBONE, "See `headstart backbones`.")
+    progress: bool = _opt(True, PROGRESS_HELP)
+
+
+# The commands that read a table of a --config file, in the order of the pipeline.
+COMMANDS: dict[str, type] = {
+    "extract": ExtractConfig,
+    "fit-head": FitHeadConfig,
+    "finetune": FinetuneConfig,
+    "export": ExportConfig,
+    "predict": PredictConfig,
+    "evaluate": EvaluateConfig,
+    "similar": SimilarConfig,
+    "demo": DemoConfig,
+}
+
+
+def has_default(f: dataclasses.Field[Any]) -> bool:
+    return f.default is not dataclasses.MISSING
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -143,10 +222,21 @@ def save_resolved(cfg: Any, path: str | Path, **extra: Any) -> Path:
     return path
 
 
+def _key(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _unknown(what: str, name: str, where: str, valid: list[str]) -> str:
+    close = difflib.get_close_matches(name, valid, n=1)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    return f"unknown {what} {name}{where}{hint}; valid {what}s: {', '.join(valid)}"
+
+
 def load_default_map(path: str | Path) -> dict[str, dict[str, Any]]:
     """TOML file -> click ``default_map``: ``{command: {param_name: value}}``.
 
-    Keys may be written with dashes or underscores (``top-k`` or ``top_k``)."""
+    Keys may be written with dashes or underscores (``top-k`` or ``top_k``); a table or key that
+    no command has is an :class:`InputError` naming it and the valid ones."""
     path = Path(path)
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
@@ -154,9 +244,51 @@ def load_default_map(path: str | Path) -> dict[str, dict[str, Any]]:
         raise InputError(f"config file {path} does not exist") from None
     except tomllib.TOMLDecodeError as e:
         raise InputError(f"config file {path} is not valid TOML: {e}") from None
+    tables = [f"[{c}]" for c in COMMANDS]
     out: dict[str, dict[str, Any]] = {}
     for command, table in data.items():
+        name = _key(command)
         if not isinstance(table, dict):
-            raise InputError(f"config file {path}: '{command}' must be a table like [{command}]")
-        out[command.replace("_", "-")] = {k.replace("-", "_"): v for k, v in table.items()}
+            raise InputError(
+                f"config file {path}: key {command} is outside a table; put it in one of {', '.join(tables)}"
+            )
+        if name not in COMMANDS:
+            raise InputError(f"config file {path}: {_unknown('table', f'[{name}]', '', tables)}")
+        keys = [_key(f.name) for f in dataclasses.fields(COMMANDS[name])]
+        for k in table:
+            if _key(k) not in keys:
+                raise InputError(f"config file {path}: {_unknown('key', _key(k), f' in [{name}]', keys)}")
+        out[name] = {k.replace("-", "_"): v for k, v in table.items()}
     return out
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    return json.dumps(v) if isinstance(v, str) else repr(v)
+
+
+def default_toml() -> str:
+    """The text of ``configs/default.toml``: every field of every command with its default.
+
+    Fields without a default value (None) are written as comments; positional arguments
+    (IMAGES, CACHE, ...) may be given as keys too but have no default and are left out."""
+    lines = [
+        "# Defaults for every command, one table per command; generated from pipeline/config.py",
+        "# (pipeline.config.default_toml(); tests/test_config.py checks that they agree). Use with:",
+        "#   headstart --config configs/default.toml <command> ...",
+        "#   headstart <command> --config configs/default.toml ...",
+        "# Flags given on the command line win over these values. Commented-out keys have no fixed",
+        "# default (see the note after them). Any other table or key is an error, except a command's",
+        '# arguments (e.g. images = "photos/" in [extract]).',
+    ]
+    for command, cls in COMMANDS.items():
+        lines += ["", f"[{command}]"]
+        for f in dataclasses.fields(cls):
+            if not has_default(f):
+                continue
+            choices = f.metadata.get("choices")
+            note = f.metadata["help"] + (f" One of: {' | '.join(choices)}." if choices else "")
+            key = f"{_key(f.name)} = {_toml_value(f.default)}" if f.default is not None else f"# {_key(f.name)} ="
+            lines.append(f"{key:<38} # {note}")
+    return "\n".join(lines) + "\n"

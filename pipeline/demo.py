@@ -14,15 +14,15 @@ from pathlib import Path
 import numpy as np
 
 from .config import ExportConfig, ExtractConfig, FitHeadConfig, PredictConfig
+from .data import SAMPLE_CATALOG
 from .data.images import discover, open_rgb
 from .errors import InputError
 from .export import export
 from .extract import extract
 from .fit_head import fit_head
 from .predict import predict
-from .probe.estimators import LogisticHead, sweep_c
-
-SAMPLE_CATALOG = Path(__file__).resolve().parent / "data" / "sample_catalog"
+from .probe.estimators import LogisticHead
+from .probe.selection import sweep_c
 
 
 @dataclass

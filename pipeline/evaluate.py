@@ -10,7 +10,6 @@ categories the model does not know are left out and counted.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,8 @@ from .artifacts.report import Scored, write_report
 from .config import EvaluateConfig, save_resolved
 from .data.labels import LabelMap
 from .errors import ArtifactError, CacheError, InputError
-from .probe.estimators import softmax
+from .models.fingerprint import Fingerprint
+from .probe.calibration import softmax
 
 
 @dataclass
@@ -34,7 +34,7 @@ class Scorer:
     path: Path
     class_names: list[str]
     head: nn.Module
-    fingerprint: dict[str, Any]  # backbone, weights_sha256, preprocessing (dict), precision
+    fingerprint: Fingerprint
     label_map: LabelMap | None
     unknown_threshold: float | None
     net: nn.Module | None = None  # the backbone, when already loaded (a model)
@@ -45,25 +45,17 @@ class Scorer:
 
     def backbone(self) -> nn.Module:
         if self.net is None:
-            from .errors import BackboneError
-            from .models.backbones import Preprocessing, get_spec, load_backbone, with_preprocessing
-
-            fp = self.fingerprint
-            spec = with_preprocessing(get_spec(fp["backbone"]), Preprocessing.from_dict(fp["preprocessing"]))
-            loaded = load_backbone(spec)
-            if loaded.weights_sha256 != fp["weights_sha256"]:
-                raise BackboneError(
-                    f"the {spec.name} weights on this machine differ from the ones {self.path} was trained on; "
-                    "evaluate on the feature cache instead, or export the model on the machine that has them"
-                )
-            self.net = loaded.net
+            self.net = self.fingerprint.load_backbone(
+                made=str(self.path),
+                fix="evaluate on the feature cache instead, or export the model on the machine that has them",
+            ).net
         return self.net
 
 
 def load_scorer(path: str | Path) -> Scorer:
     p = Path(path)
     if (p / "manifest.json").is_file():
-        from .export import load_model
+        from .artifacts.model_dir import load_model
 
         loaded = load_model(p)
         if loaded.model is None:
@@ -72,22 +64,17 @@ def load_scorer(path: str | Path) -> Scorer:
                 "or export it again without --format onnx"
             )
         m = loaded.manifest
-        fp = {
-            "backbone": m["backbone"]["name"],
-            "weights_sha256": m["backbone"]["weights_sha256"],
-            "preprocessing": loaded.preprocessing.to_dict(),
-            "precision": m["precision"],
-        }
         return Scorer(
-            "model", p, loaded.class_names, loaded.model.head, fp, LabelMap.from_record(m["head"].get("label_map")),
+            "model", p, loaded.class_names, loaded.model.head, loaded.fingerprint,
+            LabelMap.from_record(m["head"].get("label_map")),
             m["head"].get("unknown_threshold"), loaded.model.net,
         )  # fmt: skip
     if (p / "head.json").is_file():
-        from .artifacts.head_dir import build_head, read_head
+        from .artifacts.head_dir import read_head
+        from .models.heads import build_head
 
         meta, spec = read_head(p)
-        fp = dict(meta["fingerprint"])
-        fp["preprocessing"] = json.loads(fp["preprocessing"])
+        fp = Fingerprint.from_record(meta["fingerprint"], source=str(p / "head.json"))
         return Scorer(
             "head", p, list(meta["class_names"]), build_head(spec.kind, spec.torch_tensors()).eval(), fp,
             LabelMap.from_record(meta.get("label_map")), meta.get("unknown_threshold"),
@@ -118,22 +105,14 @@ def _truth_index(scorer: Scorer, categories: list[str | None]) -> np.ndarray:
 
 def _from_cache(scorer: Scorer, path: Path) -> tuple[np.ndarray, list[str | None], list[str], list[Path | None]]:
     from .cache.store import Cache
-    from .models.backbones import Preprocessing
 
     with Cache(path) as c:
-        fp = c.fingerprint
-        want = scorer.fingerprint
-        same = (
-            fp.get("backbone") == want["backbone"]
-            and fp.get("weights_sha256") == want["weights_sha256"]
-            and Preprocessing.from_dict(json.loads(str(fp["preprocessing"])))
-            == Preprocessing.from_dict(want["preprocessing"])
-        )
-        if not same:
+        fp, want = c.fingerprint, scorer.fingerprint
+        if not fp.same_function(want):
             raise CacheError(
-                f"{path} was extracted with {fp.get('backbone')} (weights {str(fp.get('weights_sha256'))[:12]}) but "
-                f"{scorer.path} expects {want['backbone']} (weights {str(want['weights_sha256'])[:12]}) with its "
-                f"preprocessing; evaluate on the image folder, or extract it with --backbone {want['backbone']}"
+                f"{path} was extracted with {fp.backbone} (weights {fp.weights_sha256[:12]}) but "
+                f"{scorer.path} expects {want.backbone} (weights {want.weights_sha256[:12]}) with its "
+                f"preprocessing; evaluate on the image folder, or extract it with --backbone {want.backbone}"
             )
         rows = np.flatnonzero(c.labels >= 0)
         names = c.class_names
@@ -150,16 +129,14 @@ def _from_images(scorer: Scorer, cfg: EvaluateConfig) -> tuple[np.ndarray, list[
     from .core import runtime
     from .data.images import discover
     from .data.loader import embed_batches, make_loader
-    from .models.backbones import Preprocessing
 
     cat = discover(cfg.data, labelled=True)
     items = [i for i in cat.items if i.label is not None]
     if not items:
         raise InputError(f"{cfg.data} has no labelled photos; evaluate needs images/<class>/*.jpg or path,label")
     dev = runtime.resolve_device(cfg.device)
-    fp_precision = str(scorer.fingerprint.get("precision"))
-    precision = fp_precision if fp_precision == "fp32" else runtime.resolve_precision("auto", dev)
-    prep = Preprocessing.from_dict(scorer.fingerprint["preprocessing"])
+    precision = scorer.fingerprint.inference_precision(dev)
+    prep = scorer.fingerprint.preprocessing
     loader = make_loader(
         [i.path for i in items], prep, device=dev, batch_size=cfg.batch_size, workers=cfg.workers
     )  # fmt: skip
@@ -219,7 +196,7 @@ def evaluate(cfg: EvaluateConfig) -> EvaluateSummary:
         "model_kind": scorer.kind,
         "data": str(data.resolve()),
         "data_kind": "cache" if is_cache else "images",
-        "backbone": scorer.fingerprint["backbone"],
+        "backbone": scorer.fingerprint.backbone,
         "label_map": scorer.label_map.source if scorer.label_map else None,
         "excluded_other_categories": int(len(cats) - len(keep)),
     }

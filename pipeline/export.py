@@ -1,114 +1,56 @@
-"""Stage: head directory -> one self-describing, parity-checked model directory.
+"""Stage: head directory or fine-tune directory -> model directory. ``export(cfg) -> path``.
 
-``export(cfg) -> path`` writes ``MODEL/``:
-
-* ``model.pt`` (``--format native``) - tensors only, loaded with ``torch.load(weights_only=True)``;
-  or ``model.onnx`` (``--format onnx``) - a graph that needs neither headstart nor PyTorch;
-* ``manifest.json`` - format and schema version, which runtime, backbone identity and weights
-  sha256, preprocessing, precision, class names, head spec, the parity check's result,
-  provenance, and the sha256 of every file, checked before anything is loaded;
-* ``config.json`` - the configuration used.
-
-Both networks take uint8 RGB pixels ``[N, 3, crop, crop]`` and normalise inside. Resizing and
-cropping stay outside, in Pillow (``images.load_pixels``; README "Deploying" for other callers):
-ONNX's Resize cannot reproduce Pillow's antialiased bicubic filter bit for bit, and training
-used Pillow, so resizing in the graph would trade exact parity for convenience.
-
-**Parity.** Before the directory appears, the written file is loaded back through its own
-runtime (``load_model`` or onnxruntime) and run on up to 16 real sample images; the largest
-probability difference from the in-memory PyTorch model is recorded in the manifest, and
-export fails above ``--parity-tolerance``. Writing goes to a staging directory that is renamed
-into place, so a failed or interrupted export never leaves a half-written model behind.
-
-Extension point: anything that can produce a :class:`ModelSource` (a head directory today, a
-fine-tuned network later) can be written by :func:`write_model`; :func:`build_classifier` turns
-(manifest, state dict) back into the network.
+This module turns what ``fit-head`` or ``finetune`` wrote into a
+:class:`~pipeline.artifacts.model_dir.ModelSource` (the network rebuilt from the recorded
+fingerprint, the head's tensors, class names, provenance); writing the model directory - the
+staging, the parity check, the manifest - belongs to :mod:`pipeline.artifacts.model_dir`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import datetime as _dt
-import json
-import os
-import pickle
-import shutil
-import tempfile
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-import numpy as np
-import torch
+from .artifacts.finetune_dir import read_finetune_dir
+from .artifacts.head_dir import read_head
+from .artifacts.model_dir import PARITY_IMAGES, RUNTIMES, ModelSource, build_classifier, write_model
+from .config import ExportConfig
+from .core.hashing import sha256_file
+from .errors import HeadstartError, InputError
+from .models.fingerprint import Fingerprint
+from .models.heads import Classifier, build_head
 
-from . import __version__
-from .artifacts.head_dir import Classifier, build_head, head_tensors, read_head, read_json, verify_files
-from .config import ExportConfig, save_resolved
-from .data.images import DecodeError, load_pixels
-from .errors import ArtifactError, BackboneError, HeadstartError, InputError
-from .models.backbones import Preprocessing, get_spec, load_backbone, sha256_file, with_preprocessing
-
-MODEL_FORMAT = "headstart-model"
-MODEL_SCHEMA_VERSION = 2  # v2: runtime, head spec kind, parity; v1 (issue 2) is still read
-RUNTIMES = {"native": "model.pt", "onnx": "model.onnx"}
-PARITY_IMAGES = 16
-SAMPLE_CATALOG = Path(__file__).resolve().parent / "data" / "sample_catalog"
-
-__all__ = ["Classifier", "LoadedModel", "ModelSource", "build_classifier", "export", "load_model", "write_model"]
+__all__ = ["export", "source_from_finetune", "source_from_head"]
 
 
-# --------------------------------------------------------------------------- sources
-
-
-@dataclass
-class ModelSource:
-    """Everything export needs, whatever produced the network (head directory, fine-tuning)."""
-
-    classifier: Classifier  # fp32, CPU, eval mode
-    backbone: dict[str, Any]  # name, weights, weights_sha256, feature_dim
-    preprocessing: Preprocessing
-    precision: str  # the precision the head's features were computed in
-    class_names: list[str]
-    head: dict[str, Any]  # kind (a HEAD_BUILDERS key) + descriptive entries
-    provenance: dict[str, Any]
-    sample_images: list[Path] = field(default_factory=list)  # for the parity check
-    extra: dict[str, Any] = field(default_factory=dict)  # more top-level manifest keys
+def export(cfg: ExportConfig) -> Path:
+    if cfg.format not in RUNTIMES:
+        raise InputError(f"unknown export format {cfg.format!r}; choose one of: {', '.join(RUNTIMES)}")
+    if (Path(cfg.head) / "finetune.json").is_file():  # FT_DIR from `headstart finetune`
+        src = source_from_finetune(cfg.head)
+    else:
+        src = source_from_head(cfg.head, cfg.weights_file)
+    return write_model(src, cfg.out, fmt=cfg.format, tolerance=cfg.parity_tolerance, config=cfg)
 
 
 def source_from_head(head_dir: str | Path, weights_file: str | None = None) -> ModelSource:
     head_dir = Path(head_dir)
     meta, spec_h = read_head(head_dir)
-    fp = meta["fingerprint"]
-    prep = Preprocessing.from_dict(json.loads(fp["preprocessing"]))
-    spec = with_preprocessing(get_spec(fp["backbone"]), prep)
-    loaded = load_backbone(spec, weights_file)
-    if loaded.weights_sha256 != fp["weights_sha256"]:
-        raise BackboneError(
-            f"the {spec.name} weights on this machine (sha256 {loaded.weights_sha256[:12]}) differ from the ones "
-            f"the features were extracted with ({fp['weights_sha256'][:12]}); pass the same file with --weights-file"
-        )
-    net = loaded.net
-    net.imagenet_head = None  # the 1000-class ImageNet layer is not part of the model
+    fp = Fingerprint.from_record(meta["fingerprint"], source=str(head_dir / "head.json"))
+    net = fp.load_backbone(weights_file, made=f"the head in {head_dir}").net
     model = Classifier(net, build_head(spec_h.kind, spec_h.torch_tensors())).eval()
     metrics = meta.get("metrics", {})
     return ModelSource(
         classifier=model,
-        backbone={
-            "name": spec.name,
-            "weights": fp["weights"],
-            "weights_sha256": fp["weights_sha256"],
-            "feature_dim": spec.feature_dim,
-        },
-        preprocessing=prep,
-        precision=str(fp["precision"]),
+        fingerprint=fp,
         class_names=list(meta["class_names"]),
         head={
             "kind": spec_h.kind,
             "estimator": meta.get("kind"),
             "C": meta.get("C"),
-            # Issue 4: carried so evaluate/predict know the head's class ids, label map (merges
-            # and renames of folder names), temperature (already folded into the tensors) and
-            # the recorded --unknown-threshold. None for heads written before issue 4.
+            # So evaluate/predict know the head's class ids, label map (merges and renames of
+            # folder names), temperature (already folded into the tensors) and the recorded
+            # --unknown-threshold. None for heads of the first release, which had none of them.
             **{k: meta.get(k) for k in ("class_ids", "label_map", "temperature", "unknown_threshold")},
         },
         provenance={
@@ -123,26 +65,15 @@ def source_from_head(head_dir: str | Path, weights_file: str | None = None) -> M
 
 
 def source_from_finetune(ft_dir: str | Path) -> ModelSource:
-    """A fine-tuned network (``headstart finetune``, issue 5). ``finetune.json`` carries the keys
-    :func:`build_classifier` reads (backbone, preprocessing, head kind, class names), ``model.pt``
-    the whole network as tensors; no original weights file is needed."""
+    """A fine-tuned network: ``finetune.json`` carries the keys :func:`build_classifier` reads
+    (backbone, preprocessing, head kind, class names), ``model.pt`` the whole network as tensors;
+    no original weights file is needed."""
     ft_dir = Path(ft_dir)
-    fix = "re-run `headstart finetune`"
-    meta = read_json(ft_dir / "finetune.json", what="a fine-tune directory", fix=fix)
-    version = meta.get("schema_version")
-    if meta.get("format") != "headstart-finetune" or not isinstance(version, int) or version > 1:
-        raise ArtifactError(f"{ft_dir / 'finetune.json'} is not a fine-tune this headstart reads; {fix}")
-    verify_files(ft_dir, meta.get("files", {}), ("model.pt",), what="finetune.json", fix=fix)
-    try:
-        state = torch.load(ft_dir / "model.pt", map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ArtifactError(f"{ft_dir / 'model.pt'} cannot be read ({type(e).__name__}); {fix}") from None
+    meta, state = read_finetune_dir(ft_dir)
     metrics, prov = meta.get("metrics", {}), meta.get("provenance", {})
     return ModelSource(
         classifier=build_classifier(meta, state),
-        backbone=dict(meta["backbone"]),
-        preprocessing=Preprocessing.from_dict(meta["preprocessing"]),
-        precision=str(meta["precision"]),
+        fingerprint=Fingerprint.from_manifest(meta),
         class_names=list(meta["class_names"]),
         head={"kind": meta["head"]["kind"], "estimator": "finetuned", "init": meta["head"].get("init")},
         provenance={
@@ -171,290 +102,3 @@ def _cache_images(cache_path: str | None) -> list[Path]:
         step = max(1, len(paths) // PARITY_IMAGES)
         return [root / p for p in paths[::step][:PARITY_IMAGES]]
     return []
-
-
-# --------------------------------------------------------------------------- writing
-
-
-def export(cfg: ExportConfig) -> Path:
-    if cfg.format not in RUNTIMES:
-        raise InputError(f"unknown export format {cfg.format!r}; choose one of: {', '.join(RUNTIMES)}")
-    if (Path(cfg.head) / "finetune.json").is_file():  # FT_DIR from `headstart finetune`
-        src = source_from_finetune(cfg.head)
-    else:
-        src = source_from_head(cfg.head, cfg.weights_file)
-    return write_model(src, cfg.out, fmt=cfg.format, tolerance=cfg.parity_tolerance, config=cfg)
-
-
-def write_model(
-    src: ModelSource, out: str | Path, *, fmt: str = "native", tolerance: float = 1e-3, config: Any = None
-) -> Path:
-    """Write, load back, parity-check, then move into place. Returns ``out``."""
-    out = Path(out)
-    if out.exists() and not (out.is_dir() and (not any(out.iterdir()) or (out / "manifest.json").is_file())):
-        raise InputError(f"{out} exists and is not a headstart model directory; choose another --out")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
-        filename = RUNTIMES[fmt]
-        extra: dict[str, Any] = {}
-        if fmt == "onnx":
-            from .artifacts.onnx import export_onnx
-
-            extra["outputs"] = export_onnx(src.classifier, stage / filename, src.preprocessing.crop, _metadata(src))
-        else:
-            torch.save(src.classifier.state_dict(), stage / filename)
-        manifest = _manifest(src, fmt, {filename: sha256_file(stage / filename)}, extra)
-        _write_json(stage / "manifest.json", manifest)
-        manifest["parity"] = _parity(src, stage, tolerance)
-        _write_json(stage / "manifest.json", manifest)
-        if config is not None:
-            save_resolved(config, stage / "config.json")
-        _replace_dir(stage, out)
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
-    return out
-
-
-def _manifest(src: ModelSource, fmt: str, files: dict[str, str], extra: dict[str, Any]) -> dict[str, Any]:
-    crop = src.preprocessing.crop
-    return {
-        "format": MODEL_FORMAT,
-        "schema_version": MODEL_SCHEMA_VERSION,
-        "runtime": fmt,
-        "backbone": src.backbone,
-        "preprocessing": src.preprocessing.to_dict(),
-        "precision": src.precision,
-        "class_names": src.class_names,
-        "head": {**src.head, "n_classes": len(src.class_names)},
-        "input": {
-            "name": "pixels",
-            "dtype": "uint8",
-            "shape": ["N", 3, crop, crop],
-            "note": "RGB, resized and centre-cropped as 'preprocessing' says; normalisation is inside the model",
-        },
-        **extra,
-        **src.extra,
-        "provenance": {
-            **src.provenance,
-            "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-            "headstart_version": __version__,
-            "torch_version": torch.__version__,
-        },
-        "files": files,
-    }
-
-
-def _metadata(src: ModelSource) -> dict[str, str]:
-    """Carried inside the .onnx file too, so the graph alone still says what it is."""
-    return {
-        "headstart_format": MODEL_FORMAT,
-        "class_names": json.dumps(src.class_names, ensure_ascii=False),
-        "preprocessing": json.dumps(src.preprocessing.to_dict()),
-        "backbone": json.dumps(src.backbone),
-        "headstart_version": __version__,
-    }
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-
-
-def _replace_dir(stage: Path, out: Path) -> None:
-    # Two renames: the old model stays whole until the new one is complete.
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-    os.replace(stage, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-# --------------------------------------------------------------------------- parity
-
-
-def sample_pixels(images: list[Path], prep: Preprocessing) -> tuple[np.ndarray, str]:
-    """uint8 ``[n, 3, crop, crop]`` from the head's own photos, else the bundled catalog."""
-    for origin, candidates in (("head's training images", images), ("bundled sample catalog", _catalog_images())):
-        arrays = []
-        for p in candidates:
-            with contextlib.suppress(DecodeError, OSError):
-                arrays.append(load_pixels(p, prep))
-        if len(arrays) >= 2:
-            return np.stack(arrays[:PARITY_IMAGES]), origin
-    raise ArtifactError("no sample images could be decoded for the parity check; reinstall headstart")
-
-
-def _catalog_images() -> list[Path]:
-    # One or two photos per class, across classes: different inputs, different top-1 labels.
-    test = SAMPLE_CATALOG / "test"
-    folders = sorted(d for d in test.iterdir() if d.is_dir()) if test.is_dir() else []
-    return [p for d in folders for p in sorted(d.glob("*.png"))[:2]]
-
-
-def _parity(src: ModelSource, stage: Path, tolerance: float) -> dict[str, Any]:
-    pixels, origin = sample_pixels(src.sample_images, src.preprocessing)
-    with torch.inference_mode():
-        want = src.classifier(torch.from_numpy(pixels)).softmax(1).numpy()
-    loaded = load_model(stage)  # the real loading path: manifest, checksum, weights_only
-    if loaded.runtime == "onnx":
-        from .artifacts.onnx import onnx_session
-
-        got = onnx_session(loaded.weights_path).run(["probabilities"], {"pixels": pixels})[0]
-        runtime = _ort_version()
-    else:
-        assert loaded.model is not None
-        with torch.inference_mode():
-            got = loaded.model(torch.from_numpy(pixels)).softmax(1).numpy()
-        runtime = f"torch {torch.__version__}"
-    diff = float(np.abs(got - want).max())
-    result = {
-        "max_abs_diff": diff,
-        "tolerance": tolerance,
-        "top1_agreement": float((got.argmax(1) == want.argmax(1)).mean()),
-        "n_images": len(pixels),
-        "images": origin,
-        "reference": f"in-memory PyTorch model, fp32, CPU (torch {torch.__version__})",
-        "runtime": runtime,
-    }
-    if not diff <= tolerance:  # also catches NaN
-        raise ArtifactError(
-            f"parity check failed: the exported {loaded.runtime} model's probabilities differ from PyTorch's by "
-            f"up to {diff:.3g} on {len(pixels)} sample images (tolerance {tolerance:g}); nothing was written. "
-            "Report this with the backbone name; --parity-tolerance raises the limit if you accept the difference"
-        )
-    return result
-
-
-def _ort_version() -> str:
-    import onnxruntime
-
-    return f"onnxruntime {onnxruntime.__version__}"
-
-
-# --------------------------------------------------------------------------- loading
-
-
-@dataclass
-class LoadedModel:
-    manifest: dict[str, Any]
-    preprocessing: Preprocessing
-    root: Path
-    model: Classifier | None  # the PyTorch network (native runtime); None for ONNX
-
-    @property
-    def runtime(self) -> str:
-        return str(self.manifest.get("runtime", "native"))
-
-    @property
-    def weights_path(self) -> Path:
-        return self.root / RUNTIMES[self.runtime]
-
-    @property
-    def class_names(self) -> list[str]:
-        return list(self.manifest["class_names"])
-
-    @property
-    def precision(self) -> str:
-        return str(self.manifest["precision"])
-
-
-_REEXPORT = "re-export it with `headstart export`"
-
-
-def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """``manifest.json`` validated: format, schema version, required fields, file checksums.
-    Every problem is an ``ArtifactError`` naming the file and what to do."""
-    root = Path(path)
-    if root.is_file():
-        raise ArtifactError(
-            f"{root} is a file; pass the model directory that holds manifest.json (written by `headstart export`)"
-        )
-    what = "an exported headstart model"
-    manifest = read_json(root / "manifest.json", what=what, fix="create one with `headstart export`")
-    if manifest.get("format") != MODEL_FORMAT:
-        raise ArtifactError(f"{root / 'manifest.json'} is not a headstart model manifest; {_REEXPORT}")
-    version = manifest.get("schema_version")
-    if not isinstance(version, int) or version < 1:
-        raise ArtifactError(f"{root / 'manifest.json'} has no valid schema_version; {_REEXPORT}")
-    if version > MODEL_SCHEMA_VERSION:
-        raise ArtifactError(
-            f"{root} was exported by a newer headstart (model schema v{version}, this one reads "
-            f"v{MODEL_SCHEMA_VERSION} and older); upgrade headstart"
-        )
-    if version == 1:  # issue-2 models: native only, head named after the estimator
-        manifest.setdefault("runtime", "native")
-        manifest["head"] = {**manifest.get("head", {}), "kind": "linear"}
-    try:
-        ok = (
-            isinstance(manifest["runtime"], str)
-            and isinstance(manifest["backbone"]["name"], str)
-            and isinstance(manifest["head"]["kind"], str)
-            and all(isinstance(c, str) for c in manifest["class_names"])
-            and isinstance(manifest["files"], dict)
-            and isinstance(manifest["precision"], str)
-        )
-        Preprocessing.from_dict(manifest["preprocessing"])
-    except (KeyError, TypeError, ValueError):
-        ok = False
-    if not ok:
-        raise ArtifactError(f"{root / 'manifest.json'} is incomplete or malformed; {_REEXPORT}")
-    runtime = manifest["runtime"]
-    if runtime not in RUNTIMES:
-        raise ArtifactError(f"{root / 'manifest.json'}: unknown runtime {runtime!r}; upgrade headstart")
-    verify_files(root, manifest["files"], (RUNTIMES[runtime],), what="manifest.json", fix=_REEXPORT)
-    return manifest
-
-
-def build_classifier(manifest: dict[str, Any], state: dict[str, torch.Tensor]) -> Classifier:
-    """(manifest, state dict) -> the network: the architecture comes from the backbone registry
-    and the head spec, the numbers from ``state``. Also the entry point for fine-tuned weights."""
-    prep = Preprocessing.from_dict(manifest["preprocessing"])
-    spec = with_preprocessing(get_spec(manifest["backbone"]["name"]), prep)
-    net = load_backbone(spec, load_weights=False).net
-    net.imagenet_head = None
-    state = {k: v for k, v in state.items() if not k.startswith("net.imagenet_head.")}  # v1 models had it
-    model = Classifier(net, build_head(manifest["head"]["kind"], head_tensors(state)))
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise ArtifactError(
-            f"the weights do not fit {spec.name} with a {manifest['head']['kind']} head: "
-            f"{str(e).splitlines()[0]}; {_REEXPORT}"
-        ) from None
-    n = int(model.head.n_classes)  # type: ignore[arg-type]
-    if n != len(manifest["class_names"]):
-        raise ArtifactError(f"the head has {n} outputs but the manifest lists {len(manifest['class_names'])} classes")
-    return model.eval()
-
-
-def load_model(path: str | os.PathLike[str]) -> LoadedModel:
-    """Load an exported model safely: manifest checks and checksums first, then tensors only.
-
-    For a native model the state dict is read with ``torch.load(weights_only=True)``, whose
-    unpickler accepts tensors and plain containers and refuses everything else - an object
-    whose ``__reduce__`` would call ``os.system`` is rejected before it can run. For an ONNX
-    model nothing is unpickled at all (protobuf); the session is created by the caller.
-    """
-    root = Path(path)
-    manifest = read_manifest(root)
-    prep = Preprocessing.from_dict(manifest["preprocessing"])
-    loaded = LoadedModel(manifest=manifest, preprocessing=prep, root=root, model=None)
-    if loaded.runtime != "native":
-        return loaded
-    weights = loaded.weights_path
-    try:
-        state = torch.load(weights, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise ArtifactError(
-            f"{weights} holds something other than plain tensors and was refused without running it "
-            f"({type(e).__name__}); {_REEXPORT} from a head you trust"
-        ) from None
-    except Exception as e:  # a zip/pickle that is damaged in a way the checksum did not catch
-        raise ArtifactError(f"{weights} cannot be read ({type(e).__name__}: {str(e).splitlines()[0]})") from None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ArtifactError(f"{weights} is not a state dict of tensors; {_REEXPORT}")
-    loaded.model = build_classifier(manifest, state)
-    return loaded

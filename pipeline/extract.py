@@ -24,24 +24,17 @@ import torch
 from tqdm.auto import tqdm
 
 from . import __version__
-from .cache.store import (
-    Cache,
-    CacheContents,
-    Journal,
-    describe,
-    fingerprint_diff,
-    remove_stale_temporaries,
-    write_cache,
-    writer_lock,
-)
+from .cache.store import Cache, CacheContents, Journal, remove_stale_temporaries, write_cache, writer_lock
 from .config import ExtractConfig, save_resolved
 from .core import distributed, runtime
 from .core.distributed import Dist, merge_shards
+from .core.hashing import hash_file
 from .data.gpu_decode import require_cuda
-from .data.images import Catalog, discover, hash_file
+from .data.images import Catalog, discover
 from .data.loader import DECODERS, embed_batches, make_loader
 from .errors import CacheError, HeadstartError, InputError
 from .models.backbones import get_spec, load_backbone, with_preprocessing
+from .models.fingerprint import Fingerprint
 
 # A journal batch is committed every this many rows or seconds, whichever comes first: a kill
 # loses at most that much work, and batch files stay few. The environment overrides exist for
@@ -197,7 +190,7 @@ def extract(cfg: ExtractConfig) -> ExtractSummary:
     return summary
 
 
-def _prepare(cfg: ExtractConfig, out: Path, journal: Journal, fp: dict[str, str], fresh_journal: bool) -> None:
+def _prepare(cfg: ExtractConfig, out: Path, journal: Journal, fp: Fingerprint, fresh_journal: bool) -> None:
     """Under the writer lock: clean up after killed writers, refuse a cache or drop a journal
     of another configuration, start over on --rebuild."""
     remove_stale_temporaries(out)
@@ -208,7 +201,7 @@ def _prepare(cfg: ExtractConfig, out: Path, journal: Journal, fp: dict[str, str]
             with Cache(out) as c:
                 _check_fingerprint(out, c.fingerprint, fp)
         jfp = journal.fingerprint()
-        if jfp is not None and fingerprint_diff(jfp, fp):
+        if jfp is not None and jfp.diff(fp):
             journal.clear()  # unfinished work of another configuration: useless here
     if fresh_journal:
         journal.start(fp)  # before the other ranks append to it
@@ -232,12 +225,12 @@ def _read_old(out: Path, features: bool) -> CacheContents:
         )
 
 
-def _check_fingerprint(out: Path, have: dict[str, object], want: dict[str, str]) -> None:
-    diff = fingerprint_diff(have, want)
+def _check_fingerprint(out: Path, have: Fingerprint, want: Fingerprint) -> None:
+    diff = have.diff(want)
     if diff:
         raise CacheError(
-            f"{out} was extracted with {describe(have)} but this run uses {describe(want)} "
-            f"({'; '.join(diff)}); re-run with --backbone {have.get('backbone')} and the same options, "
+            f"{out} was extracted with {have.describe()} but this run uses {want.describe()} "
+            f"({'; '.join(diff)}); re-run with --backbone {have.backbone} and the same options, "
             f"or pass --rebuild to start the cache over, or choose another --out"
         )
 
@@ -315,7 +308,7 @@ def _assemble(
     known: dict[str, np.ndarray],
     bad: dict[str, str],
     skipped: list[tuple[str, str]],
-    fp: dict[str, str],
+    fp: Fingerprint,
     old: CacheContents | None,
 ) -> CacheContents:
     """Rows ordered by path, one per distinct content; labels and paths from this scan."""
@@ -351,7 +344,7 @@ def _assemble(
         duplicates.extend((catalog.items[i].rel, h) for i in members[1:])
     dtype = np.float16 if cfg.dtype == "float16" else np.float32
     now = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
-    attrs = dict(fp)
+    attrs: dict[str, object] = dict(fp.to_record())
     attrs.update(
         created=(old.attrs.get("created", now) if old else now),
         updated=now,
@@ -361,7 +354,7 @@ def _assemble(
         torch_version=torch.__version__,
         config=json.dumps({k: v for k, v in vars(cfg).items()}, default=str, ensure_ascii=False),
     )
-    d = int(fp["feature_dim"])
+    d = fp.feature_dim
     matrix = np.stack(feats).astype(dtype) if feats else np.zeros((0, d), dtype)
     return CacheContents(
         features=matrix,

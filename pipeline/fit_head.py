@@ -9,17 +9,12 @@
    validation and carries that temperature. (Why not calibrate the final head directly: it has
    seen every labelled photo, so nothing is left to calibrate it on honestly.)
 
-Writes ``HEAD_DIR/``:
+Writes ``HEAD_DIR/`` (``head.joblib``, ``head.npz``, ``head.json``, ``split.json``,
+``config.json``; what each holds: :mod:`pipeline.artifacts.head_dir`, which writes it atomically).
+The kinds (``--head``) and what each exports as: :mod:`pipeline.probe.kinds`.
 
-* ``head.joblib`` - the fitted scikit-learn estimator (pickle: trust only your own);
-* ``head.npz`` - the same head as plain tensors (``torch_state()``: kind + named arrays), which
-  export and evaluate use (no unpickling);
-* ``head.json`` - fingerprint, class names and ids, the label map, chosen C and the validation
-  curve, temperature, metrics (accuracy, macro-F1, per-class precision/recall/F1), split facts,
-  sha256 of the two files above;
-* ``split.json`` - which rows (by content hash) were validation, and the near-duplicate groups,
-  so fine-tuning can be compared with the linear probe on identical photos;
-* ``config.json`` - the configuration used.
+Device: ``--device`` resolves once (:func:`resolve_solver`) and every fit uses the result - the
+C sweep, the validation probe and the final refit alike.
 
 Memory: in memory, about ``12 * N * D`` bytes for N labelled rows of D features (float32
 features, the train/validation copies, scikit-learn's standardised copy). Above
@@ -31,37 +26,27 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
-import json
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import joblib
 import numpy as np
 
 from . import __version__
+from .artifacts.head_dir import write_head
 from .cache.store import Cache
 from .config import FitHeadConfig, save_resolved
 from .data.labels import LabelMap, apply_label_map
 from .errors import InputError
-from .models.backbones import sha256_file
-from .probe.estimators import (
-    HEAD_KINDS,
-    LogisticHead,
-    MLPHead,
-    NearestCentroidHead,
-    blas_threads_for,
-    calibration_error,
-    classification_metrics,
-    fit_temperature,
-    mean_log_loss,
-    sweep_c,
-)
+from .probe.calibration import calibration_error, fit_temperature, mean_log_loss, softmax
+from .probe.kinds import KINDS, head_kind
+from .probe.metrics import at_threshold, classification_metrics
+from .probe.rows import blas_threads_for
+from .probe.selection import sweep_c
 from .probe.splits import grouped_split, near_duplicate_groups
 
-HEAD_SCHEMA_VERSION = 1
 BYTES_PER_VALUE_IN_MEMORY = 12  # float32 features + train/val copies + standardised copy
 
 
@@ -87,7 +72,7 @@ class FitSummary:
 
 
 class CacheRows:
-    """Rows of an open cache, read from disk on every slice (a ``heads.RowSource``)."""
+    """Rows of an open cache, read from disk on every slice (a ``probe.rows.RowSource``)."""
 
     is_row_source = True
 
@@ -124,18 +109,9 @@ def resolve_solver(device: str) -> tuple[str, str]:
     return ("torch", str(dev)) if dev.type == "cuda" else ("sklearn", "cpu")
 
 
-def _make_head(cfg: FitHeadConfig, C: float, solver: str, device: str) -> Any:
-    if cfg.head == "logreg":
-        return LogisticHead(C=C, class_weight=cfg.class_weight, max_iter=cfg.max_iter, solver=solver, device=device)
-    if cfg.head == "mlp":
-        return MLPHead(hidden=cfg.hidden, class_weight=cfg.class_weight, random_state=cfg.seed, device=device)
-    return NearestCentroidHead()
-
-
 def fit_head(cfg: FitHeadConfig) -> FitSummary:
     t0 = time.perf_counter()
-    if cfg.head not in HEAD_KINDS:
-        raise InputError(f"unknown head {cfg.head!r}; available: {', '.join(HEAD_KINDS)}")
+    kind = head_kind(cfg.head)
     if cfg.unknown_threshold is not None and not 0.0 <= cfg.unknown_threshold <= 1.0:
         raise InputError(f"--unknown-threshold is a probability between 0 and 1, not {cfg.unknown_threshold}")
     label_map = LabelMap.load(cfg.classes) if cfg.classes else None
@@ -163,10 +139,12 @@ def fit_head(cfg: FitHeadConfig) -> FitSummary:
         stack.enter_context(blas_threads_for(len(rows) * cache.feature_dim))
         X: Any
         if streamed:
-            if cfg.head != "logreg":
+            if not kind.streams:
+                streaming = " or ".join(k.name for k in KINDS.values() if k.streams)
                 raise InputError(
                     f"{len(rows)} x {cache.feature_dim} features need about {need / 1e9:.1f} GB, more than "
-                    f"--max-memory-gb allows; use --head logreg (it streams from the cache) or raise --max-memory-gb"
+                    f"--max-memory-gb allows; use --head {streaming} (it streams from the cache) "
+                    "or raise --max-memory-gb"
                 )
             solver, device = "torch", device if solver == "torch" else "cpu"
             X = CacheRows(cache, rows)
@@ -191,48 +169,34 @@ def fit_head(cfg: FitHeadConfig) -> FitSummary:
             raise InputError("too few labelled photos for a validation split: give each class at least two")
         curve: list[dict[str, float]] = []
         best_c: float | None = None
-        if cfg.head == "logreg" and cfg.c is None:
+        if kind.uses_c and cfg.c is None:
             best_c, curve = sweep_c(
                 X[tr], y[tr], X[va], y[va], class_weight=cfg.class_weight, max_iter=cfg.max_iter, solver=solver,
                 device=device,
             )  # fmt: skip
-        elif cfg.head == "logreg":
+        elif kind.uses_c:
             best_c = float(cfg.c)  # type: ignore[arg-type]
-        mlp_device = device if cfg.head == "mlp" and solver == "torch" else "cpu"
-        probe = _make_head(cfg, best_c or 1.0, solver, mlp_device).fit(X[tr], y[tr])
+        probe = kind.estimator(cfg, C=best_c or 1.0, solver=solver, device=device).fit(X[tr], y[tr])
         val_logits = probe.logits(X[va])
         metrics = classification_metrics(y[va], val_logits.argmax(1), class_names)
         metrics["split"] = "validation"
         temperature = fit_temperature(val_logits, y[va]) if cfg.calibrate else 1.0
         calibration = _calibration(val_logits, y[va], temperature, cfg.unknown_threshold)
         # Final head: same hyper-parameters, refit on train + validation, the probe's temperature.
-        head = _make_head(cfg, best_c or 1.0, solver, mlp_device).fit(X, y)
+        head = kind.estimator(cfg, C=best_c or 1.0, solver=solver, device=device).fit(X, y)
         head.temperature_ = temperature
-        fingerprint = cache.fingerprint
+        fingerprint = cache.fingerprint.to_record()
         cache_attrs = cache.attrs
 
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    joblib.dump(head, out / "head.joblib")
-    state = head.torch_state()
-    np.savez(out / "head.npz", **state)
     merged = _groups_by_hash(groups, hashes)
-    (out / "split.json").write_text(
-        json.dumps(
-            {
-                "seed": cfg.seed,
-                "val_fraction": cfg.val_fraction,
-                "near_duplicate_threshold": cfg.near_duplicate_threshold,
-                "val_content_hash": [hashes[i] for i in va],
-                "near_duplicate_groups": merged,
-            }
-        )
-        + "\n"
-    )
+    split_record = {
+        "seed": cfg.seed,
+        "val_fraction": cfg.val_fraction,
+        "near_duplicate_threshold": cfg.near_duplicate_threshold,
+        "val_content_hash": [hashes[i] for i in va],
+        "near_duplicate_groups": merged,
+    }
     meta = {
-        "schema_version": HEAD_SCHEMA_VERSION,
-        "kind": cfg.head,
-        "torch_kind": state["kind"],
         "class_names": class_names,
         "class_ids": mapped.class_ids,
         "absent_classes": mapped.absent,
@@ -261,16 +225,19 @@ def fit_head(cfg: FitHeadConfig) -> FitSummary:
         "cache_updated": cache_attrs.get("updated"),
         "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "headstart_version": __version__,
-        "files": {"head.joblib": sha256_file(out / "head.joblib"), "head.npz": sha256_file(out / "head.npz")},
     }
-    (out / "head.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    save_resolved(cfg, out / "config.json", C=best_c, solver=solver, temperature=temperature)
+    out = write_head(
+        cfg.out,
+        head,
+        kind=kind.name,
+        meta=meta,
+        split=split_record,
+        write_config=lambda path: save_resolved(cfg, path, C=best_c, solver=solver, temperature=temperature),
+    )
     return FitSummary(out, metrics, best_c, len(tr), len(va), time.perf_counter() - t0, cfg.head, temperature, warnings)
 
 
 def _calibration(logits: np.ndarray, y: np.ndarray, temperature: float, threshold: float | None) -> dict[str, Any]:
-    from .probe.estimators import softmax
-
     before, after = softmax(logits), softmax(logits / temperature)
     out: dict[str, Any] = {
         "val_log_loss_before": mean_log_loss(before, y),
@@ -279,11 +246,11 @@ def _calibration(logits: np.ndarray, y: np.ndarray, temperature: float, threshol
         "val_ece_after": calibration_error(after, y),
     }
     if threshold is not None:
-        keep = after.max(1) >= threshold
+        u = at_threshold(after, y, threshold)
         out["unknown_threshold"] = {
             "threshold": threshold,
-            "val_coverage": float(keep.mean()),
-            "val_accuracy_covered": float((after.argmax(1)[keep] == y[keep]).mean()) if keep.any() else None,
+            "val_coverage": u["coverage"],
+            "val_accuracy_covered": u["accuracy_answered"],
         }
     return out
 

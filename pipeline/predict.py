@@ -26,12 +26,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .artifacts.model_dir import LoadedModel, load_model
 from .config import PredictConfig, save_resolved
 from .core import runtime
 from .data.images import IMAGE_EXTENSIONS
 from .data.loader import Batch, Source, embed_batches, make_loader
 from .errors import InputError
-from .export import LoadedModel, load_model
 
 UNKNOWN = "unknown"
 LIST_EXTENSIONS = frozenset({".txt", ".lst", ".csv"})
@@ -67,7 +67,7 @@ class Predictor:
         if precision == "auto":
             # The precision the head's features were extracted in, when this machine has it fast,
             # so predictions match the head's view of the training photos.
-            precision = "fp32" if loaded.precision == "fp32" else runtime.resolve_precision("auto", dev)
+            precision = loaded.fingerprint.inference_precision(dev)
         precision = runtime.resolve_precision(precision, dev)
         assert loaded.model is not None
         loaded.model.to(dev)

@@ -9,7 +9,6 @@ the cache's fingerprint - and a query whose bytes are already in the cache uses 
 from __future__ import annotations
 
 import heapq
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from .cache.store import Cache
-from .errors import BackboneError, InputError
+from .errors import InputError
 
 CHUNK_ROWS = 65536
 
@@ -40,20 +39,15 @@ def embed_query(image: str | os.PathLike[str], cache: Cache, device: str = "auto
 
     from .core import runtime
     from .data.images import DecodeError, load_pixels
-    from .models.backbones import Preprocessing, get_spec, load_backbone, with_preprocessing
 
     fp = cache.fingerprint
-    prep = Preprocessing.from_dict(json.loads(str(fp["preprocessing"])))
-    spec = with_preprocessing(get_spec(str(fp["backbone"])), prep)
-    loaded = load_backbone(spec)
-    if loaded.weights_sha256 != fp["weights_sha256"]:
-        raise BackboneError(
-            f"the {spec.name} weights on this machine differ from the ones {cache.path} was extracted with; "
-            "similarity across different weights is meaningless - use the same weights file"
-        )
+    loaded = fp.load_backbone(
+        made=str(cache.path), fix="similarity across different weights is meaningless: use the same weights file"
+    )
     dev = runtime.resolve_device(device)
     # The cache's precision when this machine runs it, so the query sits in the same space.
-    precision = str(fp["precision"]) if str(fp["precision"]) == "fp32" else runtime.resolve_precision("auto", dev)
+    precision = fp.inference_precision(dev)
+    prep = fp.preprocessing
     try:
         pixels = load_pixels(image, prep)
     except DecodeError as e:
@@ -67,7 +61,7 @@ def embed_query(image: str | os.PathLike[str], cache: Cache, device: str = "auto
 def similar(
     image: str | os.PathLike[str], cache_path: str | os.PathLike[str], k: int = 10, device: str = "auto"
 ) -> list[Match]:
-    from .data.images import hash_file
+    from .core.hashing import hash_file
 
     image = Path(image)
     if not image.is_file():

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.demo import SAMPLE_CATALOG
+from pipeline.data import SAMPLE_CATALOG
 
 TEST_DEVICE = os.environ.get("HEADSTART_TEST_DEVICE", "cpu")
 

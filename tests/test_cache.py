@@ -24,7 +24,7 @@ import pytest
 from pipeline.cache.inspection import info, verify
 from pipeline.cache.store import Cache, Journal, writer_lock
 from pipeline.config import ExtractConfig
-from pipeline.demo import SAMPLE_CATALOG
+from pipeline.data import SAMPLE_CATALOG
 from pipeline.errors import CacheError
 from pipeline.extract import extract
 
@@ -293,7 +293,8 @@ def test_info_reports_an_unfinished_journal(reference, tmp_path):
     shutil.copytree(root, images, symlinks=True)
     out = tmp_path / "f.h5"
     extract(_cfg(images, out))
-    Journal(out).start({"backbone": "tiny"})
+    with Cache(out) as c:
+        Journal(out).start(c.fingerprint)
     Journal(out).append(["0" * 32], np.zeros((1, 32), np.float16), [], [])
     assert info(out)["journal_rows"] == 1
 
@@ -316,4 +317,4 @@ def test_fingerprint_mismatch_is_refused_with_what_differs(reference, tmp_path, 
     s = extract(_cfg(root, out, precision="bf16", rebuild=True))  # --rebuild: on purpose
     assert s.extracted == 49 and s.reused == 0
     with Cache(out) as c:
-        assert c.fingerprint["precision"] == "bf16"
+        assert c.fingerprint.precision == "bf16"

@@ -15,9 +15,10 @@ import pytest
 from conftest import copy_sample_photos
 
 from pipeline.artifacts.head_dir import load_head_estimator, read_head
+from pipeline.artifacts.model_dir import load_model
 from pipeline.cache.store import Cache
 from pipeline.config import ExportConfig, FitHeadConfig
-from pipeline.export import export, load_model
+from pipeline.export import export
 from pipeline.fit_head import fit_head
 from pipeline.predict import Predictor
 
@@ -36,7 +37,7 @@ def test_old_cache_reads_and_fits(old, tmp_path):
     with Cache(old / "features.h5") as c:
         assert c.class_names == CLASSES and len(c.paths) == 12
         assert c.features().shape == (12, 32) and np.isfinite(c.features()).all()
-        assert c.fingerprint["backbone"] == "tiny"
+        assert c.fingerprint.backbone == "tiny"
     s = fit_head(FitHeadConfig(cache=str(old / "features.h5"), out=str(tmp_path / "head"), c=0.01))
     assert json.loads((s.path / "head.json").read_text())["class_names"] == CLASSES
 

@@ -10,7 +10,8 @@ import pytest
 
 from pipeline.cache.store import Cache
 from pipeline.config import ExportConfig, ExtractConfig, FitHeadConfig
-from pipeline.demo import SAMPLE_CATALOG, run_demo
+from pipeline.data import SAMPLE_CATALOG
+from pipeline.demo import run_demo
 from pipeline.export import export
 from pipeline.extract import extract
 from pipeline.fit_head import fit_head

@@ -10,11 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.artifacts.head_dir import build_head, load_head_estimator, read_head
+from pipeline.artifacts.head_dir import load_head_estimator, read_head
+from pipeline.artifacts.model_dir import MODEL_SCHEMA_VERSION, load_model, sample_pixels
 from pipeline.config import ExportConfig
 from pipeline.data.images import load_pixels
 from pipeline.errors import ArtifactError
-from pipeline.export import MODEL_SCHEMA_VERSION, export, load_model, sample_pixels
+from pipeline.export import export
+from pipeline.models.heads import build_head
 from pipeline.predict import Predictor
 
 
@@ -172,7 +174,7 @@ def test_mlp_head_spec_exports_in_both_formats(head_copy, tmp_path):
     }
     np.savez(head_copy / "head.npz", kind="mlp", **tensors)
     meta = json.loads((head_copy / "head.json").read_text(encoding="utf-8"))
-    from pipeline.models.backbones import sha256_file
+    from pipeline.core.hashing import sha256_file
 
     meta["files"] = {"head.npz": sha256_file(head_copy / "head.npz")}
     (head_copy / "head.json").write_text(json.dumps(meta), encoding="utf-8")
@@ -187,7 +189,7 @@ def test_mlp_head_spec_exports_in_both_formats(head_copy, tmp_path):
 
 
 def test_models_exported_by_the_foundation_still_load(models, tmp_path):
-    """Schema v1 (issue 2): no runtime, head named after the estimator, ImageNet layer inside."""
+    """Schema v1 (the first release's models): no runtime, head named after the estimator, ImageNet layer inside."""
     old = Path(shutil.copytree(models[0], tmp_path / "v1"))
     state = torch.load(old / "model.pt", weights_only=True)
     state["net.imagenet_head.weight"] = torch.zeros(1000, 32)
@@ -195,7 +197,7 @@ def test_models_exported_by_the_foundation_still_load(models, tmp_path):
     m = _manifest(old)
     for key in ("runtime", "parity", "input"):
         del m[key]
-    from pipeline.models.backbones import sha256_file
+    from pipeline.core.hashing import sha256_file
 
     m.update(
         schema_version=1,

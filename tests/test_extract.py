@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 from pathlib import Path
@@ -12,9 +13,9 @@ import torch
 
 from pipeline.cache.store import Cache
 from pipeline.config import ExtractConfig
+from pipeline.data import SAMPLE_CATALOG
 from pipeline.data.gpu_decode import decode_batch, probe_jpeg
 from pipeline.data.images import load_pixels
-from pipeline.demo import SAMPLE_CATALOG
 from pipeline.errors import InputError
 from pipeline.extract import extract
 from pipeline.models.backbones import get_spec, with_preprocessing
@@ -122,7 +123,7 @@ def test_journal_rows_are_reused_and_the_journal_cleared(catalog, tmp_path):
     # A journal left by another configuration is discarded, never mixed in.
     out2 = tmp_path / "g.h5"
     j2 = Journal(out2)
-    j2.start({**fp, "precision": "bf16"})
+    j2.start(dataclasses.replace(fp, precision="bf16"))
     j2.append(hashes[:12], feats[:12], [], [])
     s = extract(_cfg(catalog, out2))
     assert (s.extracted, s.reused) == (30, 0) and not j2.exists()

@@ -15,7 +15,7 @@ import pytest
 from pipeline.cache.inspection import verify
 from pipeline.cache.store import Cache, Journal
 from pipeline.config import ExtractConfig
-from pipeline.demo import SAMPLE_CATALOG
+from pipeline.data import SAMPLE_CATALOG
 from pipeline.extract import extract
 
 DATA = Path(__file__).parent / "data" / "images"

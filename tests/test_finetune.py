@@ -18,10 +18,11 @@ import pytest
 import torch
 from PIL import Image
 
+from pipeline.artifacts.model_dir import load_model
 from pipeline.config import ExportConfig, ExtractConfig, FinetuneConfig, FitHeadConfig
 from pipeline.data.augment import augment, resolve_preset, sample_generator
 from pipeline.errors import InputError
-from pipeline.export import export, load_model
+from pipeline.export import export
 from pipeline.extract import extract
 from pipeline.finetune.layers import layer_groups
 from pipeline.finetune.stage import finetune
@@ -94,7 +95,7 @@ def test_augmentation_must_match_the_fingerprinted_framing():
 
 @pytest.mark.parametrize("name", ["tiny", "efficientnet_lite0", "resnet50"])
 def test_layer_groups_partition_the_network_top_down(name):
-    from pipeline.artifacts.head_dir import Classifier
+    from pipeline.models.heads import Classifier
 
     net = load_backbone(name, load_weights=False).net
     net.imagenet_head = None
@@ -146,7 +147,7 @@ def test_finetune_end_to_end_and_export(small_catalog, head_dir, tmp_path):
 def test_frozen_groups_do_not_move_under_adamw_weight_decay():
     """One AdamW step with weight decay, top group unfrozen: the bottom group is bit-identical
     (a frozen parameter has no gradient, so AdamW skips it, decay included)."""
-    from pipeline.artifacts.head_dir import Classifier
+    from pipeline.models.heads import Classifier
 
     net = load_backbone("tiny").net
     model = Classifier(net, torch.nn.Linear(32, 3))
@@ -252,7 +253,7 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(small_catalog, head_d
 def even_catalog(small_catalog: Path, tmp_path: Path) -> tuple[Path, Path]:
     """19 photos: fit-head holds out 3, leaving 16 to train - divisible by 2 ranks x batch 2, so
     DistributedSampler pads nothing and two ranks see exactly one process's batches."""
-    from pipeline.demo import SAMPLE_CATALOG
+    from pipeline.data import SAMPLE_CATALOG
 
     extra = sorted((SAMPLE_CATALOG / "train" / "bag").glob("*.png"))[6]
     (small_catalog / "bag" / extra.name).write_bytes(extra.read_bytes())

@@ -11,8 +11,8 @@ import pytest
 from conftest import copy_sample_photos
 
 from pipeline.config import ExtractConfig, FitHeadConfig
+from pipeline.data import SAMPLE_CATALOG
 from pipeline.data.labels import LabelMap, apply_label_map
-from pipeline.demo import SAMPLE_CATALOG
 from pipeline.errors import InputError
 from pipeline.extract import extract
 from pipeline.fit_head import fit_head

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from pipeline.config import ExportConfig, ExtractConfig, FitHeadConfig
-from pipeline.demo import SAMPLE_CATALOG
+from pipeline.data import SAMPLE_CATALOG
 from pipeline.export import export
 
 README = Path(__file__).resolve().parents[1] / "README.md"

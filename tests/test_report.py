@@ -15,11 +15,12 @@ import pytest
 from conftest import copy_sample_photos
 from PIL import Image
 
-from pipeline.artifacts.report import at_threshold, coverage_curve
+from pipeline.artifacts.report import coverage_curve
 from pipeline.config import ExportConfig, ExtractConfig, FitHeadConfig
 from pipeline.export import export
 from pipeline.extract import extract
 from pipeline.fit_head import fit_head
+from pipeline.probe.metrics import at_threshold
 
 CHROMIUM_FLAGS = [
     "--headless",

@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from pipeline.artifacts.model_dir import load_model
 from pipeline.config import ExportConfig
 from pipeline.errors import ArtifactError
-from pipeline.export import export, load_model
+from pipeline.export import export
 
 
 @pytest.fixture(scope="module")

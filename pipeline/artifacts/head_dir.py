@@ -1,4 +1,19 @@
-"""Artifacts on disk, checked before use: the head directory and the model's torch pieces.
+"""The head directory (``headstart fit-head``): written by :func:`write_head`, read back checked.
+
+``HEAD_DIR/`` holds:
+
+* ``head.joblib`` - the fitted scikit-learn estimator (pickle: trust only your own);
+* ``head.npz`` - the same head as plain tensors (its ``torch_state()``, plus its torch kind as
+  the string entry ``kind``), which export and evaluate use (no unpickling);
+* ``head.json`` - schema version, kind and torch kind, fingerprint, class names and ids, the
+  label map, chosen C and the validation curve, temperature, metrics, split facts, and the
+  sha256 of the two files above;
+* ``split.json`` - which rows (by content hash) were validation, and the near-duplicate groups,
+  so fine-tuning can be compared with the linear probe on identical photos;
+* ``config.json`` - the configuration used.
+
+:func:`write_head` writes all of it into a staging directory beside the target and renames it
+into place, so a crash or a kill during a refit leaves the previous head whole.
 
 Everything that reads a head goes through :func:`read_head` (plain tensors, ``allow_pickle=False``)
 or :func:`load_head_estimator` (the joblib pickle). Both verify the sha256 recorded in
@@ -7,19 +22,8 @@ That protects against accidents, not attackers: whoever can rewrite ``head.jobli
 ``head.json`` too, and joblib is pickle - loading it runs code. Never load a head or a cache
 from a source you do not trust (README, "Security").
 
-A head becomes a torch module from a small **head spec**: a ``kind`` plus named tensors, the
-dict a head's ``torch_state()`` returns. ``head.npz`` stores those tensors (and, optionally, the
-kind as a string entry: ``np.savez(path, **head.torch_state())`` is enough). Kinds:
-
-* ``linear``: ``weight [C, D]``, ``bias [C]`` - logistic regression, nearest centroid;
-* ``mlp``: ``layers.0.weight [H, D]``, ``layers.0.bias [H]``, ..., ``layers.L.weight [C, H]``,
-  ``layers.L.bias [C]``, ReLU between layers.
-
-Tensor names are the module's own state-dict names, so the same builder works on ``head.npz``
-and on the ``head.*`` entries of an exported or fine-tuned state dict.
-
-A new kind is one builder in :data:`HEAD_BUILDERS`; export, ONNX and predict need no change,
-because :class:`Classifier` and the saved state dict are built from the spec alone.
+The tensors become a torch module through :func:`pipeline.models.heads.build_head`; which
+fit-head kind exports as which torch kind is :mod:`pipeline.probe.kinds`.
 """
 
 from __future__ import annotations
@@ -27,7 +31,12 @@ from __future__ import annotations
 import contextlib
 import importlib
 import json
+import os
+import shutil
 import sys
+import tempfile
+import types
+import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,12 +44,15 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
-from ..errors import ArtifactError
-from ..models.backbones import FeatureNet, sha256_file
+from ..core.atomic import fsync_dir
+from ..core.hashing import sha256_file
+from ..errors import ArtifactError, InputError
+from ..models.heads import build_head
+from ..probe.kinds import KINDS
 
-HEAD_SCHEMA_VERSION = 1  # what this headstart reads; fit_head writes the same number
+HEAD_SCHEMA_VERSION = 1  # what this headstart writes and the newest it reads
+HEAD_FILES = ("head.joblib", "head.npz", "head.json", "split.json", "config.json")
 
 
 # --------------------------------------------------------------------------- checksums
@@ -75,7 +87,81 @@ def read_json(path: Path, *, what: str, fix: str) -> dict[str, Any]:
     return data
 
 
-# --------------------------------------------------------------------------- head directory
+# --------------------------------------------------------------------------- writing
+
+
+def write_head(
+    out: str | Path,
+    estimator: Any,
+    *,
+    kind: str,
+    meta: Mapping[str, Any],
+    split: Mapping[str, Any],
+    write_config: Callable[[Path], object] | None = None,
+) -> Path:
+    """Write a fitted head of fit-head kind ``kind`` (a :data:`~pipeline.probe.kinds.KINDS` key)
+    as ``out/``: ``meta`` becomes head.json (after ``schema_version``, ``kind`` and
+    ``torch_kind``; ``files`` is added), ``split`` becomes split.json, and ``write_config(path)``
+    writes config.json. Staged beside ``out`` and renamed into place: ``out`` is the old head or
+    the new one, never a mixture. Entries of an existing head directory that a head does not
+    consist of (notes, a report) are carried over."""
+    given = Path(out)
+    out = given.absolute()  # "--out ." has no name to stage beside
+    if out.exists() and not (out.is_dir() and (not any(out.iterdir()) or (out / "head.json").is_file())):
+        raise InputError(f"{given} exists and is not a headstart head directory; choose another --out")
+    torch_kind = KINDS[kind].torch_kind
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = out.with_name(f".{out.name}.partial-{uuid.uuid4().hex[:12]}")
+    stage.mkdir()  # not mkdtemp: the head directory gets the usual permissions, not 0700
+    try:
+        import joblib
+
+        joblib.dump(estimator, stage / "head.joblib")
+        np.savez(stage / "head.npz", kind=torch_kind, **estimator.torch_state())
+        (stage / "split.json").write_text(json.dumps(dict(split)) + "\n")
+        head_json = {
+            "schema_version": HEAD_SCHEMA_VERSION,
+            "kind": kind,
+            "torch_kind": torch_kind,
+            **meta,
+            "files": {name: sha256_file(stage / name) for name in ("head.joblib", "head.npz")},
+        }
+        (stage / "head.json").write_text(json.dumps(head_json, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        if write_config is not None:
+            write_config(stage / "config.json")
+        for f in stage.iterdir():
+            with f.open("rb") as fh:
+                os.fsync(fh.fileno())
+        _replace_dir(stage, out)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    return given
+
+
+def _replace_dir(stage: Path, out: Path) -> None:
+    """Two renames: the old head stays whole until the new one is complete. Then the old
+    directory's other entries move over, and what is left of it is deleted."""
+    fsync_dir(stage)
+    if not out.exists():
+        os.replace(stage, out)
+        fsync_dir(out.parent)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+    os.replace(out, old)
+    try:
+        os.replace(stage, out)
+    except BaseException:
+        os.replace(old, out)
+        raise
+    fsync_dir(out.parent)
+    for entry in old.iterdir():
+        if entry.name not in HEAD_FILES:
+            os.replace(entry, out / entry.name)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- reading
 
 
 @dataclass
@@ -146,112 +232,33 @@ def load_head_estimator(head_dir: str | Path) -> Any:
         return joblib.load(head_dir / "head.joblib")
 
 
-# A pickle names the module of each class it holds. Release 0.1.0 kept the estimators in
-# ``pipeline.heads``; its head.joblib files must keep loading after the move.
-RENAMED_MODULES = {"pipeline.heads": "pipeline.probe.estimators"}
+# A pickle names the module and class of each object it holds. Release 0.1.0 kept the
+# estimators in ``pipeline.heads`` and called the MLP estimator ``MLPHead`` (now the torch
+# module's name); its head.joblib files must keep loading. Old module -> (the module its classes
+# live in now, {old class name: new name} for the renamed ones).
+RENAMED_MODULES: dict[str, tuple[str, dict[str, str]]] = {
+    "pipeline.heads": ("pipeline.probe.estimators", {"MLPHead": "MLPProbe"}),
+}
+
+
+def _old_module(old: str) -> types.ModuleType:
+    """A stand-in for module ``old``: the new module's names, plus the renamed classes under
+    their old names."""
+    new_name, renamed = RENAMED_MODULES[old]
+    new = importlib.import_module(new_name)
+    mod = types.ModuleType(old, new.__doc__)
+    mod.__dict__.update({k: v for k, v in vars(new).items() if not k.startswith("__")})
+    mod.__dict__.update({o: getattr(new, n) for o, n in renamed.items()})
+    return mod
 
 
 @contextlib.contextmanager
 def _modules_under_their_old_names() -> Iterator[None]:
     added = [old for old in RENAMED_MODULES if old not in sys.modules]
     for old in added:
-        sys.modules[old] = importlib.import_module(RENAMED_MODULES[old])
+        sys.modules[old] = _old_module(old)
     try:
         yield
     finally:
         for old in added:
             sys.modules.pop(old, None)
-
-
-# --------------------------------------------------------------------------- head modules
-
-
-class LinearHead(nn.Linear):
-    @property
-    def n_classes(self) -> int:
-        return self.out_features
-
-
-class MLPHead(nn.Module):
-    def __init__(self, layers: list[nn.Linear]) -> None:
-        super().__init__()
-        self.layers = nn.ModuleList(layers)
-
-    @property
-    def n_classes(self) -> int:
-        return int(self.layers[-1].out_features)  # type: ignore[arg-type]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for i, layer in enumerate(self.layers):
-            x = layer(x) if i == 0 else layer(torch.relu(x))
-        return x
-
-
-def _linear(t: dict[str, torch.Tensor]) -> nn.Module:
-    w, b = t["weight"], t["bias"]
-    head = LinearHead(w.shape[1], w.shape[0])
-    head.load_state_dict({"weight": w, "bias": b})
-    return head
-
-
-def _mlp(t: dict[str, torch.Tensor]) -> nn.Module:
-    n = len([k for k in t if k.startswith("layers.") and k.endswith(".weight")])
-    if n == 0:
-        raise KeyError("layers.0.weight")
-    layers = [nn.Linear(t[f"layers.{i}.weight"].shape[1], t[f"layers.{i}.weight"].shape[0]) for i in range(n)]
-    head = MLPHead(layers)
-    head.load_state_dict(t)
-    return head
-
-
-HEAD_BUILDERS: dict[str, Callable[[dict[str, torch.Tensor]], nn.Module]] = {"linear": _linear, "mlp": _mlp}
-
-
-def build_head(kind: str, tensors: Mapping[str, torch.Tensor]) -> nn.Module:
-    """Head spec -> torch module (logits). The tensors may be the head's own (``head.npz``) or
-    the ``head.*`` entries of an exported or fine-tuned state dict (prefix stripped)."""
-    builder = HEAD_BUILDERS.get(kind)
-    if builder is None:
-        raise ArtifactError(
-            f"unknown head kind {kind!r} (this headstart builds: {', '.join(HEAD_BUILDERS)}); upgrade headstart"
-        )
-    try:
-        return builder(dict(tensors))
-    except (KeyError, IndexError, RuntimeError) as e:
-        raise ArtifactError(f"the {kind} head's tensors are incomplete or inconsistent ({e}); re-export") from None
-
-
-# --------------------------------------------------------------------------- the classifier
-
-
-class Classifier(nn.Module):
-    """uint8 pixels -> class logits: normalisation, backbone, head in one module."""
-
-    def __init__(self, net: FeatureNet, head: nn.Module) -> None:
-        super().__init__()
-        self.net = net
-        self.head = head
-
-    def features(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.net(pixels)
-
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.head(self.net(pixels).float())  # type: ignore[no-any-return]
-
-
-class ExportGraph(nn.Module):
-    """What the ONNX file computes: pixels -> (probabilities, features). Softmax is inside so a
-    deployment reads probabilities directly; features feed search and recommendation."""
-
-    def __init__(self, model: Classifier) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        feats = self.model.net(pixels).float()
-        return self.model.head(feats).softmax(1), feats
-
-
-def head_tensors(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The ``head.*`` entries of a Classifier state dict, prefix stripped."""
-    return {k.removeprefix("head."): v for k, v in state.items() if k.startswith("head.")}

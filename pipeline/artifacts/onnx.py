@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from ..errors import ArtifactError, InputError
-from .head_dir import Classifier, ExportGraph
+from ..models.heads import Classifier, ExportGraph
 
 OPSET = 17  # onnxruntime >= 1.14 runs it; old enough for most deployment runtimes
 INPUT, OUTPUTS = "pixels", ("probabilities", "features")

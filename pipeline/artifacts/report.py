@@ -16,7 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from ..probe.estimators import calibration_error, classification_metrics, mean_log_loss
+from ..probe.calibration import calibration_error, mean_log_loss
+from ..probe.metrics import at_threshold, classification_metrics
 
 UNKNOWN = "unknown"
 COVERAGE_STEPS = 20
@@ -70,18 +71,6 @@ def coverage_curve(proba: np.ndarray, y: np.ndarray, steps: int = COVERAGE_STEPS
             {"coverage": n / len(y), "accuracy": float(correct[keep].mean()), "threshold": float(conf[keep].min())}
         )
     return out
-
-
-def at_threshold(proba: np.ndarray, y: np.ndarray, threshold: float) -> dict[str, Any]:
-    keep = proba.max(1) >= threshold
-    return {
-        "threshold": threshold,
-        "coverage": float(keep.mean()),
-        "n_unknown": int((~keep).sum()),
-        "accuracy_answered": float((proba.argmax(1)[keep] == y[keep]).mean()) if keep.any() else None,
-        # counting 'unknown' as wrong: what an all-or-nothing reader of the labels gets
-        "accuracy_all": float((proba.argmax(1) == y)[keep].sum() / len(y)),
-    }
 
 
 def compute_metrics(s: Scored, unknown_threshold: float | None) -> dict[str, Any]:

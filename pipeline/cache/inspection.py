@@ -13,7 +13,8 @@ from typing import Any
 import numpy as np
 
 from ..errors import CacheError
-from .store import FINGERPRINT_KEYS, Cache, Journal
+from ..models.fingerprint import KEYS as FINGERPRINT_KEYS
+from .store import Cache, Journal
 
 
 def info(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -27,7 +28,7 @@ def info(path: str | os.PathLike[str]) -> dict[str, Any]:
         out: dict[str, Any] = {
             "path": str(path),
             "schema_version": a.get("schema_version"),
-            "fingerprint": c.fingerprint,
+            "fingerprint": {k: c.attrs.get(k) for k in FINGERPRINT_KEYS},  # as stored, even if damaged
             "rows": c.n_rows,
             "feature_dim": c.feature_dim,
             "dtype": a.get("dtype"),

@@ -46,10 +46,10 @@ import h5py
 import numpy as np
 
 from ..core.atomic import atomic_file, fsync_dir
-from ..errors import CacheError
+from ..errors import BackboneError, CacheError
+from ..models.fingerprint import Fingerprint
 
 SCHEMA_VERSION = 1
-FINGERPRINT_KEYS = ("backbone", "weights", "weights_sha256", "preprocessing", "precision", "feature_dim")
 _STR = h5py.string_dtype("utf-8")
 
 
@@ -70,22 +70,6 @@ def crash_point(name: str) -> None:
 
 
 _CRASH_COUNTS: dict[str, int] = {}
-
-
-# --------------------------------------------------------------------------- fingerprint
-
-
-def fingerprint_diff(have: dict[str, Any], want: dict[str, Any]) -> list[str]:
-    """Human-readable differences between two fingerprints (empty if they match)."""
-    out = []
-    for k in FINGERPRINT_KEYS:
-        if str(have.get(k)) != str(want.get(k)):
-            out.append(f"{k}: cache has {have.get(k)!s}, this run uses {want.get(k)!s}")
-    return out
-
-
-def describe(fp: dict[str, Any]) -> str:
-    return f"{fp.get('backbone')} ({fp.get('weights')}, {fp.get('precision')})"
 
 
 # --------------------------------------------------------------------------- lock
@@ -126,15 +110,17 @@ class Journal:
     def exists(self) -> bool:
         return self.dir.is_dir()
 
-    def fingerprint(self) -> dict[str, Any] | None:
+    def fingerprint(self) -> Fingerprint | None:
         p = self.dir / "fingerprint.json"
-        return json.loads(p.read_text()) if p.is_file() else None
+        if not p.is_file():
+            return None
+        return Fingerprint.from_record(json.loads(p.read_text()), source=str(p))
 
-    def start(self, fingerprint: dict[str, Any]) -> None:
+    def start(self, fingerprint: Fingerprint) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         if not (self.dir / "fingerprint.json").is_file():
             with atomic_file(self.dir / "fingerprint.json") as f:
-                f.write(json.dumps(fingerprint).encode())
+                f.write(json.dumps(fingerprint.to_record()).encode())
 
     def append(
         self,
@@ -350,9 +336,13 @@ class Cache:
         return {k: (v.item() if isinstance(v, np.generic) else v) for k, v in self._f.attrs.items()}
 
     @property
-    def fingerprint(self) -> dict[str, Any]:
-        a = self.attrs
-        return {k: a.get(k) for k in FINGERPRINT_KEYS}
+    def fingerprint(self) -> Fingerprint:
+        try:
+            return Fingerprint.from_record(self.attrs, source=f"the fingerprint attributes of {self.path}")
+        except BackboneError as e:
+            raise CacheError(
+                f"{e}; run `headstart cache verify {self.path}`, or extract again with --rebuild"
+            ) from None
 
     @property
     def n_rows(self) -> int:
@@ -416,7 +406,3 @@ class Cache:
             duplicates=self.duplicates,
             skipped=self.skipped,
         )
-
-
-def open_cache(path: str | os.PathLike[str]) -> Cache:
-    return Cache(path)

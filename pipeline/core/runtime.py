@@ -52,12 +52,11 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return "bf16" if cpu_has_fast_bf16() else "fp32"
 
 
-def use_channels_last(device: torch.device, precision: str) -> bool:
-    # fp32 on the CPU gains from channels_last; on CUDA it feeds the tensor cores. bf16 on the
-    # CPU was first measured fastest in the default layout, but re-measured (issue 3, Lite0,
-    # batch 32, 3 alternating rounds on the same 2-core AMX CPU): fp32 24.5 img/s, fp32 + CL 35,
-    # bf16 45, bf16 + CL 75 (and 5-6 vs 5-12 under load) - so channels_last everywhere.
-    return True
+# Networks run in channels_last everywhere: fp32 on the CPU gains from it, on CUDA it feeds the
+# tensor cores, and bf16 on the CPU, first measured fastest in the default layout, was
+# re-measured (Lite0, batch 32, 3 alternating rounds on a 2-core AMX CPU): fp32 24.5 img/s,
+# fp32 + channels_last 35, bf16 45, bf16 + channels_last 75.
+CHANNELS_LAST = True
 
 
 @contextlib.contextmanager

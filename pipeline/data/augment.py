@@ -29,8 +29,8 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode
 
 from ..errors import InputError
-from ..models.backbones import Preprocessing
 from .images import preprocess
+from .preprocessing import Preprocessing
 
 PRESETS = ("auto", "product", "letterbox", "none")
 ROTATION_DEGREES = 10.0

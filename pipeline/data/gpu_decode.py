@@ -31,8 +31,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..errors import InputError
-from ..models.backbones import Preprocessing
 from .images import DEFAULT_MAX_PIXELS, DecodeError, load_pixels
+from .preprocessing import Preprocessing
 
 _EXIF_ORIENTATION = 0x0112
 

@@ -9,7 +9,6 @@ can never disagree about preprocessing.
 from __future__ import annotations
 
 import csv
-import hashlib
 import os
 import warnings
 from dataclasses import dataclass
@@ -19,13 +18,12 @@ import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from ..errors import InputError
-from ..models.backbones import Preprocessing
+from .preprocessing import Preprocessing
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
 # PIL raises DecompressionBombError above 2x its MAX_IMAGE_PIXELS; we refuse at our own limit
 # before decoding a byte of pixel data, and say which limit to raise.
 DEFAULT_MAX_PIXELS = 2 * 89_478_485
-HASH_HEX_CHARS = 32  # blake2b-128: fast, and collisions are not a concern at catalog scale
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated photo is recorded as skipped, not padded grey
 
@@ -151,15 +149,6 @@ def _from_manifest(manifest: Path) -> Catalog:
     if not items and not skipped:
         raise InputError(f"{manifest} lists no images")
     return Catalog(root, items, skipped, "manifest")
-
-
-def hash_file(path: str | os.PathLike[str]) -> str:
-    """The cache key: blake2b-128 of the file's bytes, as 32 hex characters."""
-    h = hashlib.blake2b(digest_size=HASH_HEX_CHARS // 2)
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 _RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -22,9 +23,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..core import runtime
 from ..errors import InputError
-from ..models.backbones import FeatureNet, Preprocessing
 from .gpu_decode import RawJpeg, decode_batch, probe_jpeg, require_cuda
 from .images import DEFAULT_MAX_PIXELS, DecodeError, load_pixels
+from .preprocessing import Preprocessing
 
 Source = str | os.PathLike[str] | Image.Image
 Decoded = np.ndarray | RawJpeg | None  # CPU pixels, JPEG bytes for the GPU, or failure
@@ -142,19 +143,26 @@ def make_loader(
     )
 
 
+class Embedder(Protocol):
+    """What :func:`embed_batches` runs: a ``models.network.FeatureNet`` (data/ stays below
+    models/, so it names the one method it needs instead of importing the class)."""
+
+    def for_inference(self) -> torch.nn.Module: ...
+
+
 @torch.inference_mode()
 def embed_batches(
-    net: FeatureNet,
+    net: Embedder,
     loader: DataLoader[Batch],
     *,
     device: torch.device,
     precision: str,
 ) -> Iterator[tuple[Batch, np.ndarray]]:
     """Yield each batch with float32 features ``(n_ok, D)`` for its decodable items."""
-    channels_last = runtime.use_channels_last(device, precision)
-    net = net.for_inference().to(device)
+    channels_last = runtime.CHANNELS_LAST
+    frozen = net.for_inference().to(device)
     if channels_last:
-        net = net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        frozen = frozen.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     dataset = loader.dataset
     for batch in loader:
         if batch.raw:
@@ -168,5 +176,5 @@ def embed_batches(
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with runtime.autocast(device, precision):
-            feats = net(x)
+            feats = frozen(x)
         yield batch, feats.float().cpu().numpy()

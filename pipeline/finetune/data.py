@@ -16,11 +16,12 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset, DistributedSampler, Sampler
 
+from ..core.hashing import hash_file
 from ..data.augment import augment, sample_generator
-from ..data.images import DEFAULT_MAX_PIXELS, DecodeError, discover, hash_file, open_rgb
+from ..data.images import DEFAULT_MAX_PIXELS, DecodeError, discover, open_rgb
 from ..data.labels import LabelMap
+from ..data.preprocessing import Preprocessing
 from ..errors import ArtifactError, InputError
-from ..models.backbones import Preprocessing
 
 
 @dataclass(frozen=True)

@@ -75,12 +75,6 @@ class LayerGroups:
     def n_backbone(self) -> int:
         return len(self.groups) - 1
 
-    def describe(self) -> list[dict[str, object]]:
-        return [
-            {"group": i, "units": [u.name for u in g], "params": sum(u.size for u in g)}
-            for i, g in enumerate(self.groups)
-        ]
-
     def describe_short(self) -> list[str]:
         """One line per group, for logs and finetune.json (unit lists can be long)."""
         out = []
@@ -120,12 +114,3 @@ def layer_groups(body: nn.Module, head: nn.Module, stages: int) -> LayerGroups:
     bounds = [round(k * len(units) / stages) for k in range(stages + 1)]
     bottom_up = [units[bounds[k] : bounds[k + 1]] for k in range(stages)]
     return LayerGroups([[_unit_of("head", head)], *reversed(bottom_up)])
-
-
-def trainable_count(groups: LayerGroups) -> int:
-    return sum(p.numel() for g in groups.groups for u in g for _, p in u.params if p.requires_grad)
-
-
-def freeze_all(module: nn.Module) -> None:
-    for p in module.parameters():
-        p.requires_grad_(False)

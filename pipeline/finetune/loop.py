@@ -26,14 +26,14 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from ..artifacts.head_dir import Classifier
 from ..config import FinetuneConfig, to_dict
 from ..core import runtime
 from ..core.distributed import Dist
 from ..data.loader import make_loader
+from ..data.preprocessing import Preprocessing
 from ..errors import InputError
-from ..models.backbones import Preprocessing
-from ..probe.estimators import classification_metrics
+from ..models.heads import Classifier
+from ..probe.metrics import classification_metrics
 from . import checkpoint
 from .data import ResumeSampler, Split, TrainSet, collate, per_rank_samples
 from .layers import LayerGroups

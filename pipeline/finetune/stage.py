@@ -5,9 +5,9 @@ plus the head ``fit-head`` fitted (refitted on the training photos only, see
 :meth:`_Run._probe_on_train`), so the first gradient steps do not wreck the pretrained features
 with a random head's large errors. Then, from the top down, one more group of backbone
 layers is unfrozen every ``unfreeze_every`` epochs (gradual unfreezing, the seed article's FAQ 3),
-each group training with a smaller learning rate than the one above it (``unfreeze.py``). AdamW,
+each group training with a smaller learning rate than the one above it (``layers.py``). AdamW,
 linear warm-up then cosine decay, optional label smoothing and class weights, gradient
-accumulation, bf16 autocast and channels_last where they pay (``runtime.py``).
+accumulation, bf16 autocast and channels_last where they pay (``core/runtime.py``).
 
 Early stopping and model selection use the validation photos ``fit-head`` held out
 (``split.json``), by validation log-loss (the same criterion as the C sweep). Epoch 0 is the
@@ -24,16 +24,15 @@ Under ``torchrun`` (``WORLD_SIZE`` > 1) each process trains on its ``Distributed
 inside ``DistributedDataParallel`` (NCCL on GPUs, gloo on CPUs); validation is sharded and
 summed across ranks, so every rank takes the same early-stopping decision; only rank 0 writes.
 
-This module sets up (head, data, model, layer groups) and writes FT_DIR; the loop itself,
-checkpoints and resume are in ``trainer.py``; torchrun plumbing in ``distributed.py``.
-
-Import note: stages do not import each other; ``export`` knows FT_DIR through
-``finetune.json`` alone (``export.source_from_finetune``), so neither imports the other.
+This module sets up (head, data, model, layer groups) and writes FT_DIR through
+``artifacts.finetune_dir`` (which also reads it for ``export``); the loop itself, checkpoints
+and resume are in ``loop.py`` and ``checkpoint.py``; torchrun plumbing in ``core/distributed.py``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as _dt
 import json
 import shutil
@@ -49,22 +48,20 @@ import torch.distributed as dist
 from torch import nn
 
 from .. import __version__
-from ..artifacts.head_dir import Classifier, build_head, read_head
+from ..artifacts.finetune_dir import read_finetune_meta, write_finetune_dir
+from ..artifacts.head_dir import read_head
 from ..config import FinetuneConfig, save_resolved
 from ..core import runtime
-from ..core.atomic import atomic_file
 from ..core.distributed import Dist, distributed
 from ..data.augment import resolve_preset
 from ..data.labels import LabelMap
-from ..errors import BackboneError, InputError
-from ..models.backbones import Preprocessing, get_spec, load_backbone, sha256_file, with_preprocessing
+from ..errors import InputError
+from ..models.fingerprint import Fingerprint
+from ..models.heads import Classifier, build_head
 from . import checkpoint
 from .data import read_val_hashes, split_examples
 from .layers import layer_groups
 from .loop import BEST, LAST, Progress, Trainer, rate
-
-FT_FORMAT = "headstart-finetune"
-FT_SCHEMA_VERSION = 1
 
 
 @dataclass
@@ -141,8 +138,8 @@ class _Run(Trainer):
                 f"{self.out} holds the checkpoint of an unfinished fine-tune; pass --resume to continue it, "
                 "or choose another --out"
             )
-        fp = meta["fingerprint"]
-        prep = Preprocessing.from_dict(json.loads(fp["preprocessing"]))
+        fp = Fingerprint.from_record(meta["fingerprint"], source=str(head_dir / "head.json"))
+        prep = fp.preprocessing
         self.preset = resolve_preset(cfg.augment, prep)
         self.prep, self.fp, self.meta = prep, fp, meta
         self.class_names: list[str] = list(meta["class_names"])
@@ -154,10 +151,10 @@ class _Run(Trainer):
         self.split = r.broadcast(split)
         self.precision = runtime.resolve_precision(cfg.precision, r.device)
         torch.manual_seed(cfg.seed)  # the random head (--init random) is the same on every rank
-        self.model = self._build_model(head_spec, fp, prep)
+        self.model = self._build_model(head_spec, fp)
         self.groups = layer_groups(self.model.net.body, self.model.head, cfg.stages)
         self.model.to(r.device)
-        # Training always uses channels_last: unlike inference (runtime.use_channels_last), bf16
+        # Training always uses channels_last, like inference (runtime.CHANNELS_LAST): bf16
         # *training* on the 2-core AMX CPU ran 1.9x faster with it (Lite0, batch 16, fwd + bwd:
         # 2.5 vs 1.3 img/s under load); fp32 and CUDA gain from it too.
         self.channels_last = True
@@ -172,16 +169,8 @@ class _Run(Trainer):
             dist.barrier()  # no rank returns before rank 0 has written FT_DIR
         return self._summary(p, " (resumed)" if resumed else "")
 
-    def _build_model(self, head_spec: Any, fp: dict[str, Any], prep: Preprocessing) -> Classifier:
-        spec = with_preprocessing(get_spec(fp["backbone"]), prep)
-        loaded = load_backbone(spec, self.cfg.weights_file)
-        if loaded.weights_sha256 != fp["weights_sha256"]:
-            raise BackboneError(
-                f"the {spec.name} weights on this machine (sha256 {loaded.weights_sha256[:12]}) differ from the ones "
-                f"the head was fitted on ({fp['weights_sha256'][:12]}); pass the same file with --weights-file"
-            )
-        net = loaded.net
-        net.imagenet_head = None  # not part of the classifier; unused parameters would stall DDP
+    def _build_model(self, head_spec: Any, fp: Fingerprint) -> Classifier:
+        net = fp.load_backbone(self.cfg.weights_file, made=f"the head in {self.cfg.head}").net
         tensors = head_spec.torch_tensors()
         if self.cfg.init == "lp":
             tensors = self._probe_on_train(head_spec.kind) or tensors
@@ -226,24 +215,9 @@ class _Run(Trainer):
     def _write_outputs(self, p: Progress, stopped_early: bool) -> None:
         cfg = self.cfg
         best = checkpoint.load(self.out / BEST)
-        checkpoint.atomic_save(best, self.out / "model.pt")
-        spec = get_spec(self.fp["backbone"])
         final = p.history[p.best_epoch]
-        doc = {
-            "format": FT_FORMAT,
-            "schema_version": FT_SCHEMA_VERSION,
-            # The keys export's build_classifier reads, as in a model manifest:
-            "backbone": {
-                "name": spec.name,
-                "weights": self.fp["weights"],
-                "weights_sha256": self.fp["weights_sha256"],  # the pretrained start, not these weights
-                "feature_dim": spec.feature_dim,
-            },
-            "preprocessing": self.prep.to_dict(),
-            "precision": self.precision,
-            "class_names": self.class_names,
-            "head": {"kind": self.head_kind, "init": cfg.init},
-            "fingerprint": self.fp,
+        record = {
+            "fingerprint": self.fp.to_record(),
             "metrics": final,
             "start_metrics": {**p.history[0], "init": cfg.init},
             "best_epoch": p.best_epoch,
@@ -274,10 +248,15 @@ class _Run(Trainer):
                 "headstart_version": __version__,
                 "torch_version": torch.__version__,
             },
-            "files": {"model.pt": sha256_file(self.out / "model.pt")},
         }
-        with atomic_file(self.out / "finetune.json") as f:
-            f.write((json.dumps(doc, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
+        write_finetune_dir(
+            self.out,
+            best,
+            dataclasses.replace(self.fp, precision=self.precision),
+            self.class_names,
+            {"kind": self.head_kind, "init": cfg.init},
+            record,
+        )
         save_resolved(cfg, self.out / "config.json", batch_size_used=self.batch, augment_used=self.preset)
         shutil.rmtree(self.out / "checkpoint", ignore_errors=True)  # done: model.pt is the best epoch
 
@@ -296,7 +275,7 @@ class _Run(Trainer):
         )
 
     def _finished_summary(self) -> FinetuneSummary:
-        doc = json.loads((self.out / "finetune.json").read_text(encoding="utf-8"))
+        doc = read_finetune_meta(self.out)
         return FinetuneSummary(
             path=self.out,
             metrics=doc["metrics"],

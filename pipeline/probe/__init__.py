@@ -1,2 +1,3 @@
-"""Heads on cached features (the linear probe and its relatives): estimators, C selection,
-calibration, metrics, validation splits. No torch at import time."""
+"""Heads on cached features (the linear probe and its relatives): the kinds registry,
+estimators, feature rows, C selection, calibration, metrics, validation splits. No torch at
+import time."""

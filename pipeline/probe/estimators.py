@@ -3,114 +3,44 @@
 * :class:`LogisticHead` - standardise, then multinomial logistic regression; scikit-learn's
   L-BFGS (``solver="sklearn"``) or the same objective minimised by full-batch L-BFGS in torch
   (``solver="torch"``, any device), which streams the features in row chunks so a cache larger
-  than memory (or than the GPU) can be fitted exactly.
-* :class:`MLPHead` - one hidden layer, dropout, early stopping on a held-out slice (torch).
+  than memory (or than the GPU) can be fitted exactly. Its C: :func:`.selection.sweep_c`.
+* :class:`MLPProbe` - one hidden layer, dropout, early stopping on a held-out slice (torch).
 * :class:`NearestCentroidHead` - few-shot: one mean per class; five photos make a class.
 
-The regularisation strength is chosen by :func:`sweep_c` on a validation split, as in the CLIP
-paper's linear-probe protocol (a log-spaced coarse grid, then a finer one around the best) -
-with one change: C is chosen by validation *log-loss*, not accuracy. With a few dozen photos per
-class, validation accuracy is flat and noisy across C and its ties pick the most regularised,
-worst model (measured on the bundled catalog: accuracy selection chose C=1e-6, 0.777 held-out;
-log-loss chose C=0.03, 0.843, the same on three split seeds).
-
-Every head has a ``temperature_`` (1 after ``fit``; set by :func:`fit_temperature` on a
-validation split) and gives its parameters as plain arrays (``torch_state()``), the standardisation
-and the temperature folded in, so the exported model and the prediction path never unpickle
-anything.
+Every head has a ``temperature_`` (1 after ``fit``; set from
+:func:`.calibration.fit_temperature` on a validation split) and gives its parameters as plain
+arrays (``torch_state()``: the tensors of its :mod:`.kinds` entry's torch module), the
+standardisation and the temperature folded in, so the exported model and the prediction path
+never unpickle anything. torch is imported only inside the fits that use it.
 """
 
 from __future__ import annotations
 
-import contextlib
 import warnings
 from collections.abc import Iterator
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import accuracy_score, f1_score, log_loss, precision_recall_fscore_support
 from sklearn.utils.class_weight import compute_class_weight
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
-from threadpoolctl import threadpool_limits
 
-# Small problems run BLAS on one thread. Measured on the shared 2-core development machine,
-# 300 x 1280 features: one L-BFGS fit 0.2 s on one thread, 8 s on two while other jobs used the
-# cores (OpenBLAS worker threads busy-wait for each other), and a whole fit-head 140 s. Threads
-# pay off only for large matrices: 20M values is e.g. 15k photos x 1280 features.
-SINGLE_THREAD_BLAS_VALUES = 20_000_000
+from .calibration import softmax
+from .rows import CHUNK_ROWS, blas_threads_for, iter_chunks, small_problem_threads, standardisation
 
 
-def blas_threads_for(n_values: int) -> contextlib.AbstractContextManager[Any]:
-    """One BLAS thread for problems of up to SINGLE_THREAD_BLAS_VALUES values, else no limit."""
-    return threadpool_limits(limits=1) if n_values <= SINGLE_THREAD_BLAS_VALUES else contextlib.nullcontext()
-
-
-COARSE_LOG10_C = np.arange(-6.0, 3.0, 1.0)  # 1e-6 ... 1e2 on standardised features
-FINE_OFFSETS = (-0.5, -0.25, 0.25, 0.5)
-CHUNK_ROWS = 65536
-SINGLE_THREAD_VALUES = 20_000_000  # below this many feature values, fit on one CPU thread
-HEAD_KINDS = ("logreg", "mlp", "centroid")
-
-
-class RowSource(Protocol):
-    """What the chunked paths need: a row count and row slicing. ``fit_head.CacheRows`` is one:
-    it reads the rows from the HDF5 cache on every slice, so nothing but a chunk is in memory.
-    ``is_row_source = True`` marks such objects (arrays are validated the scikit-learn way)."""
-
-    is_row_source: bool
-
-    @property
-    def shape(self) -> tuple[int, ...]: ...
-
-    def __getitem__(self, key: slice) -> np.ndarray: ...
-
-
-def iter_chunks(X: RowSource | np.ndarray, chunk_rows: int = CHUNK_ROWS) -> Iterator[tuple[int, np.ndarray]]:
-    for start in range(0, int(X.shape[0]), chunk_rows):
-        yield start, np.asarray(X[start : start + chunk_rows], dtype=np.float32)
-
-
-def standardisation(X: RowSource | np.ndarray, chunk_rows: int = CHUNK_ROWS) -> tuple[np.ndarray, np.ndarray]:
-    """Per-feature mean and std, accumulated in float64 over row chunks (one pass, bounded memory)."""
-    n = 0
-    s: Any = 0.0
-    ss: Any = 0.0
-    for _, c in iter_chunks(X, chunk_rows):
-        c64 = c.astype(np.float64)
-        n += len(c)
-        s = s + c64.sum(0)
-        ss = ss + (c64**2).sum(0)
-    mean = s / n
-    var = np.maximum(ss / n - mean**2, 0.0)
-    return mean.astype(np.float32), (np.sqrt(var) + 1e-6).astype(np.float32)
-
-
-@contextlib.contextmanager
-def _small_problem_threads(n_values: int, device: str) -> Iterator[None]:
-    """One CPU thread for small torch fits: on a shared 2-core machine, torch's worker threads
-    wait for each other far longer than a 300 x 1280 problem takes on one core (the same effect
-    fit_head.py measured for BLAS: 0.2 s vs 8 s)."""
-    import torch
-
-    if device != "cpu" or n_values > SINGLE_THREAD_VALUES:
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-def softmax(z: np.ndarray) -> np.ndarray:
-    z = z - z.max(1, keepdims=True)
-    e = np.exp(z)
-    return np.asarray(e / e.sum(1, keepdims=True))
+def _class_weights(y_idx: np.ndarray, k: int, class_weight: str | None) -> np.ndarray:
+    """One weight per class (``[k]``, float64): 1 each, or scikit-learn's ``"balanced"``
+    ``n / (n_classes * count)`` over the classes present (an absent class keeps 1). The same
+    weights scikit-learn's own ``LogisticRegression(class_weight=...)`` applies."""
+    out = np.ones(k)
+    if class_weight is not None:
+        present = np.unique(y_idx)
+        out[present] = compute_class_weight(class_weight, classes=present, y=y_idx)
+    return out
 
 
 def _is_lazy(X: Any) -> bool:
@@ -162,7 +92,9 @@ class _Head(ClassifierMixin, BaseEstimator):  # type: ignore[misc]
         check_is_fitted(self)
         return np.asarray(self.classes_[self.predict_proba(X).argmax(1)])
 
-    def torch_state(self) -> dict[str, Any]:
+    def torch_state(self) -> dict[str, np.ndarray]:
+        """The head as named float32 arrays, for the torch module its kind exports as
+        (``kinds.KINDS[...].torch_kind``); ``softmax(module(x))`` = :meth:`predict_proba`."""
         raise NotImplementedError
 
 
@@ -185,9 +117,9 @@ class _LinearHead(_Head):
         b = (self.intercept_ - (self.coef_ / self.scale_) @ self.mean_) / self.temperature_
         return w.astype(np.float32), b.astype(np.float32)
 
-    def torch_state(self) -> dict[str, Any]:
+    def torch_state(self) -> dict[str, np.ndarray]:
         w, b = self.linear_params()
-        return {"kind": "linear", "weight": w, "bias": b}
+        return {"weight": w, "bias": b}
 
 
 # --------------------------------------------------------------------------- logistic regression
@@ -231,7 +163,7 @@ class LogisticHead(_LinearHead):
         if self.solver == "sklearn":
             self._fit_sklearn(np.asarray(X, np.float32), y_idx)
         else:
-            with _small_problem_threads(int(X.shape[0]) * int(X.shape[1]), str(self.device)):
+            with small_problem_threads(int(X.shape[0]) * int(X.shape[1]), str(self.device)):
                 self._fit_torch(X, y_idx)
         self.temperature_ = 1.0
         return self
@@ -254,7 +186,7 @@ class LogisticHead(_LinearHead):
 
         dev = torch.device(self.device)
         k, d = len(self.classes_), int(X.shape[1])
-        sw = _sample_weights(y_idx, k, self.class_weight)
+        sw = _class_weights(y_idx, k, self.class_weight)[y_idx]  # one weight per row
         # float64 on the CPU (exact agreement with scikit-learn), float32 on accelerators (speed).
         dtype = torch.float64 if dev.type == "cpu" else torch.float32
         mean = torch.as_tensor(self.mean_, device=dev, dtype=dtype)
@@ -317,13 +249,6 @@ class LogisticHead(_LinearHead):
         self.n_iter_ = int(opt.state[opt._params[0]].get("n_iter", 0))
 
 
-def _sample_weights(y_idx: np.ndarray, k: int, class_weight: str | None) -> np.ndarray:
-    if class_weight is None:
-        return np.ones(len(y_idx))
-    cw = compute_class_weight(class_weight, classes=np.arange(k), y=y_idx)
-    return np.asarray(cw[y_idx], dtype=np.float64)
-
-
 # --------------------------------------------------------------------------- nearest centroid
 
 
@@ -361,7 +286,7 @@ class NearestCentroidHead(_LinearHead):
 # --------------------------------------------------------------------------- MLP
 
 
-class MLPHead(_Head):
+class MLPProbe(_Head):
     """Standardise -> Linear(D, hidden) -> ReLU -> Dropout -> Linear(hidden, K), trained with
     AdamW on mini-batches; early stopping on a stratified ``validation_fraction`` of the training
     rows (the best epoch's weights are kept). Better than a linear head only with many photos
@@ -393,12 +318,12 @@ class MLPHead(_Head):
         self.random_state = random_state
         self.device = device
 
-    def fit(self, X: Any, y: Any) -> MLPHead:
+    def fit(self, X: Any, y: Any) -> MLPProbe:
         X, y = validate_data(self, X, y, dtype=np.float32)
-        with _small_problem_threads(X.size, str(self.device)):
+        with small_problem_threads(X.size, str(self.device)):
             return self._fit(X, y)
 
-    def _fit(self, X: np.ndarray, y: np.ndarray) -> MLPHead:
+    def _fit(self, X: np.ndarray, y: np.ndarray) -> MLPProbe:
         import torch
         import torch.nn.functional as F
         from torch import nn
@@ -418,7 +343,7 @@ class MLPHead(_Head):
         dev = torch.device(self.device)
         Z = torch.as_tensor((X - self.mean_) / self.scale_, device=dev)
         Y = torch.as_tensor(y_idx, device=dev)
-        cw = torch.as_tensor(_class_weight_vector(y_idx, k, self.class_weight), device=dev, dtype=torch.float32)
+        cw = torch.as_tensor(_class_weights(y_idx, k, self.class_weight), device=dev, dtype=torch.float32)
         net = nn.Sequential(
             nn.Linear(X.shape[1], self.hidden), nn.ReLU(), nn.Dropout(self.dropout), nn.Linear(self.hidden, k)
         ).to(dev)
@@ -459,137 +384,16 @@ class MLPHead(_Head):
         h = np.maximum(((X - self.mean_) / self.scale_) @ self.w1_.T + self.b1_, 0.0)
         return np.asarray(h @ self.w2_.T + self.b2_, dtype=np.float32)
 
-    def torch_state(self) -> dict[str, Any]:
+    def torch_state(self) -> dict[str, np.ndarray]:
         """Hidden layer on raw features (standardisation folded in) and output layer with the
-        temperature folded in, named as ``artifacts.build_head("mlp", ...)`` expects:
+        temperature folded in, named as ``models.heads.build_head("mlp", ...)`` expects:
         ``softmax(relu(x @ W0.T + b0) @ W1.T + b1)`` = :meth:`predict_proba`."""
         check_is_fitted(self)
         w1 = self.w1_ / self.scale_
         b1 = self.b1_ - w1 @ self.mean_
         return {
-            "kind": "mlp",
             "layers.0.weight": w1.astype(np.float32),
             "layers.0.bias": b1.astype(np.float32),
             "layers.1.weight": (self.w2_ / self.temperature_).astype(np.float32),
             "layers.1.bias": (self.b2_ / self.temperature_).astype(np.float32),
         }
-
-
-def _class_weight_vector(y_idx: np.ndarray, k: int, class_weight: str | None) -> np.ndarray:
-    if class_weight is None:
-        return np.ones(k, np.float32)
-    present = np.unique(y_idx)
-    out = np.ones(k, np.float32)
-    out[present] = compute_class_weight(class_weight, classes=present, y=y_idx)
-    return out
-
-
-def forward_state(state: dict[str, Any], X: np.ndarray) -> np.ndarray:
-    """Probabilities from a ``torch_state()`` / ``head.npz`` dict, with numpy only (no unpickling)."""
-    X = np.asarray(X, np.float32)
-    if state.get("kind") is not None and str(state["kind"]) == "mlp":
-        n = len([k for k in state if k.startswith("layers.") and k.endswith(".weight")])
-        for i in range(n):
-            X = (np.maximum(X, 0.0) if i else X) @ state[f"layers.{i}.weight"].T + state[f"layers.{i}.bias"]
-        return softmax(X)
-    return softmax(X @ state["weight"].T + state["bias"])
-
-
-# --------------------------------------------------------------------------- calibration
-
-
-def fit_temperature(logits: np.ndarray, y_idx: np.ndarray) -> float:
-    """Temperature scaling (Guo et al., 2017): the T > 0 minimising the validation log-loss of
-    ``softmax(logits / T)``. One parameter, so it changes confidence, never the predicted class.
-
-    When every validation photo is already right, the log-loss keeps falling as T -> 0 and says
-    nothing about over-confidence (a tiny split would make every probability 1.0): T stays 1."""
-    from scipy.optimize import minimize_scalar
-
-    z = np.asarray(logits, np.float64)
-    y_idx = np.asarray(y_idx)
-    if len(y_idx) == 0 or bool((z.argmax(1) == y_idx).all()):
-        return 1.0
-
-    def nll(log_t: float) -> float:
-        p = softmax(z / np.exp(log_t))
-        return float(-np.log(np.clip(p[np.arange(len(y_idx)), y_idx], 1e-12, None)).mean())
-
-    # Wide bounds: the nearest-centroid head treats 1280 correlated features as independent and
-    # is overconfident (measured on the bundled catalog: T = 35).
-    res = minimize_scalar(nll, bounds=(np.log(1e-2), np.log(1e3)), method="bounded")
-    return float(np.exp(res.x))
-
-
-def calibration_error(proba: np.ndarray, y_idx: np.ndarray, bins: int = 15) -> float:
-    """Expected calibration error: mean |confidence - accuracy| over equal-width confidence bins,
-    weighted by the bins' share of photos."""
-    conf = proba.max(1)
-    correct = proba.argmax(1) == np.asarray(y_idx)
-    which = np.minimum((conf * bins).astype(int), bins - 1)
-    err = 0.0
-    for b in range(bins):
-        m = which == b
-        if m.any():
-            err += m.mean() * abs(conf[m].mean() - correct[m].mean())
-    return float(err)
-
-
-def mean_log_loss(proba: np.ndarray, y_idx: np.ndarray) -> float:
-    return float(-np.log(np.clip(proba[np.arange(len(y_idx)), y_idx], 1e-12, None)).mean())
-
-
-# --------------------------------------------------------------------------- C sweep and metrics
-
-
-def sweep_c(
-    X_train: Any,
-    y_train: np.ndarray,
-    X_val: Any,
-    y_val: np.ndarray,
-    *,
-    class_weight: str | None = None,
-    max_iter: int = 1000,
-    solver: str = "sklearn",
-    device: str = "cpu",
-) -> tuple[float, list[dict[str, float]]]:
-    """Choose C by validation log-loss (ties -> the stronger regularisation)."""
-    curve: dict[float, tuple[float, float]] = {}  # log10 C -> (log-loss, accuracy)
-    labels = np.unique(np.concatenate([y_train, y_val]))
-
-    def score(log_c: float) -> None:
-        log_c = round(float(log_c), 4)
-        if log_c not in curve:
-            head = LogisticHead(
-                C=10.0**log_c, class_weight=class_weight, max_iter=max_iter, solver=solver, device=device
-            ).fit(X_train, y_train)
-            proba = head.predict_proba(X_val).astype(np.float64)
-            pred = head.classes_[proba.argmax(1)]
-            full = np.zeros((len(y_val), len(labels)))
-            full[:, np.searchsorted(labels, head.classes_)] = proba / proba.sum(1, keepdims=True)
-            curve[log_c] = (float(log_loss(y_val, full, labels=labels)), float(accuracy_score(y_val, pred)))
-
-    def best() -> float:
-        return min(curve, key=lambda k: (round(curve[k][0], 6), k))
-
-    for lc in COARSE_LOG10_C:
-        score(lc)
-    centre = best()
-    for off in FINE_OFFSETS:
-        score(centre + off)
-    table = [{"C": 10.0**k, "val_log_loss": v[0], "val_accuracy": v[1]} for k, v in sorted(curve.items())]
-    return 10.0 ** best(), table
-
-
-def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, class_names: list[str]) -> dict[str, Any]:
-    labels = list(range(len(class_names)))
-    p, r, f, s = precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
-    return {
-        "accuracy": float(accuracy_score(y_true, y_pred)),
-        "macro_f1": float(f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)),
-        "n": len(y_true),
-        "per_class": {
-            name: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(s[i])}
-            for i, name in enumerate(class_names)
-        },
-    }

@@ -125,11 +125,3 @@ def grouped_split(y: np.ndarray, groups: np.ndarray, val_fraction: float, seed: 
         for g in chosen:
             val_mask[members[g]] = True
     return GroupedSplit(np.flatnonzero(~val_mask), np.flatnonzero(val_mask), tuple(ungrouped))
-
-
-def stratified_group_split(
-    y: np.ndarray, groups: np.ndarray, val_fraction: float, seed: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`grouped_split` as sorted (train_idx, val_idx)."""
-    split = grouped_split(y, groups, val_fraction, seed)
-    return split.train, split.val

@@ -1,0 +1,117 @@
+"""The torch head modules and the classifier they complete.
+
+A head becomes a torch module from a small **head spec**: a torch kind plus named tensors (the
+arrays a fitted probe's ``torch_state()`` gives; ``head.npz``). Kinds, one builder each in
+:data:`HEAD_BUILDERS`:
+
+* ``linear``: ``weight [C, D]``, ``bias [C]`` - logistic regression, nearest centroid;
+* ``mlp``: ``layers.0.weight [H, D]``, ``layers.0.bias [H]``, ..., ``layers.L.weight [C, H]``,
+  ``layers.L.bias [C]``, ReLU between layers.
+
+Tensor names are the module's own state-dict names, so the same builder works on ``head.npz``
+and on the ``head.*`` entries of an exported or fine-tuned state dict. Which fit-head kind
+exports as which torch kind: :mod:`pipeline.probe.kinds`. A new torch kind is one builder here;
+export, ONNX and predict need no change, because :class:`Classifier` and the saved state dict
+are built from the spec alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import torch
+from torch import nn
+
+from ..errors import ArtifactError
+from .network import FeatureNet
+
+
+class LinearHead(nn.Linear):
+    @property
+    def n_classes(self) -> int:
+        return self.out_features
+
+
+class MLPHead(nn.Module):
+    def __init__(self, layers: list[nn.Linear]) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+
+    @property
+    def n_classes(self) -> int:
+        return int(self.layers[-1].out_features)  # type: ignore[arg-type]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for i, layer in enumerate(self.layers):
+            x = layer(x) if i == 0 else layer(torch.relu(x))
+        return x
+
+
+def _linear(t: dict[str, torch.Tensor]) -> nn.Module:
+    w, b = t["weight"], t["bias"]
+    head = LinearHead(w.shape[1], w.shape[0])
+    head.load_state_dict({"weight": w, "bias": b})
+    return head
+
+
+def _mlp(t: dict[str, torch.Tensor]) -> nn.Module:
+    n = len([k for k in t if k.startswith("layers.") and k.endswith(".weight")])
+    if n == 0:
+        raise KeyError("layers.0.weight")
+    layers = [nn.Linear(t[f"layers.{i}.weight"].shape[1], t[f"layers.{i}.weight"].shape[0]) for i in range(n)]
+    head = MLPHead(layers)
+    head.load_state_dict(t)
+    return head
+
+
+HEAD_BUILDERS: dict[str, Callable[[dict[str, torch.Tensor]], nn.Module]] = {"linear": _linear, "mlp": _mlp}
+
+
+def build_head(kind: str, tensors: Mapping[str, torch.Tensor]) -> nn.Module:
+    """Head spec -> torch module (logits). The tensors may be the head's own (``head.npz``) or
+    the ``head.*`` entries of an exported or fine-tuned state dict (prefix stripped)."""
+    builder = HEAD_BUILDERS.get(kind)
+    if builder is None:
+        raise ArtifactError(
+            f"unknown head kind {kind!r} (this headstart builds: {', '.join(HEAD_BUILDERS)}); upgrade headstart"
+        )
+    try:
+        return builder(dict(tensors))
+    except (KeyError, IndexError, RuntimeError) as e:
+        raise ArtifactError(f"the {kind} head's tensors are incomplete or inconsistent ({e}); re-export") from None
+
+
+# --------------------------------------------------------------------------- the classifier
+
+
+class Classifier(nn.Module):
+    """uint8 pixels -> class logits: normalisation, backbone, head in one module."""
+
+    def __init__(self, net: FeatureNet, head: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+        self.head = head
+
+    def features(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.net(pixels)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.head(self.net(pixels).float())  # type: ignore[no-any-return]
+
+
+class ExportGraph(nn.Module):
+    """What the ONNX file computes: pixels -> (probabilities, features). Softmax is inside so a
+    deployment reads probabilities directly; features feed search and recommendation."""
+
+    def __init__(self, model: Classifier) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        feats = self.model.net(pixels).float()
+        return self.model.head(feats).softmax(1), feats
+
+
+def head_tensors(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The ``head.*`` entries of a Classifier state dict, prefix stripped."""
+    return {k.removeprefix("head."): v for k, v in state.items() if k.startswith("head.")}
