@@ -58,8 +58,19 @@ class HeadstartGroup(click.Group):
                 raise click.BadParameter(e.message + where, ctx=e.ctx, param=e.param) from None
             raise
         except KeyboardInterrupt:
-            click.echo("Interrupted; finished batches are kept and the next run resumes.", err=True)
+            command = ctx.invoked_subcommand or ""
+            click.echo(f"Interrupted; {_AFTER_INTERRUPT.get(command, _NOTHING_WRITTEN)}", err=True)
             sys.exit(130)
+
+
+# What a Ctrl-C leaves behind, per command: only extract and finetune --resume continue.
+_NOTHING_WRITTEN = "nothing was written; run the command again"
+_AFTER_INTERRUPT = {
+    "extract": "finished batches are kept and the next run resumes",
+    "finetune": "the last checkpoint is kept; run again with --resume to continue",
+    "fit-head": "the previous head, if any, is unchanged; run the command again",
+    "export": "the previous model, if any, is unchanged; run the command again",
+}
 
 
 def _load_config(ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:

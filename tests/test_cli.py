@@ -123,3 +123,37 @@ def test_only_the_cli_imports_click():
     pattern = re.compile(r"^\s*(import click|from click\b)", re.M)
     offenders = [p.name for p in root.rglob("*.py") if p.name != "cli.py" and pattern.search(p.read_text("utf-8"))]
     assert not offenders, f"only pipeline/cli.py may import click: {offenders}"
+
+
+@pytest.mark.parametrize(
+    ("command", "stage", "says"),
+    [
+        ("extract", "pipeline.extract.extract", "finished batches are kept and the next run resumes"),
+        ("fit-head", "pipeline.fit_head.fit_head", "the previous head, if any, is unchanged"),
+        ("finetune", "pipeline.finetune.stage.finetune", "run again with --resume to continue"),
+        ("predict", "pipeline.predict.predict", "nothing was written"),
+    ],
+)
+def test_ctrl_c_says_what_each_command_leaves_behind(command, stage, says, monkeypatch, tmp_path, run_cli):
+    """Only extract (and finetune --resume) continue where they stopped; the others must not
+    promise it."""
+
+    def interrupted(*_a, **_k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(stage, interrupted)
+    args = {
+        "extract": ["extract", tmp_path],
+        "fit-head": ["fit-head", tmp_path / "f.h5"],
+        "finetune": ["finetune", tmp_path, "--head", tmp_path],
+        "predict": ["predict", tmp_path, tmp_path],
+    }[command]
+    (tmp_path / "f.h5").write_bytes(b"")
+    from click.testing import CliRunner
+
+    from pipeline.cli import cli
+
+    r = CliRunner().invoke(cli, [str(a) for a in args])
+    assert r.exit_code == 130 and says in r.output, r.output
+    if command != "extract":
+        assert "resumes" not in r.output

@@ -52,6 +52,13 @@ class Dist:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    def local_device(self, device: torch.device) -> torch.device:
+        """``device`` for this rank: a bare ``cuda`` becomes ``cuda:LOCAL_RANK`` under torchrun,
+        one GPU per local rank; an indexed device, a CPU or a single process keep theirs."""
+        if self.world > 1 and device.type == "cuda" and device.index is None:
+            return torch.device("cuda", self.local_rank)
+        return device
+
     def owns_index(self, i: int) -> bool:
         return i % self.world == self.rank
 

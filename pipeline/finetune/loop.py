@@ -1,8 +1,9 @@
 """The fine-tuning loop: unfreezing phases, DDP, checkpoints, resume, validation.
 
-:class:`Trainer` holds no setup of its own: ``finetune._Run`` builds the model, layer groups and
-data, then calls :meth:`Trainer.setup_training` and :meth:`Trainer.fit`. Kept apart from the
-stage so each file reads in one sitting.
+:class:`Trainer` is given everything it trains with (model, layer groups, photos,
+preprocessing, device and process group, hyper-parameters, output folder, a log callback) and
+hands back a :class:`FitResult`; it never reads the stage's state, so it can be built and run
+alone. ``stage.py`` does the setup (head, data, model) and writes FT_DIR from the result.
 
 Resumability rests on three choices: checkpoints are taken only at optimizer-step boundaries
 (no half-accumulated gradients to save); the data order of an epoch is a pure function of
@@ -16,7 +17,8 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -62,39 +64,98 @@ class Progress:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class Settings:
+    """The ``FinetuneConfig`` values the loop reads, with the batch size resolved. No defaults:
+    a second copy of the CLI's defaults here would drift from ``config.py``."""
+
+    epochs: int
+    batch: int  # per process
+    accum_steps: int
+    lr: float
+    layer_decay: float
+    weight_decay: float
+    warmup: float
+    label_smoothing: float
+    class_weight: str | None
+    init: str  # "lp": the head starts fitted, so the top backbone group trains from step 0
+    unfreeze_every: float
+    patience: int
+    clip_grad: float | None
+    checkpoint_every: int
+    seed: int
+    workers: int | None
+    max_pixels: int | None
+    resume: bool
+
+    @classmethod
+    def from_config(cls, cfg: FinetuneConfig, batch: int) -> Settings:
+        names = [f.name for f in fields(cls) if f.name != "batch"]
+        return cls(batch=batch, **{n: getattr(cfg, n) for n in names})
+
+
+def run_identity(cfg: FinetuneConfig, head_id: str) -> dict[str, Any]:
+    """What a checkpoint must match to be resumed: the :data:`RESUME_KEYS` settings, with the
+    head's identity (the sha256 of its head.npz) in place of its path, which may move."""
+    d = {k: v for k, v in to_dict(cfg).items() if k in RESUME_KEYS}
+    d["head"] = head_id
+    return d
+
+
+@dataclass
+class FitResult:
+    progress: Progress
+    stopped_early: bool
+    resumed: bool  # continued from FT_DIR/checkpoint/last.pt
+
+
 class Trainer:
-    """Set by the stage before :meth:`setup_training`:"""
+    """Trains ``model`` on ``split`` and keeps ``out/checkpoint/`` (``last.pt``, ``best.pt``).
 
-    cfg: FinetuneConfig
-    r: Dist
-    out: Path
-    model: Classifier
-    groups: LayerGroups
-    split: Split
-    prep: Preprocessing
-    preset: str
-    precision: str
-    channels_last: bool
-    class_names: list[str]
-    meta: dict[str, Any]
+    The constructor places the model on ``dist.device`` and builds optimizer, schedule and loss;
+    :meth:`fit` runs to the end (or early stop), resuming from ``last.pt`` if
+    ``settings.resume``. Only rank 0 writes files; messages reach ``log`` from any rank, and
+    the caller decides which ranks' to show."""
 
-    def log(self, msg: str) -> None:
-        raise NotImplementedError
-
-    def setup_training(self) -> None:
-        cfg, r = self.cfg, self.r
-        self.batch = cfg.batch_size or (64 if r.device.type == "cuda" else 32)
-        n_rank = per_rank_samples(len(self.split.train), r.world)
+    def __init__(
+        self,
+        *,
+        model: Classifier,
+        groups: LayerGroups,
+        split: Split,
+        class_names: list[str],
+        prep: Preprocessing,
+        preset: str,
+        dist: Dist,
+        precision: str,
+        channels_last: bool,
+        settings: Settings,
+        identity: dict[str, Any],
+        out: Path,
+        log: Callable[[str], None],
+    ) -> None:
+        self.model, self.groups = model, groups
+        self.split, self.class_names = split, class_names
+        self.prep, self.preset = prep, preset
+        self.r, self.precision, self.channels_last = dist, precision, channels_last
+        self.s, self.batch, self.identity = settings, settings.batch, identity
+        self.out, self.log = out, log
+        model.to(dist.device)
+        if channels_last:
+            model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        s = settings
+        n_rank = per_rank_samples(len(split.train), dist.world)
         self.micro_per_epoch = math.ceil(n_rank / self.batch)
-        self.steps_per_epoch = math.ceil(self.micro_per_epoch / cfg.accum_steps)
-        self.total_steps = cfg.epochs * self.steps_per_epoch
-        self.optimizer = torch.optim.AdamW(self.groups.param_groups(cfg.lr, cfg.layer_decay, cfg.weight_decay))
-        warm = int(cfg.warmup * self.total_steps)
+        self.steps_per_epoch = math.ceil(self.micro_per_epoch / s.accum_steps)
+        self.total_steps = s.epochs * self.steps_per_epoch
+        self.optimizer = torch.optim.AdamW(groups.param_groups(s.lr, s.layer_decay, s.weight_decay))
+        warm = int(s.warmup * self.total_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _warmup_cosine(warm, self.total_steps))
-        self.criterion = nn.CrossEntropyLoss(weight=self._class_weights(), label_smoothing=cfg.label_smoothing)
+        self.criterion = nn.CrossEntropyLoss(weight=self._class_weights(), label_smoothing=s.label_smoothing)
+        self.unfrozen = 0  # backbone groups training now; set by _set_phase
 
     def _class_weights(self) -> torch.Tensor | None:
-        if self.cfg.class_weight != "balanced":
+        if self.s.class_weight != "balanced":
             return None
         counts = np.bincount([e.label for e in self.split.train], minlength=len(self.class_names)).astype(np.float64)
         w = np.where(counts > 0, counts.sum() / (len(counts) * np.maximum(counts, 1)), 0.0)
@@ -105,10 +166,10 @@ class Trainer:
     def _n_unfrozen(self, step: int) -> int:
         """Backbone groups training after ``step`` optimizer steps. LP-FT starts with the top
         group (the head was already fitted); a random head first trains alone."""
-        first = 1 if self.cfg.init == "lp" else 0
-        if self.cfg.unfreeze_every == 0:
+        first = 1 if self.s.init == "lp" else 0
+        if self.s.unfreeze_every == 0:
             return self.groups.n_backbone
-        every = self.cfg.unfreeze_every * self.steps_per_epoch
+        every = self.s.unfreeze_every * self.steps_per_epoch
         return min(self.groups.n_backbone, first + int(step // every))
 
     def _set_phase(self, step: int) -> nn.Module:
@@ -125,9 +186,7 @@ class Trainer:
     # ----------------------------------------------------------------- checkpoints
 
     def _essentials(self) -> dict[str, Any]:
-        d = {k: v for k, v in to_dict(self.cfg).items() if k in RESUME_KEYS}
-        d["head"] = self.meta["files"].get("head.npz", "")  # the head's identity, not its path
-        return {**d, "world_size": self.r.world, "n_train": len(self.split.train)}
+        return {**self.identity, "world_size": self.r.world, "n_train": len(self.split.train)}
 
     def _save_last(self, p: Progress) -> None:
         rngs = self.r.gather(checkpoint.rng_state())  # every rank's own stream
@@ -147,7 +206,7 @@ class Trainer:
 
     def _resume(self) -> Progress | None:
         path = self.out / LAST
-        if not (self.cfg.resume and path.is_file()):
+        if not (self.s.resume and path.is_file()):
             return None
         state = checkpoint.load(path)
         want, have = self._essentials(), state.get("essentials", {})
@@ -168,28 +227,28 @@ class Trainer:
 
     # ----------------------------------------------------------------- training
 
-    def fit(self) -> tuple[Progress, bool, bool]:
-        """Train to the end (or early stop): (progress, stopped early, resumed)."""
-        cfg, r = self.cfg, self.r
+    def fit(self) -> FitResult:
+        """Train to the end (or early stop)."""
+        s, r = self.s, self.r
         if r.is_main:
             checkpoint.remove_tmp_files(self.out / "checkpoint")
         p = self._resume()
         resumed = p is not None
         if p is None:
-            torch.manual_seed(cfg.seed * 1009 + r.rank)  # dropout / stochastic depth streams
+            torch.manual_seed(s.seed * 1009 + r.rank)  # dropout / stochastic depth streams
             p = Progress()
             p.history.append({**self._validate(0), "trainable_groups": 0})
             p.best_loss = p.history[0]["loss"]
             self._save_best(p)
-            self.log(f"epoch 0 (start, {cfg.init} head): {_fmt(p.history[0])}")
-        dataset = TrainSet(self.split.train, self.prep, self.preset, cfg.seed, cfg.max_pixels)
-        workers = runtime.auto_workers(r.device) if cfg.workers is None else cfg.workers
+            self.log(f"epoch 0 (start, {s.init} head): {_fmt(p.history[0])}")
+        dataset = TrainSet(self.split.train, self.prep, self.preset, s.seed, s.max_pixels)
+        workers = runtime.auto_workers(r.device) if s.workers is None else s.workers
         runtime.prepare_worker_sharing(workers)
         stopped_early = False
-        while p.epoch < cfg.epochs and not stopped_early:
+        while p.epoch < s.epochs and not stopped_early:
             dataset.epoch = p.epoch
             sampler = ResumeSampler(
-                len(dataset), seed=cfg.seed, epoch=p.epoch, rank=r.rank, world=r.world, skip=p.micro * self.batch
+                len(dataset), seed=s.seed, epoch=p.epoch, rank=r.rank, world=r.world, skip=p.micro * self.batch
             )
             loader = DataLoader(
                 dataset,
@@ -204,18 +263,18 @@ class Trainer:
             self._train_epoch(loader, p)
             p.history.append({**self._validate(p.epoch + 1), "trainable_groups": self.unfrozen})
             stopped_early = self._end_epoch(p)
-        return p, stopped_early, resumed
+        return FitResult(p, stopped_early, resumed)
 
     def _train_epoch(self, loader: DataLoader[Any], p: Progress) -> None:
-        cfg, r = self.cfg, self.r
+        s, r = self.s, self.r
         ddp = self._set_phase(p.step)
         t_epoch = time.perf_counter()
         seen, errors = 0, 0
         for x, y, errs in loader:
             errors += len(errs)
             m = p.micro
-            window = min(cfg.accum_steps, self.micro_per_epoch - (m // cfg.accum_steps) * cfg.accum_steps)
-            last_in_window = (m + 1) % cfg.accum_steps == 0 or m + 1 == self.micro_per_epoch
+            window = min(s.accum_steps, self.micro_per_epoch - (m // s.accum_steps) * s.accum_steps)
+            last_in_window = (m + 1) % s.accum_steps == 0 or m + 1 == self.micro_per_epoch
             sync = contextlib.nullcontext() if last_in_window or r.world == 1 else ddp.no_sync()  # type: ignore[operator]
             with sync:
                 loss = self._loss(ddp, x, y) / window
@@ -224,8 +283,8 @@ class Trainer:
             seen += len(y)
             if not last_in_window:
                 continue
-            if cfg.clip_grad:
-                nn.utils.clip_grad_norm_([q for q in self.model.parameters() if q.requires_grad], cfg.clip_grad)
+            if s.clip_grad:
+                nn.utils.clip_grad_norm_([q for q in self.model.parameters() if q.requires_grad], s.clip_grad)
             self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
@@ -233,7 +292,7 @@ class Trainer:
             if self._n_unfrozen(p.step) != self.unfrozen:
                 ddp = self._set_phase(p.step)
                 self.log(f"step {p.step}: {self.unfrozen} of {self.groups.n_backbone} backbone groups training")
-            if p.step % cfg.checkpoint_every == 0 and p.micro < self.micro_per_epoch:
+            if p.step % s.checkpoint_every == 0 and p.micro < self.micro_per_epoch:
                 self._account(p, seen, t_epoch)
                 seen, t_epoch = 0, time.perf_counter()
                 self._save_last(p)
@@ -265,10 +324,10 @@ class Trainer:
             self._save_best(p)
         else:
             p.bad_epochs += 1
-        self.log(f"epoch {p.epoch + 1}/{self.cfg.epochs}: {_fmt(h)}{' (best)' if improved else ''}")
+        self.log(f"epoch {p.epoch + 1}/{self.s.epochs}: {_fmt(h)}{' (best)' if improved else ''}")
         p.epoch += 1
         p.micro = 0
-        stop = self.cfg.patience > 0 and p.bad_epochs >= self.cfg.patience
+        stop = self.s.patience > 0 and p.bad_epochs >= self.s.patience
         if stop:
             self.log(f"early stop: no better validation log-loss for {p.bad_epochs} epochs")
         self._save_last(p)
@@ -289,8 +348,8 @@ class Trainer:
             self.prep,
             device=r.device,
             batch_size=self.batch,
-            workers=self.cfg.workers,
-            max_pixels=self.cfg.max_pixels,
+            workers=self.s.workers,
+            max_pixels=self.s.max_pixels,
         )
         preds: dict[int, tuple[int, float]] = {}
         for batch in loader:

@@ -24,9 +24,10 @@ Under ``torchrun`` (``WORLD_SIZE`` > 1) each process trains on its ``Distributed
 inside ``DistributedDataParallel`` (NCCL on GPUs, gloo on CPUs); validation is sharded and
 summed across ranks, so every rank takes the same early-stopping decision; only rank 0 writes.
 
-This module sets up (head, data, model, layer groups) and writes FT_DIR through
-``artifacts.finetune_dir`` (which also reads it for ``export``); the loop itself, checkpoints
-and resume are in ``loop.py`` and ``checkpoint.py``; torchrun plumbing in ``core/distributed.py``.
+This module sets up (head, data, model, layer groups), hands them to a ``loop.Trainer`` and
+writes FT_DIR from what it returns, through ``artifacts.finetune_dir`` (which also reads it for
+``export``); the loop itself, checkpoints and resume are in ``loop.py`` and ``checkpoint.py``;
+torchrun plumbing in ``core/distributed.py``. Progress messages go to a ``log`` callable.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ import datetime as _dt
 import json
 import shutil
 import sys
-import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,9 +60,9 @@ from ..errors import InputError
 from ..models.fingerprint import Fingerprint
 from ..models.heads import Classifier, build_head
 from . import checkpoint
-from .data import read_val_hashes, split_examples
-from .layers import layer_groups
-from .loop import BEST, LAST, Progress, Trainer, rate
+from .data import Split, read_val_hashes, split_examples
+from .layers import LayerGroups, layer_groups
+from .loop import BEST, LAST, FitResult, Settings, Trainer, rate, run_identity
 
 
 @dataclass
@@ -90,10 +91,24 @@ class FinetuneSummary:
 # --------------------------------------------------------------------------- the stage
 
 
-def finetune(cfg: FinetuneConfig) -> FinetuneSummary:
+def finetune(cfg: FinetuneConfig, log: Callable[[str], None] | None = None) -> FinetuneSummary:
+    """``log`` receives the progress messages, rank 0's only and only with ``cfg.progress``.
+
+    An injected callable rather than printing here, so a library caller (a notebook, a test)
+    chooses where they go; the default writes them to stderr as ``finetune: ...``, which is what
+    the CLI shows (its stdout holds only the summary line) without the CLI wiring anything."""
     _check(cfg)
     with distributed(cfg.device) as r:
-        return _Run(cfg, r).run()
+        show = (log or _to_stderr) if r.is_main and cfg.progress else _quiet
+        return _Run(cfg, r, show).run()
+
+
+def _to_stderr(msg: str) -> None:
+    print(f"finetune: {msg}", file=sys.stderr, flush=True)
+
+
+def _quiet(msg: str) -> None:
+    pass
 
 
 def _check(cfg: FinetuneConfig) -> None:
@@ -115,22 +130,30 @@ def _check(cfg: FinetuneConfig) -> None:
             raise InputError(msg)
 
 
-class _Run(Trainer):
-    def __init__(self, cfg: FinetuneConfig, r: Dist) -> None:
-        self.cfg, self.r = cfg, r
+@dataclass(frozen=True)
+class _Setup:
+    """What the stage builds before training and needs again to write FT_DIR."""
+
+    meta: dict[str, Any]  # head.json
+    fp: Fingerprint
+    preset: str
+    class_names: list[str]
+    split: Split
+    precision: str
+    batch: int  # per process
+    head_kind: str
+    model: Classifier
+    groups: LayerGroups
+
+
+class _Run:
+    def __init__(self, cfg: FinetuneConfig, r: Dist, log: Callable[[str], None]) -> None:
+        self.cfg, self.r, self.log = cfg, r, log
         self.out = Path(cfg.out)
-        self.t0 = time.perf_counter()
-
-    def log(self, msg: str) -> None:
-        if self.r.is_main and self.cfg.progress:
-            print(f"finetune: {msg}", file=sys.stderr, flush=True)
-
-    # ----------------------------------------------------------------- setup
 
     def run(self) -> FinetuneSummary:
         cfg, r = self.cfg, self.r
-        head_dir = Path(cfg.head)
-        meta, head_spec = read_head(head_dir)
+        meta, head_spec = read_head(Path(cfg.head))
         if cfg.resume and not (self.out / LAST).is_file() and (self.out / "finetune.json").is_file():
             return self._finished_summary()
         if not cfg.resume and (self.out / LAST).is_file():
@@ -138,52 +161,71 @@ class _Run(Trainer):
                 f"{self.out} holds the checkpoint of an unfinished fine-tune; pass --resume to continue it, "
                 "or choose another --out"
             )
+        s = self._setup(meta, head_spec)
+        trainer = Trainer(
+            model=s.model,
+            groups=s.groups,
+            split=s.split,
+            class_names=s.class_names,
+            prep=s.fp.preprocessing,
+            preset=s.preset,
+            dist=r,
+            precision=s.precision,
+            # Training always uses channels_last, like inference (runtime.CHANNELS_LAST): bf16
+            # *training* on the 2-core AMX CPU ran 1.9x faster with it (Lite0, batch 16, fwd + bwd:
+            # 2.5 vs 1.3 img/s under load); fp32 and CUDA gain from it too.
+            channels_last=True,
+            settings=Settings.from_config(cfg, s.batch),
+            identity=run_identity(cfg, meta["files"].get("head.npz", "")),
+            out=self.out,
+            log=self.log,
+        )
+        result = trainer.fit()
+        if r.is_main:
+            self._write_outputs(s, result)
+        if r.world > 1:
+            dist.barrier()  # no rank returns before rank 0 has written FT_DIR
+        return self._summary(s, result)
+
+    # ----------------------------------------------------------------- setup
+
+    def _setup(self, meta: dict[str, Any], head_spec: Any) -> _Setup:
+        cfg, r = self.cfg, self.r
+        head_dir = Path(cfg.head)
         fp = Fingerprint.from_record(meta["fingerprint"], source=str(head_dir / "head.json"))
-        prep = fp.preprocessing
-        self.preset = resolve_preset(cfg.augment, prep)
-        self.prep, self.fp, self.meta = prep, fp, meta
-        self.class_names: list[str] = list(meta["class_names"])
+        preset = resolve_preset(cfg.augment, fp.preprocessing)
+        class_names: list[str] = list(meta["class_names"])
 
         split = None
         if r.is_main:  # hash once, share with the other ranks
             label_map = LabelMap.from_record(meta.get("label_map"))
-            split = split_examples(cfg.images, self.class_names, read_val_hashes(head_dir), label_map)
-        self.split = r.broadcast(split)
-        self.precision = runtime.resolve_precision(cfg.precision, r.device)
+            split = split_examples(cfg.images, class_names, read_val_hashes(head_dir), label_map)
+        split = r.broadcast(split)
+        precision = runtime.resolve_precision(cfg.precision, r.device)
         torch.manual_seed(cfg.seed)  # the random head (--init random) is the same on every rank
-        self.model = self._build_model(head_spec, fp)
-        self.groups = layer_groups(self.model.net.body, self.model.head, cfg.stages)
-        self.model.to(r.device)
-        # Training always uses channels_last, like inference (runtime.CHANNELS_LAST): bf16
-        # *training* on the 2-core AMX CPU ran 1.9x faster with it (Lite0, batch 16, fwd + bwd:
-        # 2.5 vs 1.3 img/s under load); fp32 and CUDA gain from it too.
-        self.channels_last = True
-        if self.channels_last:
-            self.model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        model = self._build_model(meta, head_spec, fp, split, len(class_names))
+        groups = layer_groups(model.net.body, model.head, cfg.stages)
+        batch = cfg.batch_size or (64 if r.device.type == "cuda" else 32)
+        return _Setup(meta, fp, preset, class_names, split, precision, batch, head_spec.kind, model, groups)
 
-        self.setup_training()
-        p, stopped_early, resumed = self.fit()
-        if r.is_main:
-            self._write_outputs(p, stopped_early)
-        if r.world > 1:
-            dist.barrier()  # no rank returns before rank 0 has written FT_DIR
-        return self._summary(p, " (resumed)" if resumed else "")
-
-    def _build_model(self, head_spec: Any, fp: Fingerprint) -> Classifier:
+    def _build_model(
+        self, meta: dict[str, Any], head_spec: Any, fp: Fingerprint, split: Split, n_classes: int
+    ) -> Classifier:
         net = fp.load_backbone(self.cfg.weights_file, made=f"the head in {self.cfg.head}").net
         tensors = head_spec.torch_tensors()
         if self.cfg.init == "lp":
-            tensors = self._probe_on_train(head_spec.kind) or tensors
+            tensors = self._probe_on_train(meta, head_spec.kind, split, n_classes) or tensors
         head = build_head(head_spec.kind, tensors)
         if self.cfg.init == "random":
             torch.manual_seed(self.cfg.seed)
             for m in head.modules():
                 if isinstance(m, nn.Linear):
                     m.reset_parameters()
-        self.head_kind = head_spec.kind
         return Classifier(net, head)
 
-    def _probe_on_train(self, kind: str) -> dict[str, torch.Tensor] | None:
+    def _probe_on_train(
+        self, meta: dict[str, Any], kind: str, split: Split, n_classes: int
+    ) -> dict[str, torch.Tensor] | None:
         """The linear probe refitted on the training photos only, with fit-head's C.
 
         ``head.npz`` is the final head, refitted on train + validation; starting from it would
@@ -191,7 +233,7 @@ class _Run(Trainer):
         better on validation than it is. The cached features make the refit a matter of seconds.
         Falls back to ``head.npz`` (with a warning) when the cache is gone or the head is not
         logistic regression."""
-        meta, r = self.meta, self.r
+        r = self.r
         cache_path = meta.get("cache")
         why = ""
         if meta.get("kind") != "logreg" or kind != "linear" or meta.get("C") is None:
@@ -200,9 +242,7 @@ class _Run(Trainer):
             why = f"its feature cache {cache_path} is gone"
         tensors = None
         if not why and r.is_main:
-            tensors = _refit_probe(
-                Path(str(cache_path)), self.split.train, len(self.class_names), meta, Path(self.cfg.head)
-            )
+            tensors = _refit_probe(Path(str(cache_path)), split.train, n_classes, meta, Path(self.cfg.head))
             if tensors is None:
                 why = "the cache lacks some training photos or classes"
         tensors = r.broadcast(tensors)
@@ -212,37 +252,37 @@ class _Run(Trainer):
 
     # ----------------------------------------------------------------- outputs
 
-    def _write_outputs(self, p: Progress, stopped_early: bool) -> None:
-        cfg = self.cfg
+    def _write_outputs(self, s: _Setup, result: FitResult) -> None:
+        cfg, p = self.cfg, result.progress
         best = checkpoint.load(self.out / BEST)
         final = p.history[p.best_epoch]
         record = {
-            "fingerprint": self.fp.to_record(),
+            "fingerprint": s.fp.to_record(),
             "metrics": final,
             "start_metrics": {**p.history[0], "init": cfg.init},
             "best_epoch": p.best_epoch,
             "epochs_run": p.epoch,
-            "stopped_early": stopped_early,
+            "stopped_early": result.stopped_early,
             "history": [{k: v for k, v in h.items() if k != "per_class"} for h in p.history],
             "training": {
-                "augment": self.preset,
+                "augment": s.preset,
                 "device": str(self.r.device),
-                "precision": self.precision,
+                "precision": s.precision,
                 "world_size": self.r.world,
-                "batch_size": self.batch,
+                "batch_size": s.batch,
                 "accum_steps": cfg.accum_steps,
-                "effective_batch": self.batch * cfg.accum_steps * self.r.world,
+                "effective_batch": s.batch * cfg.accum_steps * self.r.world,
                 "optimizer_steps": p.step,
                 "images_per_s": rate(p),
-                "layer_groups": self.groups.describe_short(),
+                "layer_groups": s.groups.describe_short(),
             },
-            "n_train": len(self.split.train),
-            "n_val": len(self.split.val),
-            "ignored": self.split.ignored,
+            "n_train": len(s.split.train),
+            "n_val": len(s.split.val),
+            "ignored": s.split.ignored,
             "provenance": {
                 "head_dir": str(Path(cfg.head).resolve()),
-                "head_files": self.meta.get("files", {}),
-                "cache": self.meta.get("cache"),
+                "head_files": s.meta.get("files", {}),
+                "cache": s.meta.get("cache"),
                 "images": str(Path(cfg.images).resolve()),
                 "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
                 "headstart_version": __version__,
@@ -252,15 +292,16 @@ class _Run(Trainer):
         write_finetune_dir(
             self.out,
             best,
-            dataclasses.replace(self.fp, precision=self.precision),
-            self.class_names,
-            {"kind": self.head_kind, "init": cfg.init},
+            dataclasses.replace(s.fp, precision=s.precision),
+            s.class_names,
+            {"kind": s.head_kind, "init": cfg.init},
             record,
         )
-        save_resolved(cfg, self.out / "config.json", batch_size_used=self.batch, augment_used=self.preset)
+        save_resolved(cfg, self.out / "config.json", batch_size_used=s.batch, augment_used=s.preset)
         shutil.rmtree(self.out / "checkpoint", ignore_errors=True)  # done: model.pt is the best epoch
 
-    def _summary(self, p: Progress, resumed: str) -> FinetuneSummary:
+    def _summary(self, s: _Setup, result: FitResult) -> FinetuneSummary:
+        p = result.progress
         return FinetuneSummary(
             path=self.out,
             metrics=p.history[p.best_epoch],
@@ -268,10 +309,10 @@ class _Run(Trainer):
             best_epoch=p.best_epoch,
             epochs_run=p.epoch,
             images_per_s=rate(p),
-            n_train=len(self.split.train),
-            n_val=len(self.split.val),
+            n_train=len(s.split.train),
+            n_val=len(s.split.val),
             is_main=self.r.is_main,
-            resumed_from=resumed,
+            resumed_from=" (resumed)" if result.resumed else "",
         )
 
     def _finished_summary(self) -> FinetuneSummary:
