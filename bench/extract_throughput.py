@@ -8,7 +8,10 @@ Same photos (real photos, JPEG, long side 640 px; see ``photos.py``), same backb
 * headstart: ``extract()`` end to end with its defaults - hashing, decode workers, JPEG draft
   decoding, uint8 batches, bf16 autocast where the CPU has AMX/avx512_bf16, writing the cache.
 
-    python bench/extract_throughput.py [--n 256] [--backbone efficientnet_lite0] [--variants]
+    python bench/extract_throughput.py [--n 256] [--backbone efficientnet_lite0] [--variants] [--engine E]
+
+In-process rates (start-up excluded for both); ``bench/extract_whole_process.py`` times whole
+commands and breaks the time down.
 
 Prints both rates (images/s) and the ratio. Target: >= 3x on a 2-core CPU.
 """
@@ -95,6 +98,7 @@ def main() -> None:
     ap.add_argument("--workdir", default="artifacts/bench")
     ap.add_argument("--repeat", type=int, default=3, help="interleaved pairs of runs; the median counts")
     ap.add_argument("--variants", action="store_true", help="also time ours with --precision fp32 and --no-draft")
+    ap.add_argument("--engine", default="auto", choices=["auto", "torch", "onnxruntime"], help="headstart's engine")
     args = ap.parse_args()
 
     root = Path(args.workdir)
@@ -108,14 +112,14 @@ def main() -> None:
         f"{torch.get_num_threads()} torch threads"
     )
 
-    ours(photos, root / "warmup.h5", args.backbone)  # page cache and lazy imports, for both
+    ours(photos, root / "warmup.h5", args.backbone, engine=args.engine)  # page cache, lazy imports, graph export
     # On a shared machine wall-clock rates swing with other jobs, so: interleaved pairs, each
     # pair's ratio, their median; and CPU time per photo (this process and its decode workers),
     # which other jobs disturb far less.
     pairs = []
     for _ in range(args.repeat):
         seed, seed_cpu = timed(lambda: seed_loop(paths, args.backbone))
-        fast, fast_cpu = timed(lambda: ours(photos, root / "throughput.h5", args.backbone))
+        fast, fast_cpu = timed(lambda: ours(photos, root / "throughput.h5", args.backbone, engine=args.engine))
         pairs.append((seed, fast, seed_cpu / len(paths), fast_cpu / len(paths)))
         print(
             f"  pair: seed {seed:6.1f} images/s ({1e3 * pairs[-1][2]:.0f} CPU-ms/photo), "

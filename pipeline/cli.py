@@ -5,13 +5,17 @@ summary line. The options of a command are generated from its config dataclass
 (:mod:`pipeline.config`: defaults, help texts, allowed values), so a default is written once.
 This is the only module that imports click; library errors
 (:class:`~pipeline.errors.HeadstartError`) are translated here, once, into ``Error: ...`` and
-exit status 1.
+exit status 1. Before a command runs, its output paths (``--out``, ``--embeddings``) get the one
+check every command shares (:func:`pipeline.config.check_outputs`); a wrong kind of path is a
+usage error, exit 2, like a number out of its range (floats are finite: ``--c nan`` is refused).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import math
 import sys
 import typing
 from collections.abc import Callable
@@ -31,6 +35,7 @@ from .config import (
     FitHeadConfig,
     PredictConfig,
     SimilarConfig,
+    check_outputs,
     has_default,
     load_default_map,
 )
@@ -99,17 +104,30 @@ def _config_option() -> click.Option:
     )
 
 
+class _FiniteFloat(click.FloatRange):
+    """A float in the field's range; nan and inf are refused (``nan < 0`` is False, so a plain
+    FloatRange lets ``--c nan`` through)."""
+
+    name = "float"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        rv = super().convert(value, param, ctx)
+        if not math.isfinite(rv):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return rv
+
+
 def _click_type(base: Any, meta: Any) -> Any:
     if "choices" in meta:
         return click.Choice(list(meta["choices"]))
     if "path" in meta:
         return click.Path(dir_okay=meta["path"] != "file")
-    bounds = {k: meta[k] for k in ("min", "max", "min_open") if k in meta}
+    bounds = {k: meta[k] for k in ("min", "max", "min_open", "max_open") if k in meta}
     if base is int:
         return click.IntRange(**bounds) if bounds else click.INT
     if base is float:
-        return click.FloatRange(**bounds) if bounds else click.FLOAT
-    return None  # str
+        return _FiniteFloat(**bounds)
+    return None  # str (an ``output`` path is checked when the command runs: config.check_outputs)
 
 
 def _param(f: dataclasses.Field[Any], hint: Any, positional: bool) -> click.Parameter:
@@ -145,8 +163,17 @@ def _from_config(cls: type, *positional: str) -> Callable[[Any], Any]:
             declared.pop(f.name, None) or _param(f, hints[f.name], f.name in positional)
             for f in dataclasses.fields(cls)
         ]
-        fn.__click_params__ = list(reversed([*params, *declared.values(), _config_option()]))
-        return fn
+
+        @functools.wraps(fn)
+        def run(**kw: Any) -> Any:
+            try:
+                check_outputs(cls, kw)  # one check of --out (and --embeddings) for every command
+            except HeadstartError as e:
+                raise click.UsageError(str(e)) from None
+            return fn(**kw)
+
+        run.__click_params__ = list(reversed([*params, *declared.values(), _config_option()]))  # type: ignore[attr-defined]
+        return run
 
     return decorate
 
@@ -308,7 +335,7 @@ def similar(as_json: bool, **kw: Any) -> None:
     from .similar import similar as run
 
     cfg = SimilarConfig(**kw)
-    matches = run(cfg.image, cfg.cache, k=cfg.k, device=cfg.device)
+    matches = run(cfg.image, cfg.cache, k=cfg.k, device=cfg.device, exclude_self=cfg.exclude_self)
     if as_json:
         click.echo(json.dumps([dataclasses.asdict(m) for m in matches], indent=2, ensure_ascii=False))
         return

@@ -29,12 +29,22 @@ CLASS_WEIGHTS = ("balanced",)
 DEVICE_HELP = "auto, cpu, cuda, cuda:N."
 PROGRESS_HELP = "Show progress bars."
 BATCH_HELP = "Default: 256 on GPU, 16 on CPU."
-PRECISION_HELP = "Compute precision; auto = bf16 on CUDA and on CPUs with AMX/avx512_bf16."
+PRECISION_HELP = (
+    "Compute precision; auto = fp32 with --engine onnxruntime, else bf16 on CUDA and on CPUs with AMX/avx512_bf16."
+)
+ENGINES = ("auto", "torch", "onnxruntime")
+ENGINE_HELP = "Backbone runtime; auto = onnxruntime on the CPU when installed (fp32), else PyTorch."
 BOMB_HELP = "Refuse larger images (decompression bombs)."
+RAW_CSV_HELP = (
+    "Write CSV cells as they are; by default a cell starting with = + - @ gets a leading ' (formula injection)."
+)
 
 
 def _opt(default: Any, help: str = "", **meta: Any) -> Any:
-    """A field with its single default, its help text and (``meta``) the values it takes."""
+    """A field with its single default, its help text and (``meta``) the values it takes:
+    ``choices``, ``min``/``max`` (``min_open``/``max_open``: the bound itself excluded), ``path``
+    (an input: "file" or "any") or ``output`` (what the command writes there: "file" or "dir",
+    checked by :func:`check_outputs`)."""
     return field(default=default, metadata={"help": help, **meta})
 
 
@@ -43,11 +53,12 @@ class ExtractConfig:
     images: str = field(
         metadata={"help": "Folder of class folders, folder of unlabelled images, or CSV manifest.", "path": "any"}
     )
-    out: str = _opt(str(ARTIFACTS / "features.h5"), "HDF5 feature cache to create or update.")
+    out: str = _opt(str(ARTIFACTS / "features.h5"), "HDF5 feature cache to create or update.", output="file")
     backbone: str = _opt(DEFAULT_BACKBONE, "See `headstart backbones`.")
     weights_file: str | None = _opt(None, "Backbone weights file (torchvision .pth).", path="file")
     device: str = _opt("auto", DEVICE_HELP)
     precision: str = _opt("auto", PRECISION_HELP, choices=PRECISIONS)  # part of the cache fingerprint
+    engine: str = _opt("auto", ENGINE_HELP, choices=ENGINES)  # not in the fingerprint: features agree
     dtype: str = _opt("float16", "Storage type of the features.", choices=("float16", "float32"))
     batch_size: int | None = _opt(None, BATCH_HELP, min=1)  # None = chosen from the hardware
     workers: int | None = _opt(None, "Decode processes. Default: from the CPU count.", min=0)
@@ -60,22 +71,27 @@ class ExtractConfig:
     )
     max_pixels: int | None = _opt(None, BOMB_HELP, min=1)
     rebuild: bool = _opt(False, "Discard the existing cache and start over.")
+    rehash: bool = _opt(
+        False, "Read and hash every file, instead of trusting an unchanged size, mtime and inode (the stat cache)."
+    )
     strict: bool = _opt(False, "Exit with an error if any file was skipped.")
     progress: bool = _opt(True, PROGRESS_HELP)
 
 
 @dataclass(frozen=True)
 class FitHeadConfig:
-    cache: str = field(metadata={"help": "Feature cache from extract.", "path": "any"})
-    out: str = _opt(str(ARTIFACTS / "head"), "Head directory to write.")
+    cache: str = field(metadata={"help": "Feature cache from extract.", "path": "file"})
+    out: str = _opt(str(ARTIFACTS / "head"), "Head directory to write.", output="dir")
     head: str = _opt(
         "logreg", "Head kind, e.g. logreg (swept C), mlp, centroid; `headstart fit-head --help` lists them."
     )
-    c: float | None = _opt(None, "Inverse regularisation strength; default: swept on the validation split.")
-    val_fraction: float = _opt(0.2, "Stratified validation share.")
+    c: float | None = _opt(
+        None, "Inverse regularisation strength; default: swept on the validation split.", min=0, min_open=True
+    )
+    val_fraction: float = _opt(0.2, "Stratified validation share.", min=0, max=1, min_open=True, max_open=True)
     class_weight: str | None = _opt(None, "Re-weight classes (imbalanced catalogs).", choices=CLASS_WEIGHTS)
-    seed: int = _opt(0, "Seed of the validation split.")
-    max_iter: int = _opt(1000, "L-BFGS iterations.", min=1)
+    seed: int = _opt(0, "Seed of the validation split.", min=0)
+    max_iter: int = _opt(1000, "L-BFGS iterations.", min=1, max=1_000_000)
     # Issue 4 (heads, label maps, honest splits, calibration); see fit_head.py for each.
     device: str = _opt("auto", "cuda: torch L-BFGS on the GPU; cpu: scikit-learn.")
     classes: str | None = _opt(None, "Label map TOML: merge/rename/drop, stable ids.", path="file")
@@ -84,7 +100,7 @@ class FitHeadConfig:
     )
     calibrate: bool = _opt(True, "Temperature scaling on the validation split.")
     unknown_threshold: float | None = _opt(None, "Recorded in the head: below it, evaluate says unknown.", min=0, max=1)
-    hidden: int = _opt(512, "MLP hidden width.", min=1)
+    hidden: int = _opt(512, "MLP hidden width.", min=1, max=65536)
     max_memory_gb: float | None = _opt(None, "Above: stream features from the cache (logreg).", min=0)  # None: RAM/2
 
 
@@ -93,19 +109,23 @@ class FinetuneConfig:
     images: str = field(metadata={"help": "Photos to fine-tune on (as for extract).", "path": "any"})
     # HEAD_DIR from fit-head: LP-FT start, class names, preprocessing, validation split
     head: str = field(metadata={"help": "HEAD_DIR from fit-head (the LP-FT start).", "path": "any"})
-    out: str = _opt(str(ARTIFACTS / "finetune"), "FT_DIR to write.")
+    out: str = _opt(str(ARTIFACTS / "finetune"), "FT_DIR to write.", output="dir")
     epochs: int = _opt(10, "Epochs at most (early stopping may end sooner).", min=1)
     batch_size: int | None = _opt(None, "Per process. Default: 64 on GPU, 32 on CPU.", min=1)
     accum_steps: int = _opt(1, "Gradient accumulation.", min=1)
     lr: float = _opt(
         1e-4, "Learning rate of the head and top group; each group down: times --layer-decay.", min=0, min_open=True
     )
-    layer_decay: float = _opt(0.5, "LR factor per group down.")  # group at depth d: lr * layer_decay**d
+    layer_decay: float = _opt(
+        0.5, "LR factor per group down.", min=0, max=1, min_open=True
+    )  # group at depth d: lr * layer_decay**d
     stages: int = _opt(4, "Backbone layer groups (for unfreezing and learning rates).", min=1)
     unfreeze_every: float = _opt(1.0, "Epochs between unfreezing the next group down; 0 = all at once.", min=0)
-    warmup: float = _opt(0.1, "Share of the optimizer steps for learning-rate warm-up.")
+    warmup: float = _opt(0.1, "Share of the optimizer steps for learning-rate warm-up.", min=0, max=1)
     weight_decay: float = _opt(0.05, "AdamW weight decay.", min=0)
-    label_smoothing: float = _opt(0.0, "Label smoothing of the cross-entropy loss, in [0, 1).")
+    label_smoothing: float = _opt(
+        0.0, "Label smoothing of the cross-entropy loss, in [0, 1).", min=0, max=1, max_open=True
+    )
     class_weight: str | None = _opt(None, "Re-weight classes (imbalanced catalogs).", choices=CLASS_WEIGHTS)
     augment: str = _opt(
         "auto", "Augmentation preset; none of them changes colour.", choices=("auto", "product", "letterbox", "none")
@@ -115,7 +135,7 @@ class FinetuneConfig:
     clip_grad: float | None = _opt(1.0, "Clip the gradient norm to this; 0 = off.", min=0)
     checkpoint_every: int = _opt(50, "Optimizer steps between resume checkpoints (and every epoch).", min=1)
     resume: bool = _opt(False, "Continue an interrupted fine-tune from FT_DIR/checkpoint/last.pt.")
-    seed: int = _opt(0, "Seed of shuffling, augmentation and a random head.")
+    seed: int = _opt(0, "Seed of shuffling, augmentation and a random head.", min=0)
     device: str = _opt("auto", DEVICE_HELP)
     precision: str = _opt("auto", PRECISION_HELP, choices=PRECISIONS)
     workers: int | None = _opt(None, "Decode processes.", min=0)
@@ -127,11 +147,12 @@ class FinetuneConfig:
 @dataclass(frozen=True)
 class ExportConfig:
     head: str = field(metadata={"help": "HEAD_DIR from fit-head or FT_DIR from finetune.", "path": "any"})
-    out: str = _opt(str(ARTIFACTS / "model"), "Model directory to write.")
+    out: str = _opt(str(ARTIFACTS / "model"), "Model directory to write.", output="dir")
     weights_file: str | None = _opt(None, "Backbone weights file, if not found automatically.", path="file")
     format: str = _opt(
         "native",
-        "native: model.pt for headstart/PyTorch; onnx: model.onnx for onnxruntime (pip install 'headstart[onnx]').",
+        "native: model.pt for headstart/PyTorch; onnx: model.onnx for onnxruntime "
+        "(needs onnx: pip install '.[onnx]' in the clone).",
         choices=("native", "onnx"),
     )
     parity_tolerance: float = _opt(
@@ -143,19 +164,21 @@ class ExportConfig:
 class PredictConfig:
     model: str = field(metadata={"help": "Model directory from export.", "path": "any"})
     inputs: tuple[str, ...] = field(metadata={"help": "Image files, folders, glob patterns, lists of paths, or -."})
-    out: str = _opt(str(ARTIFACTS / "predictions.csv"), "CSV or .jsonl file to write; - for stdout.")
+    out: str = _opt(str(ARTIFACTS / "predictions.csv"), "CSV or .jsonl file to write; - for stdout.", output="file")
     format: str | None = _opt(
         None, "Output format. Default: jsonl if --out ends in .jsonl/.ndjson, else csv.", choices=("csv", "jsonl")
     )
-    top_k: int = _opt(3, "Labels per photo.", min=1)
+    top_k: int = _opt(3, "Labels per photo.", min=1, max=1000)
     unknown_threshold: float | None = _opt(
         None, "Label a photo 'unknown' when its best probability is below this.", min=0, max=1
     )
-    embeddings: str | None = _opt(None, "Also write the features, one row per input (.npy or .h5).", path="file")
+    embeddings: str | None = _opt(None, "Also write the features, one row per input (.npy or .h5).", output="file")
+    raw_csv: bool = _opt(False, RAW_CSV_HELP)
     device: str = _opt("auto", DEVICE_HELP)
     precision: str = _opt(
         "auto", "auto = the precision the head was trained on, when this machine runs it fast.", choices=PRECISIONS
     )
+    engine: str = _opt("auto", ENGINE_HELP + " (ONNX models always run in onnxruntime.)", choices=ENGINES)
     batch_size: int | None = _opt(None, BATCH_HELP, min=1)
     workers: int | None = _opt(None, "Decode processes.", min=0)
     progress: bool = _opt(True, PROGRESS_HELP)
@@ -167,10 +190,12 @@ class EvaluateConfig:
     data: str = field(
         metadata={"help": "A folder of class folders / CSV manifest, or a feature cache (.h5).", "path": "any"}
     )
-    out: str = _opt(str(ARTIFACTS / "report"), "Report directory to write.")
+    out: str = _opt(str(ARTIFACTS / "report"), "Report directory to write.", output="dir")
     unknown_threshold: float | None = _opt(None, "Report coverage/accuracy at it (default: the head's).", min=0, max=1)
-    worst: int = _opt(24, "Mistakes shown as thumbnails.", min=0)
+    worst: int = _opt(24, "Mistakes shown as thumbnails.", min=0, max=10_000)
+    raw_csv: bool = _opt(False, RAW_CSV_HELP)
     device: str = _opt("auto", DEVICE_HELP)
+    engine: str = _opt("auto", ENGINE_HELP, choices=ENGINES)
     batch_size: int | None = _opt(None, BATCH_HELP, min=1)
     workers: int | None = _opt(None, "Decode processes.", min=0)
     progress: bool = _opt(True, PROGRESS_HELP)
@@ -179,14 +204,15 @@ class EvaluateConfig:
 @dataclass(frozen=True)
 class SimilarConfig:
     image: str = field(metadata={"help": "The query photo.", "path": "any"})
-    cache: str = field(metadata={"help": "Feature cache to search.", "path": "any"})
-    k: int = _opt(10, "How many photos.", min=1)
+    cache: str = field(metadata={"help": "Feature cache to search.", "path": "file"})
+    k: int = _opt(10, "How many photos.", min=1, max=100_000)
+    exclude_self: bool = _opt(False, "Leave out catalog photos with the same bytes as IMAGE (the query itself).")
     device: str = _opt("auto", DEVICE_HELP)
 
 
 @dataclass(frozen=True)
 class DemoConfig:
-    out: str = _opt(str(ARTIFACTS / "demo"), "Where to write everything.")
+    out: str = _opt(str(ARTIFACTS / "demo"), "Where to write everything.", output="dir")
     backbone: str = _opt(DEFAULT_BACKBONE, "See `headstart backbones`.")
     progress: bool = _opt(True, PROGRESS_HELP)
 
@@ -202,6 +228,21 @@ COMMANDS: dict[str, type] = {
     "similar": SimilarConfig,
     "demo": DemoConfig,
 }
+
+
+def check_outputs(cls: type, values: dict[str, Any]) -> None:
+    """The one output-path check of every command: each field with ``output`` metadata
+    (``--out``, ``--embeddings``) must be a path where that kind can be written
+    (:func:`pipeline.core.paths.check_output`); ``-`` (stdout) and None are skipped."""
+    from .core.paths import check_output
+
+    for f in dataclasses.fields(cls):
+        kind = f.metadata.get("output")
+        value = values.get(f.name)
+        if kind is None or value is None or value == "-":
+            continue
+        example = Path(f.default).name if isinstance(f.default, str) else ""  # features.h5, predictions.csv
+        check_output(value, kind, option="--" + f.name.replace("_", "-"), example=example)
 
 
 def has_default(f: dataclasses.Field[Any]) -> bool:

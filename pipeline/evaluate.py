@@ -1,16 +1,18 @@
 """Stage: score a model or a head on labelled photos -> report directory. ``evaluate(cfg)``.
 
-``MODEL_OR_HEAD`` is an exported model directory (``manifest.json``) or a head directory
-(``head.json``). ``IMAGES_OR_CACHE`` is a folder of class folders / CSV manifest (the photos are
-run through the backbone) or a feature cache (``.h5``; no backbone needed, seconds). A head is
+``MODEL_OR_HEAD`` is an exported model directory (``manifest.json``; native or ONNX - an ONNX
+model scores photos, not cached features) or a head directory (``head.json``).
+``IMAGES_OR_CACHE`` is a folder of class folders / CSV manifest (the photos are run through the
+backbone) or a feature cache (``.h5``; no backbone needed, seconds). A head is
 read from ``head.npz`` (tensors; nothing unpickled). True categories go through the label map
 the head was trained with, so a report on a merged catalog compares like with like; photos of
-categories the model does not know are left out and counted.
+categories the model does not know are left out and counted. Photos the head was fitted on
+(``split.json`` records their content hashes) are counted and warned about: they are no test.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +40,9 @@ class Scorer:
     label_map: LabelMap | None
     unknown_threshold: float | None
     net: nn.Module | None = None  # the backbone, when already loaded (a model)
+    fitted: frozenset[str] | None = None  # content hashes the head was fitted on, when known
+    fitted_on: str | None = None  # the cache the head was fitted on (heads without ``fitted``)
+    session: Any = None  # onnxruntime session of an ONNX model: pixels -> probabilities
 
     def logits(self, feats: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
@@ -55,22 +60,29 @@ class Scorer:
 def load_scorer(path: str | Path) -> Scorer:
     p = Path(path)
     if (p / "manifest.json").is_file():
+        from .artifacts.head_dir import fitted_content_hashes
         from .artifacts.model_dir import load_model
 
         loaded = load_model(p)
-        if loaded.model is None:
-            raise ArtifactError(
-                f"{p} is an {loaded.runtime} model; evaluate runs native models - pass its head directory "
-                "or export it again without --format onnx"
-            )
         m = loaded.manifest
+        prov = m.get("provenance", {})
+        head_dir = prov.get("head_dir")
+        fitted = fitted_content_hashes(head_dir) if head_dir else None
+        if loaded.model is None:  # ONNX: pixels in, probabilities out; log p are its "logits"
+            from .artifacts.onnx import onnx_session
+
+            return Scorer(
+                "model", p, loaded.class_names, nn.Identity(), loaded.fingerprint,
+                LabelMap.from_record(m["head"].get("label_map")), m["head"].get("unknown_threshold"),
+                fitted=fitted, fitted_on=prov.get("cache"), session=onnx_session(loaded.weights_path),
+            )  # fmt: skip
         return Scorer(
             "model", p, loaded.class_names, loaded.model.head, loaded.fingerprint,
             LabelMap.from_record(m["head"].get("label_map")),
-            m["head"].get("unknown_threshold"), loaded.model.net,
+            m["head"].get("unknown_threshold"), loaded.model.net, fitted, prov.get("cache"),
         )  # fmt: skip
     if (p / "head.json").is_file():
-        from .artifacts.head_dir import read_head
+        from .artifacts.head_dir import fitted_content_hashes, read_head
         from .models.heads import build_head
 
         meta, spec = read_head(p)
@@ -78,6 +90,7 @@ def load_scorer(path: str | Path) -> Scorer:
         return Scorer(
             "head", p, list(meta["class_names"]), build_head(spec.kind, spec.torch_tensors()).eval(), fp,
             LabelMap.from_record(meta.get("label_map")), meta.get("unknown_threshold"),
+            fitted=fitted_content_hashes(p), fitted_on=meta.get("cache"),
         )  # fmt: skip
     raise InputError(
         f"{p} is neither an exported model (manifest.json) nor a head directory (head.json); "
@@ -103,16 +116,25 @@ def _truth_index(scorer: Scorer, categories: list[str | None]) -> np.ndarray:
     return out
 
 
-def _from_cache(scorer: Scorer, path: Path) -> tuple[np.ndarray, list[str | None], list[str], list[Path | None]]:
+Rows = tuple[np.ndarray, list[str | None], list[str], list[Path | None], list[str] | None]
+
+
+def _from_cache(scorer: Scorer, path: Path) -> Rows:
     from .cache.store import Cache
 
+    if scorer.session is not None:
+        raise ArtifactError(
+            f"{scorer.path} is an ONNX model: it scores photos, not cached features; evaluate it on the "
+            "image folder, or pass its head directory to evaluate on the cache"
+        )
     with Cache(path) as c:
         fp, want = c.fingerprint, scorer.fingerprint
         if not fp.same_function(want):
             raise CacheError(
-                f"{path} was extracted with {fp.backbone} (weights {fp.weights_sha256[:12]}) but "
-                f"{scorer.path} expects {want.backbone} (weights {want.weights_sha256[:12]}) with its "
-                f"preprocessing; evaluate on the image folder, or extract it with --backbone {want.backbone}"
+                f"the features do not match the model:\n"
+                f"  {path} was extracted with {fp.backbone} (weights {fp.weights_sha256[:12]})\n"
+                f"  {scorer.path} expects {want.backbone} (weights {want.weights_sha256[:12]}) with its preprocessing\n"
+                f"evaluate on the image folder, or extract it with --backbone {want.backbone}"
             )
         rows = np.flatnonzero(c.labels >= 0)
         names = c.class_names
@@ -120,30 +142,39 @@ def _from_cache(scorer: Scorer, path: Path) -> tuple[np.ndarray, list[str | None
         paths_all = c.paths
         root = Path(str(c.attrs.get("image_root", "")))
         feats = c.features(rows)
+        hashes_all = c.content_hash
     paths = [paths_all[i] for i in rows]
+    bad = np.flatnonzero(~np.isfinite(feats).all(axis=1))
+    if len(bad):
+        listed = ", ".join(f"row {int(rows[i])} ({paths[i]})" for i in bad[:5])
+        raise CacheError(
+            f"{path}: {len(bad)} row(s) have features that are not finite numbers: {listed}"
+            f"{', ...' if len(bad) > 5 else ''}; the cache is damaged - run `headstart cache verify {path}`, "
+            "then extract again with --rebuild"
+        )
     files: list[Path | None] = [root / p if (root / p).is_file() else None for p in paths]
-    return feats, cats, paths, files
+    return feats, cats, paths, files, [hashes_all[i] for i in rows]
 
 
-def _from_images(scorer: Scorer, cfg: EvaluateConfig) -> tuple[np.ndarray, list[str | None], list[str], list]:
+def _from_images(scorer: Scorer, cfg: EvaluateConfig) -> Rows:
     from .core import runtime
+    from .core.hashing import hash_file
     from .data.images import discover
-    from .data.loader import embed_batches, make_loader
+    from .data.loader import make_loader
 
     cat = discover(cfg.data, labelled=True)
     items = [i for i in cat.items if i.label is not None]
     if not items:
         raise InputError(f"{cfg.data} has no labelled photos; evaluate needs images/<class>/*.jpg or path,label")
     dev = runtime.resolve_device(cfg.device)
-    precision = scorer.fingerprint.inference_precision(dev)
+    engine, precision = scorer.fingerprint.inference_choice(dev, cfg.engine)
     prep = scorer.fingerprint.preprocessing
     loader = make_loader(
         [i.path for i in items], prep, device=dev, batch_size=cfg.batch_size, workers=cfg.workers
     )  # fmt: skip
-    net: Any = scorer.backbone()  # a FeatureNet (model.net, or built from the fingerprint)
     feats = np.zeros((len(items), 0), np.float32)
     ok = np.zeros(len(items), bool)
-    for batch, f in embed_batches(net, loader, device=dev, precision=precision):
+    for batch, f in _embedded(scorer, loader, dev, engine, precision):
         good = batch.index.numpy()[batch.ok.numpy()]
         if len(good):
             if feats.shape[1] == 0:
@@ -151,12 +182,40 @@ def _from_images(scorer: Scorer, cfg: EvaluateConfig) -> tuple[np.ndarray, list[
             feats[good] = f
             ok[good] = True
     keep = np.flatnonzero(ok)
+    hashes: list[str] | None = None
+    if scorer.fitted is not None:
+        hashes = []
+        for i in keep:
+            try:
+                hashes.append(hash_file(items[i].path))
+            except OSError:
+                hashes.append("")
     return (
         feats[keep],
         [items[i].label for i in keep],
         [items[i].rel for i in keep],
         [items[i].path for i in keep],
+        hashes,
     )
+
+
+def _embedded(scorer: Scorer, loader: Any, dev: torch.device, engine: str, precision: str) -> Any:
+    """(batch, features) of each batch; for an ONNX model the "features" are log-probabilities
+    (its head is the identity), so every model is scored by the same code."""
+    if scorer.session is None:
+        from .data.loader import embed_batches
+        from .models.engine import make_embedder
+
+        crop = scorer.fingerprint.preprocessing.crop
+        embed = make_embedder(scorer.backbone(), crop, engine=engine, device=dev, precision=precision)
+        yield from embed_batches(embed, loader, device=dev)
+        return
+    for batch in loader:
+        logp = np.zeros((0, len(scorer.class_names)), np.float32)
+        if batch.pixels.numel():
+            (probs,) = scorer.session.run(["probabilities"], {"pixels": batch.pixels.cpu().numpy()})
+            logp = np.log(np.maximum(probs, 1e-30)).astype(np.float32)
+        yield batch, logp
 
 
 @dataclass
@@ -164,6 +223,7 @@ class EvaluateSummary:
     path: Path
     metrics: dict[str, Any]
     excluded: int
+    warnings: list[str] = field(default_factory=list)
 
     def line(self) -> str:
         m = self.metrics
@@ -171,7 +231,24 @@ class EvaluateSummary:
         return (
             f"{self.path / 'report.html'}: accuracy {m['accuracy']:.3f}, macro-F1 {m['macro_f1']:.3f}, "
             f"ECE {m['ece']:.3f} on {m['n']} photos ({len(m['per_class'])} classes){extra}"
-        )
+        ) + "".join(f"\nwarning: {w}" for w in self.warnings)
+
+
+def _seen_warning(scorer: Scorer, data: Path, hashes: list[str] | None, n: int) -> tuple[int | None, str | None]:
+    """How many evaluated photos the head was fitted on (None: unknown), and the warning."""
+    if scorer.fitted is not None and hashes is not None:
+        seen = sum(h in scorer.fitted for h in hashes)
+    elif scorer.fitted_on and data.resolve() == Path(scorer.fitted_on).resolve():
+        seen = n  # a head written before split.json recorded its photos: the same cache is all seen
+    else:
+        return None, None
+    if not seen:
+        return 0, None
+    share = f"all {n}" if seen == n else f"{seen} of {n}"
+    return seen, (
+        f"{share} evaluated photos were used to fit {scorer.path} (it knows their content hashes): "
+        "these numbers are not a test of new photos; evaluate on photos kept out of the training folder"
+    )
 
 
 def evaluate(cfg: EvaluateConfig) -> EvaluateSummary:
@@ -180,7 +257,7 @@ def evaluate(cfg: EvaluateConfig) -> EvaluateSummary:
     if not data.exists():
         raise InputError(f"{data} does not exist")
     is_cache = data.is_file() and data.suffix.lower() in (".h5", ".hdf5")
-    feats, cats, paths, files = _from_cache(scorer, data) if is_cache else _from_images(scorer, cfg)
+    feats, cats, paths, files, hashes = _from_cache(scorer, data) if is_cache else _from_images(scorer, cfg)
     y_all = _truth_index(scorer, cats)
     keep = np.flatnonzero(y_all >= 0)
     if len(keep) == 0:
@@ -189,6 +266,8 @@ def evaluate(cfg: EvaluateConfig) -> EvaluateSummary:
             "evaluate on photos of the categories the model was trained on"
         )
     proba = softmax(scorer.logits(feats[keep]).astype(np.float64))
+    seen, warning = _seen_warning(scorer, data, [hashes[i] for i in keep] if hashes else None, len(keep))
+    warnings = [warning] if warning else []
     threshold = cfg.unknown_threshold if cfg.unknown_threshold is not None else scorer.unknown_threshold
     scored = Scored(proba, y_all[keep], scorer.class_names, [paths[i] for i in keep], [files[i] for i in keep])
     meta = {
@@ -199,8 +278,11 @@ def evaluate(cfg: EvaluateConfig) -> EvaluateSummary:
         "backbone": scorer.fingerprint.backbone,
         "label_map": scorer.label_map.source if scorer.label_map else None,
         "excluded_other_categories": int(len(cats) - len(keep)),
+        "photos_the_head_was_fitted_on": seen,
     }
     out = Path(cfg.out)
-    metrics = write_report(out, scored, meta, unknown_threshold=threshold, worst=cfg.worst)
+    metrics = write_report(
+        out, scored, meta, unknown_threshold=threshold, worst=cfg.worst, warnings=warnings, raw_csv=cfg.raw_csv
+    )
     save_resolved(cfg, out / "config.json")
-    return EvaluateSummary(out, metrics, int(len(cats) - len(keep)))
+    return EvaluateSummary(out, metrics, int(len(cats) - len(keep)), warnings)

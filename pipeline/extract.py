@@ -1,14 +1,18 @@
 """Stage: images -> HDF5 feature cache. ``extract(cfg) -> path``.
 
-Incremental and crash-safe (see ``cache/store.py`` for why a journal): every file is hashed,
-rows already in the cache or in the journal are reused, only new content is decoded and run
-through the backbone, and the cache is rewritten atomically at the end with labels and paths
-refreshed from the folder. Identical files are decoded once; a renamed file reuses its row.
+Incremental, crash-safe and bounded in memory (see ``cache/store.py`` for the layout): every
+file is stat-ed, and hashed only if its (size, mtime, inode, device) differs from what the
+index remembers (``--rehash``: every file); rows already in the cache or in finished segments
+of a killed run are reused; only new content is decoded and run through the backbone, and its
+rows go to new segment files as they come (``SEGMENT_ROWS`` at a time). The commit writes a new
+index with labels and paths refreshed from the folder; no old feature byte is rewritten.
+Identical files are decoded once; a renamed file reuses its row.
 
 Two execution models share one body of work (``_extract_share``): a single process, or the
 ranks of ``torchrun`` (``core/distributed.py``). The lead process - the only one, or rank 0 -
-holds the writer lock and alone touches the cache file (``_lead``); the other ranks only add
-their share to the journal (``_follow``). ``extract`` is the one place that picks between them.
+holds the writer lock and alone writes the index (``_lead``); every rank writes its own
+segments straight into the cache's folder, so no feature byte passes through rank 0
+(``_follow``). ``extract`` is the one place that picks between them.
 """
 
 from __future__ import annotations
@@ -20,32 +24,44 @@ import os
 import time
 from collections import defaultdict
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from . import __version__
-from .cache.store import Cache, CacheContents, Journal, remove_stale_temporaries, write_cache, writer_lock
+from .cache import statcache
+from .cache.index import IndexContents, commit, migrate_v1
+from .cache.segments import (
+    DEFAULT_SEGMENT_ROWS,
+    SegmentInfo,
+    SegmentWriter,
+    adopt,
+    remove_stale_temporaries,
+    unindexed_segments,
+)
+from .cache.statcache import StatKey
+from .cache.store import Cache, writer_lock
 from .config import ExtractConfig, save_resolved
 from .core import distributed, runtime
 from .core.distributed import Dist, merge_shards
-from .core.hashing import hash_file
 from .data.gpu_decode import require_cuda
 from .data.images import Catalog, discover
 from .data.loader import DECODERS, Source, embed_batches, make_loader
 from .errors import CacheError, HeadstartError, InputError
+from .models import engine as engines
 from .models.backbones import LoadedBackbone, get_spec, load_backbone, with_preprocessing
 from .models.fingerprint import Fingerprint
 
-# A journal batch is committed every this many rows or seconds, whichever comes first: a kill
-# loses at most that much work, and batch files stay few. The environment overrides exist for
-# the crash tests (small batches on a tiny catalog) and for tuning, not as user options.
-COMMIT_EVERY_ROWS = int(os.environ.get("HEADSTART_COMMIT_ROWS", "1024"))
-COMMIT_EVERY_SECONDS = float(os.environ.get("HEADSTART_COMMIT_SECONDS", "5"))
+# A segment is written every this many new rows or seconds, whichever comes first: a kill
+# loses at most that much work, memory holds at most one segment's rows, and segment files stay
+# few (the index maps each of them). The environment overrides exist for the crash tests (small
+# segments on a tiny catalog) and for tuning, not as user options.
+SEGMENT_ROWS = int(os.environ.get("HEADSTART_COMMIT_ROWS", str(DEFAULT_SEGMENT_ROWS)))
+COMMIT_EVERY_SECONDS = float(os.environ.get("HEADSTART_COMMIT_SECONDS", "60"))
 
 
 @dataclass
@@ -53,7 +69,7 @@ class ExtractSummary:
     path: Path
     rows: int
     extracted: int  # rows computed by this run
-    reused: int  # rows taken from the cache or journal
+    reused: int  # rows taken from the cache or from finished segments of a killed run
     skipped: list[tuple[str, str]] = field(default_factory=list)
     seconds: float = 0.0
     class_names: list[str] = field(default_factory=list)
@@ -77,6 +93,7 @@ class _Run:
     out: Path
     dist: Dist
     device: torch.device
+    engine: str  # how the backbone runs (models.engine); not part of the fingerprint
     precision: str
     catalog: Catalog
     loaded: LoadedBackbone
@@ -85,15 +102,29 @@ class _Run:
 
 
 @dataclass
+class _Old:
+    """What the committed index says, without any feature bytes."""
+
+    attrs: dict[str, Any]
+    location: dict[str, tuple[str, int]]  # content hash -> (segment, row)
+    segment_rows: dict[str, int]  # the index's segments, in its order
+    dtype: str
+    stat: dict[str, tuple[int, int, int, int, str]]  # rel path -> size, mtime_ns, inode, device, hash
+
+
+@dataclass
 class _Share:
     """What one process knows about the folder once its share of the work is done."""
 
     by_hash: dict[str, list[int]]  # content hash -> the catalog items with those bytes
     skipped: list[tuple[str, str]]  # (path, reason), found before any decoding
-    known: dict[str, np.ndarray]  # hash -> feature row: from the cache, the journal or this process
+    location: dict[str, tuple[str, int]]  # hash -> (segment, row): from the index, adopted or new
     bad: dict[str, str]  # hash -> why its bytes give no row
     todo: list[str]  # new content, all ranks' together
     mine: list[str]  # the part of ``todo`` this process extracted
+    segment_rows: dict[str, int]  # segments not in the index that rows may come from
+    stat: list[StatKey | None]  # per catalog item, as stat-ed before hashing
+    scan_ns: int  # when the scan began (see statcache.RACY_NS)
 
 
 def extract(cfg: ExtractConfig) -> ExtractSummary:
@@ -113,41 +144,51 @@ def _start(cfg: ExtractConfig) -> _Run:
     spec = with_preprocessing(get_spec(cfg.backbone), draft=cfg.draft, letterbox=cfg.letterbox)
     dist = distributed.from_env()
     device = dist.local_device(runtime.resolve_device(cfg.device))
-    precision = runtime.resolve_precision(cfg.precision, device)
+    engine, precision = engines.resolve(cfg.engine, _precision_asked(cfg), device)
     if cfg.decode not in DECODERS:
         raise InputError(f"--decode must be cpu or gpu, not {cfg.decode!r}")
     if cfg.decode == "gpu":
         require_cuda(device)  # before hashing thousands of files, not after
     catalog = discover(cfg.images)
     loaded = load_backbone(spec, cfg.weights_file)
-    return _Run(cfg, Path(cfg.out), dist, device, precision, catalog, loaded, loaded.fingerprint(precision), t0)
+    fp = loaded.fingerprint(precision)
+    return _Run(cfg, Path(cfg.out), dist, device, engine, precision, catalog, loaded, fp, t0)
+
+
+def _precision_asked(cfg: ExtractConfig) -> str:
+    """``--precision auto`` on a cache that exists: the precision it was made in, so growing it
+    keeps its features comparable (a cache made in bf16 stays bf16 though fp32 is now the CPU
+    default); otherwise what the user asked for."""
+    if cfg.precision != "auto" or cfg.rebuild or not Path(cfg.out).is_file():
+        return cfg.precision
+    try:
+        with Cache(Path(cfg.out)) as c:
+            return c.fingerprint.precision
+    except HeadstartError:
+        return cfg.precision  # a damaged cache: _prepare says what is wrong with it
 
 
 def _lead(run: _Run, others: bool) -> ExtractSummary:
-    """The only process, or rank 0 of several (``others``): under the writer lock, prepare the
-    journal, do its share, merge what the other ranks put in the journal, commit the cache."""
+    """The only process, or rank 0 of several (``others``): under the writer lock, clean up and
+    convert an old cache, do its share, adopt the segments the other ranks wrote, commit."""
     cfg, out, dist = run.cfg, run.out, run.dist
     with writer_lock(out):
-        journal = Journal(out)
         error: HeadstartError | None = None
         try:
-            _prepare(cfg, out, journal, run.fp, fresh_journal=others)
+            _prepare(cfg, out, run.fp)
         except HeadstartError as e:
             error = e
         dist.agree(error)
-        old = _read_old(cfg, out, features=True)
-        share = _extract_share(run, journal, old)
+        old = _read_old(cfg, out)
+        share = _extract_share(run, old)
         if others:
-            dist.barrier()  # every rank's rows are in the journal now
-            rows, skips = journal.load()
-            share.known.update({h: v for h, v in rows.items() if h in share.by_hash})
-            share.bad.update({h: r for h, r in skips.items() if h in share.by_hash})
+            dist.barrier()  # every rank's segments are in place now
+            _take(run, share, old)
         contents = _assemble(run, share, old)
-        write_cache(out, contents)
-        journal.clear()
+        commit(out, contents)
 
     resolved = out.with_name(out.name + ".config.json")
-    save_resolved(cfg, resolved, resolved_precision=run.precision, device=str(run.device))
+    save_resolved(cfg, resolved, resolved_precision=run.precision, engine=run.engine, device=str(run.device))
     summary = ExtractSummary(
         path=out,
         rows=len(contents.content_hash),
@@ -164,13 +205,13 @@ def _lead(run: _Run, others: bool) -> ExtractSummary:
 
 
 def _follow(run: _Run) -> ExtractSummary:
-    """A torchrun rank other than 0: no lock and never the cache file. It appends its share to
-    the journal rank 0 has prepared and waits until every rank has done the same."""
+    """A torchrun rank other than 0: no lock and never the index. It writes its share as
+    segments in the cache's folder and waits until every rank has done the same."""
     run = dataclasses.replace(run, cfg=dataclasses.replace(run.cfg, progress=False))  # one set of bars, rank 0's
     dist, out = run.dist, run.out
     dist.agree(None)  # rank 0's _prepare: a refused cache stops every rank here
-    share = _extract_share(run, Journal(out), _read_old(run.cfg, out, features=False))
-    dist.barrier()  # rank 0 merges the journal only after this
+    share = _extract_share(run, _read_old(run.cfg, out))
+    dist.barrier()  # rank 0 writes the index only after this
     mine, todo = len(share.mine), len(share.todo)
     return ExtractSummary(
         path=out,
@@ -182,90 +223,82 @@ def _follow(run: _Run) -> ExtractSummary:
     )
 
 
-def _extract_share(run: _Run, journal: Journal, old: CacheContents | None) -> _Share:
-    """The work every process does: hash its slice of the files (and learn the rest from the
-    other ranks), find the content neither the cache nor the journal has, run the backbone on
-    the part of it this process owns and append those rows to the journal."""
+def _cache_dtype(cfg: ExtractConfig, old: _Old | None) -> str:
+    """A cache keeps the dtype it was created with (its segments must agree)."""
+    return old.dtype if old is not None else cfg.dtype
+
+
+def _extract_share(run: _Run, old: _Old | None) -> _Share:
+    """The work every process does: adopt finished segments a killed run left, stat (hash where
+    needed) its slice of the files and learn the rest from the other ranks, run the backbone on
+    the new content this process owns and write those rows as segments."""
     catalog = run.catalog
-    hashes = _hash_all(catalog, run.cfg.progress, run.dist)
-    skipped: list[tuple[str, str]] = [(s.rel, s.reason) for s in catalog.skipped]
-    by_hash: dict[str, list[int]] = defaultdict(list)
-    for i, h in enumerate(hashes):
+    share = _Share(defaultdict(list), [(s.rel, s.reason) for s in catalog.skipped], {}, {}, [], [], {}, [], 0)
+    orphans = [] if run.cfg.rebuild else unindexed_segments(run.out, set(old.segment_rows) if old else set())
+    share.scan_ns = time.time_ns()
+    mine = [(i, it.path, it.rel) for i, it in enumerate(catalog.items) if run.dist.owns_index(i)]
+    values = statcache.hash_files(mine, old.stat if old else {}, rehash=run.cfg.rehash, progress=run.cfg.progress)
+    merged = merge_shards(run.dist.gather(values), len(catalog.items))  # and the other ranks' slices
+    share.stat = [k for _, k in merged]
+    for i, (h, _) in enumerate(merged):
         if isinstance(h, Exception):
-            skipped.append((catalog.items[i].rel, f"cannot read file: {h}"))
+            share.skipped.append((catalog.items[i].rel, f"cannot read file: {h}"))
         else:
-            by_hash[h].append(i)
-
-    known: dict[str, np.ndarray] = {}
+            share.by_hash[h].append(i)
     if old is not None:
-        wanted = set(by_hash)
-        known.update((h, old.features[r]) for r, h in enumerate(old.content_hash) if h in wanted)
-    journal_rows, journal_skips = journal.load() if journal.exists() else ({}, {})
-    known.update({h: v for h, v in journal_rows.items() if h in by_hash})
-    todo = sorted((h for h in by_hash if h not in known and h not in journal_skips), key=lambda h: by_hash[h][0])
-    bad: dict[str, str] = {h: r for h, r in journal_skips.items() if h in by_hash}
-    mine = [h for h in todo if run.dist.owns_hash(h)]  # all of it in one process
+        share.location.update((h, old.location[h]) for h in share.by_hash if h in old.location)
+    _take(run, share, old, orphans)
+    by_hash = share.by_hash
+    todo = [h for h in by_hash if h not in share.location and h not in share.bad]
+    share.todo = sorted(todo, key=lambda h: by_hash[h][0])
+    share.mine = [h for h in share.todo if run.dist.owns_hash(h)]  # all of it in one process
 
-    if mine:
-        journal.start(run.fp)
-        sources = [catalog.items[by_hash[h][0]].path for h in mine]
-        new_rows, new_bad = _run_backbone(run.cfg, run.loaded, run.device, run.precision, sources, mine, journal)
-        known.update(new_rows)
-        bad.update(new_bad)
-    return _Share(by_hash, skipped, known, bad, todo, mine)
-
-
-def _hash_all(catalog: Catalog, progress: bool, dist: Dist) -> list[str | OSError]:
-    """The content hash of every file (or why it cannot be read). Under torchrun each rank
-    hashes every N-th file and the ranks exchange their slices."""
-    mine = [i for i in range(len(catalog.items)) if dist.owns_index(i)]
-
-    def one(i: int) -> str | OSError:
-        try:
-            return hash_file(catalog.items[i].path)
-        except OSError as e:
-            return OSError(e.errno, e.strerror)  # plain, so it pickles across ranks
-
-    # hashlib releases the GIL on large buffers, so threads overlap the reads.
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        bar = tqdm(pool.map(one, mine), total=len(mine), desc="hashing", unit="file", disable=not progress, leave=False)
-        values = list(bar)
-    return merge_shards(dist.gather(dict(zip(mine, values, strict=True))), len(catalog.items))
+    if share.mine:
+        dtype = _cache_dtype(run.cfg, old)
+        writer = SegmentWriter(run.out, run.fp, dtype, run.fp.feature_dim, SEGMENT_ROWS)
+        sources = [catalog.items[by_hash[h][0]].path for h in share.mine]
+        _run_backbone(run.cfg, run.loaded, run.device, run.engine, run.precision, sources, share.mine, writer)
+        share.location.update(writer.locations)
+        share.bad.update(writer.bad)
+        share.segment_rows.update((s.name, s.n_rows) for s in writer.segments)
+    return share
 
 
-def _prepare(cfg: ExtractConfig, out: Path, journal: Journal, fp: Fingerprint, fresh_journal: bool) -> None:
-    """Under the writer lock: clean up after killed writers, refuse a cache or drop a journal
-    of another configuration, start over on --rebuild."""
+def _take(run: _Run, share: _Share, old: _Old | None, segments: list[SegmentInfo] | None = None) -> None:
+    """Rows and skips of segments outside the index that this run may use (``adopt``); by
+    default (rank 0, after the barrier) those the other ranks wrote."""
+    if segments is None:
+        segments = unindexed_segments(run.out, set(old.segment_rows if old else ()) | set(share.segment_rows))
+    dtype, dim = _cache_dtype(run.cfg, old), run.fp.feature_dim
+    share.segment_rows.update(adopt(segments, run.fp, dtype, dim, share.by_hash, share.location, share.bad))
+
+
+def _prepare(cfg: ExtractConfig, out: Path, fp: Fingerprint) -> None:
+    """Under the writer lock, before any rank writes: clean up after killed writers, refuse a
+    cache of another configuration, convert a schema-v1 cache (start over on --rebuild)."""
     remove_stale_temporaries(out)
-    if cfg.rebuild:
-        journal.clear()
-    else:
-        if out.exists():
-            with Cache(out) as c:
-                _check_fingerprint(out, c.fingerprint, fp)
-        jfp = journal.fingerprint()
-        if jfp is not None and jfp.diff(fp):
-            journal.clear()  # unfinished work of another configuration: useless here
-    if fresh_journal:
-        journal.start(fp)  # before the other ranks append to it
+    if cfg.rebuild or not out.exists():
+        return
+    with Cache(out) as c:
+        _check_fingerprint(out, c.fingerprint, fp)
+        version = c.schema_version
+    if version == 1:
+        migrate_v1(out)
 
 
-def _read_old(cfg: ExtractConfig, out: Path, features: bool) -> CacheContents | None:
-    """The committed cache, if it is to be reused. Ranks other than 0 need only its keys: they
-    get zero-width feature rows, which cost no memory."""
+def _read_old(cfg: ExtractConfig, out: Path) -> _Old | None:
+    """The committed index, if it is to be reused: keys, row locations and the stat cache."""
     if cfg.rebuild or not out.exists():
         return None
     with Cache(out) as c:
-        if features:
-            return c.read_all()
-        hashes = c.content_hash
-        return CacheContents(
-            features=np.zeros((len(hashes), 0), np.float16),
-            content_hash=hashes,
-            paths=[],
-            labels=np.zeros(0, np.int32),
-            class_names=[],
-            attrs={},
+        if c.schema_version < 2:
+            raise CacheError(f"{out} is still in schema v{c.schema_version}; run extract again to convert it")
+        return _Old(
+            attrs=c.attrs,
+            location=dict(zip(c.content_hash, c.locations, strict=True)),
+            segment_rows=c.segment_rows,
+            dtype=c.dtype,
+            stat=c.stat_table().lookup(),
         )
 
 
@@ -283,15 +316,16 @@ def _run_backbone(
     cfg: ExtractConfig,
     loaded: LoadedBackbone,
     device: torch.device,
+    engine: str,
     precision: str,
     sources: Sequence[Source],
     keys: list[str],
-    journal: Journal,
-) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """Features of ``sources`` (content hashes ``keys``), committed to the journal in batches:
-    hash -> row for the photos that decode, hash -> reason for the others."""
+    writer: SegmentWriter,
+) -> None:
+    """Features of ``sources`` (content hashes ``keys``) into ``writer``: a segment every
+    ``SEGMENT_ROWS`` rows or ``COMMIT_EVERY_SECONDS``, the rest at the end. Photos that do not
+    decode are recorded with their reason."""
     spec = loaded.spec
-    dtype = np.float16 if cfg.dtype == "float16" else np.float32
     loader = make_loader(
         sources,
         spec.preprocessing,
@@ -301,65 +335,45 @@ def _run_backbone(
         max_pixels=cfg.max_pixels,
         decode=cfg.decode,
     )
-    rows: dict[str, np.ndarray] = {}
-    bad: dict[str, str] = {}
-    pend_h: list[str] = []
-    pend_f: list[np.ndarray] = []
-    pend_bad: list[tuple[str, str]] = []
+    crop = spec.preprocessing.crop
+    embed = engines.make_embedder(loaded.net, crop, engine=engine, device=device, precision=precision)
     last = time.monotonic()
-
-    def commit() -> None:
-        nonlocal last
-        feats = np.concatenate(pend_f) if pend_f else np.zeros((0, spec.feature_dim), dtype)
-        journal.append(pend_h, feats, [h for h, _ in pend_bad], [r for _, r in pend_bad])
-        pend_h.clear()
-        pend_f.clear()
-        pend_bad.clear()
-        last = time.monotonic()
-
     bar = tqdm(total=len(keys), desc=f"extract {spec.name}", unit="img", disable=not cfg.progress)
     try:
-        for batch, feats in embed_batches(loaded.net, loader, device=device, precision=precision):
+        for batch, feats in embed_batches(embed, loader, device=device):
             idx = batch.index.tolist()
             ok = batch.ok.tolist()
-            feats = feats.astype(dtype)
-            k = 0
+            good = [keys[i] for j, i in enumerate(idx) if ok[j]]
             for j, i in enumerate(idx):
-                h = keys[i]
-                if ok[j]:
-                    rows[h] = feats[k]
-                    pend_h.append(h)
-                    k += 1
-                else:
-                    bad[h] = batch.errors[j]
-                    pend_bad.append((h, batch.errors[j]))
-            if k:
-                pend_f.append(feats)
+                if not ok[j]:
+                    writer.add_bad(keys[i], batch.errors[j])
+            before = len(writer.segments)
+            if good:
+                writer.add(good, feats)
             bar.update(len(idx))
-            if len(pend_h) >= COMMIT_EVERY_ROWS or time.monotonic() - last > COMMIT_EVERY_SECONDS:
-                commit()
-        if pend_h or pend_bad:
-            commit()
+            if len(writer.segments) > before:
+                last = time.monotonic()
+            elif writer.pending and time.monotonic() - last > COMMIT_EVERY_SECONDS:
+                writer.flush()
+                last = time.monotonic()
+        writer.flush()
     finally:
         bar.close()
-    return rows, bad
 
 
-def _assemble(run: _Run, share: _Share, old: CacheContents | None) -> CacheContents:
-    """Rows ordered by path, one per distinct content; labels and paths from this scan."""
+def _assemble(run: _Run, share: _Share, old: _Old | None) -> IndexContents:
+    """One row per distinct content (labels and paths from this scan), in storage order: the
+    index's rows first, in its order, then the new segments' rows."""
     cfg, catalog, fp = run.cfg, run.catalog, run.fp
     class_names = catalog.class_names
     label_id = {n: i for i, n in enumerate(class_names)}
-    feats: list[np.ndarray] = []
-    hashes: list[str] = []
-    paths: list[str] = []
-    labels: list[int] = []
+    rows: list[tuple[str, str, int]] = []  # hash, path, label
     duplicates: list[tuple[str, str]] = []
     skipped = list(share.skipped)
     for h, members in sorted(share.by_hash.items(), key=lambda kv: catalog.items[kv[1][0]].rel):
         first = catalog.items[members[0]]
-        if h in share.bad:
-            skipped.extend((catalog.items[i].rel, share.bad[h]) for i in members)
+        if h not in share.location:
+            skipped.extend((catalog.items[i].rel, share.bad.get(h, "no features")) for i in members)
             continue
         item_labels = {lab for i in members if (lab := catalog.items[i].label) is not None}
         label = -1
@@ -368,12 +382,15 @@ def _assemble(run: _Run, share: _Share, old: CacheContents | None) -> CacheConte
         elif len(item_labels) > 1:
             why = f"identical bytes filed under {len(item_labels)} labels ({', '.join(sorted(item_labels))})"
             skipped.append((first.rel, f"{why}; kept unlabelled"))
-        feats.append(share.known[h])
-        hashes.append(h)
-        paths.append(first.rel)
-        labels.append(label)
+        rows.append((h, first.rel, label))
         duplicates.extend((catalog.items[i].rel, h) for i in members[1:])
-    dtype = np.float16 if cfg.dtype == "float16" else np.float32
+    seg_rows = dict(old.segment_rows) if old else {}
+    seg_rows.update(sorted(share.segment_rows.items()))
+    order = {s: k for k, s in enumerate(seg_rows)}
+    rows.sort(key=lambda r: (order[share.location[r[0]][0]], share.location[r[0]][1]))
+
+    hashed = [(catalog.items[i].rel, share.stat[i], h) for h, members in share.by_hash.items() for i in members]
+
     now = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
     attrs: dict[str, object] = dict(fp.to_record())
     attrs.update(
@@ -383,17 +400,21 @@ def _assemble(run: _Run, share: _Share, old: CacheContents | None) -> CacheConte
         layout=catalog.layout,
         headstart_version=__version__,
         torch_version=torch.__version__,
-        config=json.dumps({k: v for k, v in vars(cfg).items()}, default=str, ensure_ascii=False),
+        config=json.dumps({**vars(cfg), "engine_used": run.engine}, default=str, ensure_ascii=False),
     )
-    d = fp.feature_dim
-    matrix = np.stack(feats).astype(dtype) if feats else np.zeros((0, d), dtype)
-    return CacheContents(
-        features=matrix,
-        content_hash=hashes,
-        paths=paths,
-        labels=np.asarray(labels, dtype=np.int32),
+    location = [share.location[h] for h, _, _ in rows]
+    used = {s for s, _ in location}
+    return IndexContents(
+        content_hash=[h for h, _, _ in rows],
+        paths=[p for _, p, _ in rows],
+        labels=np.asarray([lab for _, _, lab in rows], dtype=np.int32),
         class_names=class_names,
         attrs=attrs,
+        location=location,
+        segment_rows={s: n for s, n in seg_rows.items() if s in used},
+        dtype=_cache_dtype(cfg, old),
+        feature_dim=fp.feature_dim,
         duplicates=duplicates,
         skipped=sorted(skipped),
+        stat=statcache.table(hashed, share.scan_ns),
     )

@@ -150,6 +150,7 @@ def fit_head(cfg: FitHeadConfig) -> FitSummary:
             X = CacheRows(cache, rows)
         else:
             X = cache.features(rows)
+            _refuse_non_finite(X, rows, cache.paths, cfg.cache)
 
         def features_of(idx: np.ndarray) -> np.ndarray:
             return np.asarray(cache.features(rows[idx]) if streamed else X[idx])
@@ -167,6 +168,17 @@ def fit_head(cfg: FitHeadConfig) -> FitSummary:
             )
         if len(va) == 0:
             raise InputError("too few labelled photos for a validation split: give each class at least two")
+        counts = np.bincount(y[va], minlength=len(class_names))
+        unvalidated = [class_names[c] for c in np.flatnonzero(counts == 0)]
+        if unvalidated:
+            n_photos = np.bincount(y, minlength=len(class_names))
+            listed = ", ".join(f"{class_names[c]} ({n_photos[c]} photo{'s' if n_photos[c] != 1 else ''})"
+                               for c in np.flatnonzero(counts == 0)[:5])  # fmt: skip
+            warnings.append(
+                f"{len(unvalidated)} class(es) too small to validate: {listed}{', ...' if len(unvalidated) > 5 else ''}"
+                " have no validation photos; they are trained on but left out of the validation macro-F1 - "
+                "add photos (two or more per class, five or more to trust the numbers)"
+            )
         curve: list[dict[str, float]] = []
         best_c: float | None = None
         if kind.uses_c and cfg.c is None:
@@ -194,6 +206,7 @@ def fit_head(cfg: FitHeadConfig) -> FitSummary:
         "val_fraction": cfg.val_fraction,
         "near_duplicate_threshold": cfg.near_duplicate_threshold,
         "val_content_hash": [hashes[i] for i in va],
+        "fit_content_hash": hashes,  # every photo the final head was fitted on (train + validation)
         "near_duplicate_groups": merged,
     }
     meta = {
@@ -235,6 +248,18 @@ def fit_head(cfg: FitHeadConfig) -> FitSummary:
         write_config=lambda path: save_resolved(cfg, path, C=best_c, solver=solver, temperature=temperature),
     )
     return FitSummary(out, metrics, best_c, len(tr), len(va), time.perf_counter() - t0, cfg.head, temperature, warnings)
+
+
+def _refuse_non_finite(X: np.ndarray, rows: np.ndarray, paths: list[str], cache: str) -> None:
+    """NaN or inf features (a corrupted cache) as an Error naming the rows, not sklearn's ValueError."""
+    bad = np.flatnonzero(~np.isfinite(X).all(axis=1))
+    if len(bad):
+        names = ", ".join(f"row {int(rows[i])} ({paths[int(rows[i])]})" for i in bad[:5])
+        raise InputError(
+            f"{cache}: {len(bad)} row(s) have features that are not finite numbers: {names}"
+            f"{', ...' if len(bad) > 5 else ''}; the cache is damaged - run `headstart cache verify {cache}`, "
+            "then extract again with --rebuild"
+        )
 
 
 def _calibration(logits: np.ndarray, y: np.ndarray, temperature: float, threshold: float | None) -> dict[str, Any]:

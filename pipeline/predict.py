@@ -29,9 +29,11 @@ from tqdm.auto import tqdm
 from .artifacts.model_dir import LoadedModel, load_model
 from .config import PredictConfig, save_resolved
 from .core import runtime
+from .core.csvcells import safe_cell
 from .data.images import IMAGE_EXTENSIONS
 from .data.loader import Batch, Source, embed_batches, make_loader
 from .errors import InputError
+from .models import engine as engines
 
 UNKNOWN = "unknown"
 LIST_EXTENSIONS = frozenset({".txt", ".lst", ".csv"})
@@ -53,9 +55,13 @@ class Predictor:
     device: torch.device
     precision: str
     session: Any = None  # onnxruntime.InferenceSession for ONNX models
+    engine: str = "torch"  # how a native model's backbone runs (models.engine)
+    _embed: Any = None  # built on first use: exporting or loading an engine costs seconds, once
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str], device: str = "auto", precision: str = "auto") -> Predictor:
+    def load(
+        cls, path: str | os.PathLike[str], device: str = "auto", precision: str = "auto", engine: str = "auto"
+    ) -> Predictor:
         loaded = load_model(path)
         dev = runtime.resolve_device(device)
         if loaded.runtime == "onnx":
@@ -67,11 +73,12 @@ class Predictor:
         if precision == "auto":
             # The precision the head's features were extracted in, when this machine has it fast,
             # so predictions match the head's view of the training photos.
-            precision = loaded.fingerprint.inference_precision(dev)
-        precision = runtime.resolve_precision(precision, dev)
+            engine, precision = loaded.fingerprint.inference_choice(dev, engine)
+        else:
+            engine, precision = engines.resolve(engine, precision, dev)
         assert loaded.model is not None
         loaded.model.to(dev)
-        return cls(loaded, dev, precision)
+        return cls(loaded, dev, precision, engine=engine)
 
     @property
     def class_names(self) -> list[str]:
@@ -94,7 +101,12 @@ class Predictor:
             return
         model = self.loaded.model
         assert model is not None
-        for batch, feats in embed_batches(model.net, loader, device=self.device, precision=self.precision):
+        if self._embed is None:
+            crop = self.loaded.preprocessing.crop
+            self._embed = engines.make_embedder(
+                model.net, crop, engine=self.engine, device=self.device, precision=self.precision
+            )
+        for batch, feats in embed_batches(self._embed, loader, device=self.device):
             probs = np.zeros((0, len(self.class_names)), np.float32)
             if len(feats):
                 with torch.inference_mode():
@@ -161,36 +173,52 @@ class Predictor:
 def expand_inputs(inputs: Sequence[str], stdin: IO[str] | None = None) -> list[Path]:
     """Files as given; folders searched recursively for images (sorted); glob patterns; list
     files (``.txt``/``.lst``: one path a line; ``.csv``: a ``path`` column, else the first)
-    with paths relative to the list; ``-``: paths on stdin, relative to the working folder.
+    with paths relative to the list; ``-``: paths on stdin, as given (relative ones stay relative,
+    like a folder's). Only regular files are read: a FIFO in a folder is passed over, and one
+    named or listed is an error (reading it would block for ever).
 
     Listed files that do not exist are kept: they become rows with their error."""
     paths: list[Path] = []
     for raw in inputs:
         p = Path(raw)
         if raw == "-":
-            paths.extend(_read_list(stdin or sys.stdin, Path.cwd(), csv_file=False))
+            paths.extend(_read_list(stdin or sys.stdin, Path(), csv_file=False))  # as typed, like folders
         elif p.is_dir():
             paths.extend(_images_under(p))
         elif p.is_file() and p.suffix.lower() in LIST_EXTENSIONS:
             with open(p, encoding="utf-8-sig", newline="") as f:
                 paths.extend(_read_list(f, p.parent, csv_file=p.suffix.lower() == ".csv"))
-        elif p.exists() or p.is_symlink():
-            paths.append(p)
+        elif p.is_file() or (p.is_symlink() and not p.exists()):
+            paths.append(p)  # a dangling link becomes a row with its error
+        elif p.exists():
+            raise InputError(f"{p} is not a regular file (a FIFO, socket or device); give image files or folders")
         elif glob.has_magic(raw):
             matches = sorted(glob.glob(raw, recursive=True))
             if not matches:
                 raise InputError(f"no files match {raw!r}")
             for m in map(Path, matches):
-                paths.extend(_images_under(m) if m.is_dir() else [m])
+                paths.extend(_images_under(m) if m.is_dir() else [m] if m.is_file() else [])
         else:
             raise InputError(f"{p} does not exist")
     if not paths:
         raise InputError(f"no images found in {', '.join(inputs)}")
+    special = [q for q in paths if q.exists() and not q.is_file()]
+    if special:
+        raise InputError(
+            f"{special[0]} is not a regular file (a folder, FIFO, socket or device)"
+            + (f", nor {len(special) - 1} more" if len(special) > 1 else "")
+            + "; list image files only"
+        )
     return paths
 
 
 def _images_under(folder: Path) -> list[Path]:
-    return sorted(q for q in folder.rglob("*") if q.suffix.lower() in IMAGE_EXTENSIONS and not q.name.startswith("."))
+    """Regular image files under ``folder``: a FIFO named x.jpg would block the reader for ever."""
+    return sorted(
+        q
+        for q in folder.rglob("*")
+        if q.suffix.lower() in IMAGE_EXTENSIONS and not q.name.startswith(".") and q.is_file()
+    )
 
 
 def _read_list(f: IO[str], base: Path, *, csv_file: bool) -> list[Path]:
@@ -216,13 +244,16 @@ def output_format(cfg: PredictConfig) -> str:
 
 
 class _RowWriter:
-    """CSV (path, label, probability, label_2, probability_2, ..., error) or JSON Lines."""
+    """CSV (path, label, best_guess, probability, label_2, probability_2, ..., error) or JSON
+    Lines. ``label`` is the answer (``unknown`` below the threshold), ``best_guess`` the top
+    class whatever the threshold, ``probability`` its probability. CSV text cells are guarded
+    against formula injection unless ``raw`` (:mod:`pipeline.core.csvcells`)."""
 
-    def __init__(self, f: IO[str], fmt: str, k: int) -> None:
-        self.f, self.fmt, self.k = f, fmt, k
+    def __init__(self, f: IO[str], fmt: str, k: int, raw: bool = False) -> None:
+        self.f, self.fmt, self.k, self.raw = f, fmt, k, raw
         if fmt == "csv":
             self.csv = csv.writer(f)
-            header = ["path", "label", "probability"]
+            header = ["path", "label", "best_guess", "probability"]
             for r in range(2, k + 1):
                 header += [f"label_{r}", f"probability_{r}"]
             self.csv.writerow([*header, "error"])
@@ -232,18 +263,20 @@ class _RowWriter:
             body = {
                 "path": str(path),
                 "label": row["label"],
+                "best_guess": row["top_k"][0][0] if row["top_k"] else None,
                 "probability": row["probability"],
                 "top_k": [{"label": n, "probability": p} for n, p in row["top_k"]],
                 "error": row["error"] or None,
             }
             self.f.write(json.dumps(body, ensure_ascii=False) + "\n")
             return
-        prob = row["probability"]
-        line: list[Any] = [str(path), row["label"] or "", "" if prob is None else f"{prob:.6f}"]
+        prob, cell = row["probability"], lambda text: safe_cell(text, self.raw)
+        best = row["top_k"][0][0] if row["top_k"] else ""
+        line: list[Any] = [cell(str(path)), cell(row["label"] or ""), cell(best), "" if prob is None else f"{prob:.6f}"]
         for r in range(1, self.k):
             name, p = row["top_k"][r] if r < len(row["top_k"]) else ("", None)
-            line += [name, "" if p is None else f"{p:.6f}"]
-        self.csv.writerow([*line, row["error"]])
+            line += [cell(name), "" if p is None else f"{p:.6f}"]
+        self.csv.writerow([*line, cell(row["error"])])
 
 
 class _EmbeddingWriter:
@@ -297,7 +330,7 @@ class PredictSummary:
     def line(self) -> str:
         s = f"{self.out}: {self.n} predictions"
         if self.failed:
-            s += f", {self.failed} files could not be read"
+            s += f", {self.failed} file{'s' if self.failed != 1 else ''} could not be read"
         if self.unknown:
             s += f", {self.unknown} below the unknown threshold"
         if self.embeddings:
@@ -310,7 +343,7 @@ def predict(cfg: PredictConfig, stdin: IO[str] | None = None) -> tuple[Path, Pre
     fmt = output_format(cfg)
     if cfg.unknown_threshold is not None and not 0.0 <= cfg.unknown_threshold <= 1.0:
         raise InputError(f"--unknown-threshold must be a probability between 0 and 1, not {cfg.unknown_threshold}")
-    predictor = Predictor.load(cfg.model, cfg.device, cfg.precision)
+    predictor = Predictor.load(cfg.model, cfg.device, cfg.precision, cfg.engine)
     paths = expand_inputs(cfg.inputs, stdin)
     k = max(1, min(cfg.top_k, len(predictor.class_names)))
     threshold = predictor.unknown_threshold if cfg.unknown_threshold is None else cfg.unknown_threshold
@@ -324,7 +357,7 @@ def predict(cfg: PredictConfig, stdin: IO[str] | None = None) -> tuple[Path, Pre
         contextlib.nullcontext(sys.stdout) if to_stdout else open(out, "w", newline="", encoding="utf-8") as f,
         tqdm(total=len(paths), desc="predict", unit="img", disable=not cfg.progress) as bar,
     ):
-        writer = _RowWriter(f, fmt, k)
+        writer = _RowWriter(f, fmt, k, raw=cfg.raw_csv)
         try:
             for r in predictor.iter_batches(paths, batch_size=cfg.batch_size, workers=cfg.workers):
                 probs = iter(r.probabilities)

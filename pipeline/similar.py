@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from .cache.store import Cache
-from .errors import InputError
+from .errors import CacheError, InputError
 
 CHUNK_ROWS = 65536
 
@@ -39,6 +39,7 @@ def embed_query(image: str | os.PathLike[str], cache: Cache, device: str = "auto
 
     from .core import runtime
     from .data.images import DecodeError, load_pixels
+    from .models.engine import make_embedder
 
     fp = cache.fingerprint
     loaded = fp.load_backbone(
@@ -46,24 +47,31 @@ def embed_query(image: str | os.PathLike[str], cache: Cache, device: str = "auto
     )
     dev = runtime.resolve_device(device)
     # The cache's precision when this machine runs it, so the query sits in the same space.
-    precision = fp.inference_precision(dev)
+    engine, precision = fp.inference_choice(dev)
     prep = fp.preprocessing
     try:
         pixels = load_pixels(image, prep)
     except DecodeError as e:
         raise InputError(f"{image}: {e}") from None
-    net = loaded.net.to(dev).eval()
-    with torch.inference_mode(), runtime.autocast(dev, precision):
-        feats = net(torch.from_numpy(pixels)[None].to(dev))
-    return np.asarray(feats.float().cpu().numpy()[0])
+    embed = make_embedder(loaded.net, prep.crop, engine=engine, device=dev, precision=precision)
+    return embed(torch.from_numpy(pixels)[None].to(dev))[0]
 
 
 def similar(
-    image: str | os.PathLike[str], cache_path: str | os.PathLike[str], k: int = 10, device: str = "auto"
+    image: str | os.PathLike[str],
+    cache_path: str | os.PathLike[str],
+    k: int = 10,
+    device: str = "auto",
+    *,
+    exclude_self: bool = False,
 ) -> list[Match]:
+    """The ``k`` rows of the cache most like ``image``; ``exclude_self``: leave out rows with the
+    same bytes as ``image`` (the query photo itself, and exact copies of it)."""
     from .core.hashing import hash_file
 
     image = Path(image)
+    if image.exists() and not image.is_file():
+        raise InputError(f"{image} is not a regular file (a folder, FIFO or device); give one photo")
     if not image.is_file():
         raise InputError(f"{image} does not exist")
     if k < 1:
@@ -75,11 +83,25 @@ def similar(
         own = hash_file(image)
         query = cache.features(np.array([hashes.index(own)]))[0] if own in hashes else embed_query(image, cache, device)
         q = query / (np.linalg.norm(query) + 1e-12)
+        skip = {i for i, h in enumerate(hashes) if h == own} if exclude_self else set()
         best: list[tuple[float, int]] = []  # min-heap of (similarity, row)
         for start, chunk in cache.iter_features(CHUNK_ROWS):
             sims = (chunk @ q) / (np.linalg.norm(chunk, axis=1) + 1e-12)
+            bad = np.flatnonzero(~np.isfinite(sims))
+            if len(bad):
+                rows = ", ".join(f"row {start + int(i)} ({cache.paths[start + int(i)]})" for i in bad[:5])
+                raise CacheError(
+                    f"{cache_path}: {len(bad)} row(s) have features that are not finite numbers: {rows}"
+                    f"{', ...' if len(bad) > 5 else ''}; the cache is damaged - run `headstart cache verify "
+                    f"{cache_path}`, then extract again with --rebuild"
+                )
+            for i in skip:
+                if start <= i < start + len(sims):
+                    sims[i - start] = -np.inf
             top = np.argpartition(-sims, min(k, len(sims)) - 1)[:k]
             for i in top:
+                if sims[i] == -np.inf:
+                    continue
                 item = (float(sims[i]), start + int(i))
                 if len(best) < k:
                     heapq.heappush(best, item)

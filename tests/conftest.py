@@ -3,8 +3,10 @@ the real EfficientNet-Lite0 ImageNet weights from PyPI."""
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -24,6 +26,11 @@ REQUIRE_MUST_RUN = os.environ.get("HEADSTART_REQUIRE_MUST_RUN") == "1"
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    # The ONNX graphs models.engine exports are kept in a cache directory: one per test session,
+    # never the user's ~/.cache (subprocesses inherit it through the environment).
+    if "HEADSTART_CACHE_DIR" not in os.environ:
+        os.environ["HEADSTART_CACHE_DIR"] = tempfile.mkdtemp(prefix="headstart-test-cache-")
+        atexit.register(shutil.rmtree, os.environ["HEADSTART_CACHE_DIR"], True)
     if TEST_PRECISION:
         if TEST_PRECISION not in ("fp32", "bf16"):
             raise pytest.UsageError(f"HEADSTART_TEST_PRECISION must be fp32 or bf16, not {TEST_PRECISION!r}")
@@ -31,6 +38,10 @@ def pytest_configure(config: pytest.Config) -> None:
 
         # resolve_precision looks this up at call time, so "auto" on the CPU follows the override.
         runtime.cpu_has_fast_bf16 = lambda: TEST_PRECISION == "bf16"
+        if TEST_PRECISION == "bf16":  # bf16 runs in PyTorch only: --engine auto must not pick onnxruntime
+            from pipeline.models import engine
+
+            engine.onnxruntime_available = lambda: False
 
 
 def pytest_report_header(config: pytest.Config) -> str:

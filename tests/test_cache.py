@@ -22,7 +22,8 @@ import numpy as np
 import pytest
 
 from pipeline.cache.inspection import info, verify
-from pipeline.cache.store import Cache, Journal, writer_lock
+from pipeline.cache.segments import unindexed_segments, write_segment
+from pipeline.cache.store import Cache, segment_dir, writer_lock
 from pipeline.config import ExtractConfig
 from pipeline.data import SAMPLE_CATALOG
 from pipeline.errors import CacheError
@@ -96,10 +97,21 @@ def reference(tmp_path_factory):
     return root, _snapshot(out)
 
 
-# Where to die. journal-appended:2 = after the second committed batch; the others are the
-# windows around the atomic replace of the cache itself.
-FAST_POINTS = ["journal-appended:2", "cache-writing"]
-SLOW_POINTS = ["journal-before-rename:3", "cache-before-replace", "cache-replaced", "journal-clearing:2"]
+# Where to die. segment-written:2 = after the second finished segment; the others are the
+# windows around writing a segment and the atomic replace of the index (the removal of
+# segments a new index no longer uses: test_kill_9_while_removing_unused_segments).
+FAST_POINTS = ["segment-written:2", "index-writing"]
+SLOW_POINTS = ["segment-writing:3", "segment-before-rename:3", "index-before-rename", "index-replaced"]
+
+
+def _segments(out: Path) -> list[Path]:
+    d = segment_dir(out)
+    return sorted(d.glob("seg-*.h5")) if d.is_dir() else []
+
+
+def _temporaries(out: Path) -> list[Path]:
+    d = segment_dir(out)
+    return list(out.parent.glob(f".{out.name}.tmp-*")) + (list(d.glob(".seg-*.tmp-*")) if d.is_dir() else [])
 
 
 def _crash_then_resume(reference, tmp_path: Path, point: str) -> None:
@@ -109,18 +121,19 @@ def _crash_then_resume(reference, tmp_path: Path, point: str) -> None:
     out = tmp_path / "f.h5"
     r = _cli(images, out, env={"HEADSTART_CRASH_AT": point})
     assert r.returncode == -signal.SIGKILL, (point, r.returncode, r.stderr[-2000:])
-    journal = Journal(out)
-    if point.startswith("journal-appended"):
-        assert not out.exists() and len(list(journal.dir.glob("batch-*.npz"))) == 2
-    if point == "cache-writing":
-        assert not out.exists() and list(tmp_path.glob(".f.h5.tmp-*"))  # a half-written temporary
-    if point == "cache-replaced":
-        assert out.exists() and journal.exists()  # killed before the journal was cleared
+    if point.startswith("segment-written"):
+        assert not out.exists() and len(_segments(out)) == 2
+    if point in ("index-writing", "segment-writing:3"):
+        assert not out.exists() and _temporaries(out)  # a half-written temporary
+    if point == "index-replaced":
+        assert out.exists() and len(_segments(out)) == 6  # 48 rows, 8 a segment
     s = extract(_cfg(images, out))  # run it again
-    assert not journal.exists() and not list(tmp_path.glob(".f.h5.tmp-*"))
+    assert not _temporaries(out)
+    with Cache(out) as c:  # every segment left is one the index uses
+        assert set(c.segments) == {p.name for p in _segments(out)}
     _assert_same(_snapshot(out), want)
-    if point.startswith("journal-appended"):
-        assert s.extracted == 48 + 1 - 16  # the two committed batches (16 files) are not redone
+    if point.startswith("segment-written"):
+        assert s.extracted == 48 + 1 - 16  # the two finished segments (16 files) are not redone
 
 
 @pytest.mark.parametrize("point", FAST_POINTS)
@@ -135,6 +148,24 @@ def test_kill_9_at_more_points(reference, tmp_path, point):
 
 
 @pytest.mark.slow
+def test_kill_9_while_removing_unused_segments(reference, tmp_path):
+    """A re-run tries the broken file again; its skip-only segment is unused by the new index
+    and removed after it. A kill right there leaves a valid cache; the next run cleans up."""
+    root, want = reference
+    images = tmp_path / "images"
+    shutil.copytree(root, images, symlinks=True)
+    out = tmp_path / "f.h5"
+    extract(_cfg(images, out))
+    r = _cli(images, out, env={"HEADSTART_CRASH_AT": "segments-removing"})
+    assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
+    _assert_same(_snapshot(out), want)  # the new index is in place and sound
+    extract(_cfg(images, out))
+    with Cache(out) as c:
+        assert set(c.segments) == {p.name for p in _segments(out)}
+    _assert_same(_snapshot(out), want)
+
+
+@pytest.mark.slow
 def test_kill_9_from_outside_repeatedly(reference, tmp_path):
     """kill -9 from another process as soon as the run has made progress, again and again,
     until a run finishes on its own; then the cache equals the uninterrupted one."""
@@ -142,17 +173,16 @@ def test_kill_9_from_outside_repeatedly(reference, tmp_path):
     images = tmp_path / "images"
     shutil.copytree(root, images, symlinks=True)
     out = tmp_path / "f.h5"
-    journal = Journal(out)
     cmd = [sys.executable, "-m", "pipeline", "extract", str(images), "--out", str(out), *OPTS]
     env = {**os.environ, "HEADSTART_COMMIT_ROWS": "4", "HEADSTART_COMMIT_SECONDS": "0"}
     cmd[cmd.index("--batch-size") + 1] = "4"
     kills = 0
     for _attempt in range(30):
-        before = len(list(journal.dir.glob("batch-*.npz"))) if journal.exists() else 0
+        before = len(_segments(out))
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         while proc.poll() is None:
-            now = len(list(journal.dir.glob("batch-*.npz"))) if journal.exists() else 0
-            if now >= before + 2:  # progress made: two new batches committed
+            now = len(_segments(out))
+            if now >= before + 2:  # progress made: two new segments finished
                 proc.send_signal(signal.SIGKILL)
                 kills += 1
                 break
@@ -227,15 +257,17 @@ def test_full_disk_gives_an_error_and_loses_nothing_committed(reference, tmp_pat
     before = out.read_bytes()
     for p in moved.iterdir():
         shutil.move(p, images / "sneaker" / p.name)
-    # 8 KB: the journal's batch files (8 rows each) fit, the new cache file does not.
-    r = _cli(images, out, preexec_fn=_limit_file_size(8192))
+    # The new segments (8 rows each) fit, the new index does not.
+    limit = max(p.stat().st_size for p in _segments(out)) + 512
+    assert out.stat().st_size > limit
+    r = _cli(images, out, preexec_fn=_limit_file_size(limit))
     assert r.returncode == 1, r.stderr[-2000:]
     assert "Traceback" not in r.stderr
     assert f"Error: disk full while writing {out}" in r.stderr and "re-run the same command" in r.stderr
     assert out.read_bytes() == before  # the committed cache is untouched ...
     with Cache(out) as c:
         assert c.n_rows == 32 and not verify(out)
-    assert Journal(out).n_rows() == 16  # ... and the new rows wait in the journal
+    assert info(out)["unindexed_rows"] == 16  # ... and the new rows wait in finished segments
     s = extract(_cfg(images, out))  # space freed: the same command finishes the job
     assert s.extracted == 0 and s.rows == 48
     _assert_same(_snapshot(out), want)
@@ -263,6 +295,7 @@ def test_info_and_verify(reference, tmp_path, run_cli):
     # Damage it in ways a bug or a foreign tool could: a duplicated key, a wrong count, a NaN.
     bad = tmp_path / "bad.h5"
     shutil.copy(out, bad)
+    shutil.copytree(segment_dir(out), segment_dir(bad))
     with h5py.File(bad, "r+") as f:
         h = f["content_hash"][()]
         h[1] = h[0]
@@ -275,8 +308,9 @@ def test_info_and_verify(reference, tmp_path, run_cli):
     assert any("1 duplicate value(s) in /content_hash" in p for p in problems)
     assert any("n_rows is 47 but /features has 48 rows" in p for p in problems)
     assert any("1 row(s) of /features contain NaN" in p for p in problems)
+    assert any("1 row(s) of the index point at a segment row with another content hash" in p for p in problems)
     r = run_cli("cache", "verify", bad)
-    assert r.exit_code == 1 and "Error:" in r.output and "failed verification (3 problem(s))" in r.output
+    assert r.exit_code == 1 and "Error:" in r.output and "failed verification (4 problem(s))" in r.output
 
     # Not HDF5 at all, and a truncated HDF5 file: an Error, never a traceback.
     (tmp_path / "junk.h5").write_text("hello")
@@ -287,16 +321,16 @@ def test_info_and_verify(reference, tmp_path, run_cli):
     assert r.exit_code == 1 and "Error:" in r.output and "Traceback" not in r.output
 
 
-def test_info_reports_an_unfinished_journal(reference, tmp_path):
+def test_info_reports_unindexed_segments(reference, tmp_path):
     root, _ = reference
     images = tmp_path / "images"
     shutil.copytree(root, images, symlinks=True)
     out = tmp_path / "f.h5"
     extract(_cfg(images, out))
     with Cache(out) as c:
-        Journal(out).start(c.fingerprint)
-    Journal(out).append(["0" * 32], np.zeros((1, 32), np.float16), [], [])
-    assert info(out)["journal_rows"] == 1
+        fp = c.fingerprint
+    write_segment(out, fp, ["0" * 32], np.zeros((1, 32), np.float16))
+    assert info(out)["unindexed_rows"] == 1 and len(unindexed_segments(out, set())) == 2  # 48 rows in one
 
 
 def test_fingerprint_mismatch_is_refused_with_what_differs(reference, tmp_path, run_cli):
@@ -312,6 +346,8 @@ def test_fingerprint_mismatch_is_refused_with_what_differs(reference, tmp_path, 
     assert "pass --rebuild to start the cache over" in r.output
     r = run_cli("extract", root, "--out", out, *OPTS, "--no-draft")
     assert r.exit_code == 1 and '"draft": true' in r.output and '"draft": false' in r.output
+    # Only the switch that differs, not the whole preprocessing JSON twice (a 900-character line).
+    assert max(len(line) for line in r.output.splitlines()) < 400, r.output
     with pytest.raises(CacheError, match="efficientnet_lite0"):
         extract(_cfg(root, out, backbone="efficientnet_lite0"))
     s = extract(_cfg(root, out, precision="bf16", rebuild=True))  # --rebuild: on purpose

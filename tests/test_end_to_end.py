@@ -26,9 +26,11 @@ def demo(tmp_path_factory):
 def test_demo_beats_chance_and_raw_pixels(demo, capsys):
     print(demo.line())
     assert demo.n_test == 500 and demo.n_classes == 10
-    # Measured on the 2-core dev CPU: 0.842 vs 0.752 for raw pixels (bf16 features).
+    # Measured on the same 500 photos: 0.840 (fp32 and bf16 features) vs 0.752 for raw pixels, a paired
+    # difference of 0.088 with SE 0.021 (114-120 photos where the two disagree). A margin of 0.02 sits
+    # 3.2 SE below it (0.04 was 2.3 SE); 0.3 (3x chance) is 26 SE below 0.840.
     assert demo.accuracy > 3 * (1 / demo.n_classes)
-    assert demo.accuracy >= demo.pixel_baseline + 0.04, demo.line()
+    assert demo.accuracy >= demo.pixel_baseline + 0.02, demo.line()
     with open(demo.predictions, encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 500
@@ -61,7 +63,10 @@ def test_export_round_trip_matches_head(demo):
     assert not any(errors)
     # Cached features are stored as float16; the model recomputes them: tiny differences.
     np.testing.assert_allclose(got, expected, atol=2e-2)
-    assert (got.argmax(1) == expected.argmax(1)).mean() >= 0.95
+    # Measured: max |dp| 3e-5 (fp32) / 2e-7 (bf16) and the smallest top-1/top-2 gap of the head on
+    # these 30 photos 0.69 / 0.72, so a flip needs 10^4 x the measured |dp|: every top-1 must agree
+    # (the old ">= 0.95" was a one-photo allowance with no noise behind it).
+    assert (got.argmax(1) == expected.argmax(1)).all()
 
 
 def test_tiny_chain_and_predict_errors(small_catalog, tmp_path):

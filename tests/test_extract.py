@@ -104,10 +104,11 @@ def test_identical_files_are_decoded_once(catalog, tmp_path):
     assert any("identical bytes filed under 2 labels (bag, trouser)" in r for _, r in s.skipped)
 
 
-def test_journal_rows_are_reused_and_the_journal_cleared(catalog, tmp_path):
-    """What a killed run leaves (a journal, no cache) is picked up only if its fingerprint
-    matches; the kill itself is tested with real subprocesses in test_cache.py."""
-    from pipeline.cache.store import Journal
+def test_unindexed_segments_are_adopted_and_foreign_ones_dropped(catalog, tmp_path):
+    """What a killed run leaves (finished segments, no index) is picked up only if its
+    fingerprint matches; the kill itself is tested with real subprocesses in test_cache.py."""
+    from pipeline.cache.segments import write_segment
+    from pipeline.cache.store import segment_dir
     from pipeline.models.backbones import load_backbone
 
     extract(_cfg(catalog, tmp_path / "ref.h5"))
@@ -115,18 +116,18 @@ def test_journal_rows_are_reused_and_the_journal_cleared(catalog, tmp_path):
         hashes, feats = c.content_hash, c.features(dtype=np.float16)
     fp = load_backbone("tiny").fingerprint("fp32")
     out = tmp_path / "f.h5"
-    j = Journal(out)
-    j.start(fp)
-    j.append(hashes[:12], feats[:12], [], [])
+    write_segment(out, fp, hashes[:12], feats[:12])
     s = extract(_cfg(catalog, out))
-    assert (s.extracted, s.reused) == (18, 12) and not j.exists()
-    # A journal left by another configuration is discarded, never mixed in.
+    assert (s.extracted, s.reused) == (18, 12)
+    with Cache(out) as c:
+        assert {p.name for p in segment_dir(out).glob("seg-*.h5")} == set(c.segments)
+    # Segments left by another configuration are discarded, never mixed in.
     out2 = tmp_path / "g.h5"
-    j2 = Journal(out2)
-    j2.start(dataclasses.replace(fp, precision="bf16"))
-    j2.append(hashes[:12], feats[:12], [], [])
+    write_segment(out2, dataclasses.replace(fp, precision="bf16"), hashes[:12], feats[:12])
     s = extract(_cfg(catalog, out2))
-    assert (s.extracted, s.reused) == (30, 0) and not j2.exists()
+    assert (s.extracted, s.reused) == (30, 0)
+    with Cache(out2) as c:
+        assert {p.name for p in segment_dir(out2).glob("seg-*.h5")} == set(c.segments)
 
 
 # --------------------------------------------------------------------------- --decode gpu

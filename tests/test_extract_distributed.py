@@ -1,5 +1,6 @@
 """``torchrun --nproc_per_node=2 -m pipeline extract``: two real processes on the CPU (gloo)
-give the same cache as one process, and a killed distributed run resumes from the journal."""
+give the same cache as one process (each rank writes its own segments, rank 0 the index), and
+a killed distributed run resumes from the segments the ranks finished."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 
 from pipeline.cache.inspection import verify
-from pipeline.cache.store import Cache, Journal
+from pipeline.cache.store import Cache, segment_dir
 from pipeline.config import ExtractConfig
 from pipeline.data import SAMPLE_CATALOG
 from pipeline.extract import extract
@@ -43,13 +44,17 @@ def _torchrun(images: Path, out: Path, env: dict[str, str] | None = None) -> sub
 
 
 def _same(a: Path, b: Path) -> None:
+    """The same rows (rows are in storage order, which depends on which rank wrote which)."""
     assert not verify(a) and not verify(b)
     with Cache(a) as x, Cache(b) as y:
-        assert x.content_hash == y.content_hash and x.paths == y.paths
-        assert x.labels.tolist() == y.labels.tolist() and x.class_names == y.class_names
+        rx = {h: (p, lab) for h, p, lab in zip(x.content_hash, x.paths, x.labels.tolist(), strict=True)}
+        ry = {h: (p, lab) for h, p, lab in zip(y.content_hash, y.paths, y.labels.tolist(), strict=True)}
+        assert rx == ry and len(rx) == x.n_rows == y.n_rows and x.class_names == y.class_names
         assert x.skipped == y.skipped and x.duplicates == y.duplicates
         assert x.fingerprint == y.fingerprint
-        np.testing.assert_allclose(x.features(), y.features(), rtol=0, atol=1e-3)
+        fy = dict(zip(y.content_hash, y.features(), strict=True))
+        for h, f in zip(x.content_hash, x.features(), strict=True):
+            np.testing.assert_allclose(f, fy[h], rtol=0, atol=1e-3)
 
 
 def test_two_processes_give_the_single_process_cache(catalog, tmp_path):
@@ -61,20 +66,22 @@ def test_two_processes_give_the_single_process_cache(catalog, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "rank 1/2: extracted" in r.stdout and f"{out}: 48 rows, 3 classes; extracted 49" in r.stdout
     _same(out, single)
+    with Cache(out) as c:  # both ranks wrote segments of their own
+        assert len({name.rsplit("-", 2)[1] for name in c.segments}) == 2  # seg-TIME-HOST-PID-N
 
 
 @pytest.mark.slow
-def test_killed_distributed_run_resumes_from_the_journal(catalog, tmp_path):
+def test_killed_distributed_run_resumes_from_finished_segments(catalog, tmp_path):
     single = tmp_path / "single.h5"
     extract(ExtractConfig(images=str(catalog), out=str(single), backbone="tiny", precision="fp32", progress=False))
     out = tmp_path / "dist.h5"
-    r = _torchrun(catalog, out, env={"HEADSTART_CRASH_AT": "journal-appended:1"})
+    r = _torchrun(catalog, out, env={"HEADSTART_CRASH_AT": "segment-written:1"})
     assert r.returncode != 0 and "SIGKILL" in r.stderr, r.stderr[-2000:]
-    batches = list(Journal(out).dir.glob("batch-*.npz"))
-    assert len(batches) == 2 and not out.exists()  # one finished batch from each rank
+    segments = list(segment_dir(out).glob("seg-*.h5"))
+    assert len(segments) == 2 and not out.exists()  # one finished segment from each rank
     r = _torchrun(catalog, out)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "extracted 33" in r.stdout  # 49 distinct contents - 2 x 8 rows kept from the journal
+    assert "extracted 33" in r.stdout  # 49 distinct contents - 2 x 8 rows kept from the segments
     _same(out, single)
     # Re-run: every row reused; only the broken file is tried again (a skip is not cached:
     # its reason may go away, e.g. with a higher --max-pixels).

@@ -183,6 +183,7 @@ def test_reexported_photo_is_a_near_duplicate_and_never_straddles(lite0, tmp_pat
     f = X / np.linalg.norm(X, axis=1, keepdims=True)
     others = f[y == "bag"] @ f[a]
     print(f"cosine(original, re-exported) {f[a] @ f[b]:.3f}; other bags up to {np.sort(others)[-3]:.3f}")
+    # Measured (fp32 / bf16): 0.994 / 0.992 against 0.97, other bags <= 0.664 / 0.660: precision moves it 0.002.
     assert f[a] @ f[b] > FitHeadConfig.near_duplicate_threshold
     for seed in range(4):
         s = fit_head(FitHeadConfig(cache=str(root / "train.h5"), out=str(tmp_path / f"h{seed}"), seed=seed, c=0.03))

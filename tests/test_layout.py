@@ -21,7 +21,7 @@ STAGES = {"cli", "extract", "fit_head", "finetune", "export", "predict", "evalua
 LAYERS = {
     "core": set(),
     "data": {"core"},
-    "models": {"core", "data"},
+    "models": {"core", "data", "config"},
     "cache": {"core", "data", "models"},
     "probe": {"core", "data"},
     "artifacts": {"core", "data", "models", "cache", "probe", "config"},

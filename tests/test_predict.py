@@ -78,9 +78,9 @@ def test_csv_with_top_k_unknown_and_error_rows(model, images, tmp_path, run_cli)
     bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     out = tmp_path / "p.csv"
     r = _run(run_cli, model, images / "bag", bad, "--out", out, "--top-k", "2")
-    assert "7 predictions, 1 files could not be read" in r.output
+    assert "7 predictions, 1 file could not be read" in r.output
     rows = _csv(out)
-    assert list(rows[0]) == ["path", "label", "probability", "label_2", "probability_2", "error"]
+    assert list(rows[0]) == ["path", "label", "best_guess", "probability", "label_2", "probability_2", "error"]
     good, broken = rows[:6], rows[6]
     assert all(row["label"] in CLASSES and row["error"] == "" for row in good)
     assert all(float(row["probability"]) >= float(row["probability_2"]) for row in good)
@@ -97,6 +97,7 @@ def test_csv_with_top_k_unknown_and_error_rows(model, images, tmp_path, run_cli)
     for before, after in zip(good, _csv(out2), strict=True):
         want = "unknown" if float(before["probability"]) < threshold else before["label"]
         assert after["label"] == want and after["label_2"] == before["label_2"]
+        assert after["best_guess"] == before["label"]  # the top class, whatever the threshold
 
 
 def test_missing_listed_file_becomes_a_row(model, images, tmp_path, run_cli):

@@ -9,11 +9,13 @@
   label map, chosen C and the validation curve, temperature, metrics, split facts, and the
   sha256 of the two files above;
 * ``split.json`` - which rows (by content hash) were validation, and the near-duplicate groups,
-  so fine-tuning can be compared with the linear probe on identical photos;
+  so fine-tuning can be compared with the linear probe on identical photos; and every photo the
+  final head was fitted on (``fit_content_hash``), so evaluate can say when it is shown them;
 * ``config.json`` - the configuration used.
 
 :func:`write_head` writes all of it into a staging directory beside the target and renames it
-into place, so a crash or a kill during a refit leaves the previous head whole.
+into place, so a crash or a kill during a refit leaves the previous head whole; the staging
+folders a ``kill -9`` leaves behind are removed by the next write of the same head.
 
 Everything that reads a head goes through :func:`read_head` (plain tensors, ``allow_pickle=False``)
 or :func:`load_head_estimator` (the joblib pickle). Both verify the sha256 recorded in
@@ -31,12 +33,9 @@ from __future__ import annotations
 import contextlib
 import importlib
 import json
-import os
 import shutil
 import sys
-import tempfile
 import types
-import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,7 +44,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..core.atomic import fsync_dir
+from ..core.atomic import replace_dir, stage_dir
 from ..core.hashing import sha256_file
 from ..errors import ArtifactError, InputError
 from ..models.heads import build_head
@@ -110,9 +109,7 @@ def write_head(
     if out.exists() and not (out.is_dir() and (not any(out.iterdir()) or (out / "head.json").is_file())):
         raise InputError(f"{given} exists and is not a headstart head directory; choose another --out")
     torch_kind = KINDS[kind].torch_kind
-    out.parent.mkdir(parents=True, exist_ok=True)
-    stage = out.with_name(f".{out.name}.partial-{uuid.uuid4().hex[:12]}")
-    stage.mkdir()  # not mkdtemp: the head directory gets the usual permissions, not 0700
+    stage = stage_dir(out)
     try:
         import joblib
 
@@ -129,36 +126,11 @@ def write_head(
         (stage / "head.json").write_text(json.dumps(head_json, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         if write_config is not None:
             write_config(stage / "config.json")
-        for f in stage.iterdir():
-            with f.open("rb") as fh:
-                os.fsync(fh.fileno())
-        _replace_dir(stage, out)
+        replace_dir(stage, out, owned=HEAD_FILES)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
     return given
-
-
-def _replace_dir(stage: Path, out: Path) -> None:
-    """Two renames: the old head stays whole until the new one is complete. Then the old
-    directory's other entries move over, and what is left of it is deleted."""
-    fsync_dir(stage)
-    if not out.exists():
-        os.replace(stage, out)
-        fsync_dir(out.parent)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-    os.replace(out, old)
-    try:
-        os.replace(stage, out)
-    except BaseException:
-        os.replace(old, out)
-        raise
-    fsync_dir(out.parent)
-    for entry in old.iterdir():
-        if entry.name not in HEAD_FILES:
-            os.replace(entry, out / entry.name)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- reading
@@ -215,6 +187,19 @@ def read_head(head_dir: str | Path) -> tuple[dict[str, Any], HeadSpec]:
             f"{head_dir}: head.npz has {n} outputs but head.json lists {len(meta['class_names'])} classes; {_HEAD_FIX}"
         )
     return meta, spec
+
+
+def fitted_content_hashes(head_dir: str | Path) -> frozenset[str] | None:
+    """Content hashes of every photo the head was fitted on (``split.json``: ``fit_content_hash``,
+    the final head's train + validation rows); None for a head written before it was recorded
+    or without a readable split.json."""
+    path = Path(head_dir) / "split.json"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    hashes = data.get("fit_content_hash") if isinstance(data, dict) else None
+    return frozenset(str(h) for h in hashes) if isinstance(hashes, list) else None
 
 
 def load_head_estimator(head_dir: str | Path) -> Any:

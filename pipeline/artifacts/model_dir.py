@@ -34,7 +34,6 @@ import json
 import os
 import pickle
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +43,7 @@ import torch
 
 from .. import __version__
 from ..config import save_resolved
+from ..core.atomic import replace_dir, stage_dir
 from ..core.hashing import sha256_file
 from ..data import SAMPLE_CATALOG
 from ..data.images import DecodeError, load_pixels
@@ -83,8 +83,7 @@ def write_model(
     out = Path(out)
     if out.exists() and not (out.is_dir() and (not any(out.iterdir()) or (out / "manifest.json").is_file())):
         raise InputError(f"{out} exists and is not a headstart model directory; choose another --out")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    stage = stage_dir(out)
     try:
         filename = RUNTIMES[fmt]
         extra: dict[str, Any] = {}
@@ -102,7 +101,7 @@ def write_model(
         _write_json(stage / "manifest.json", manifest)
         if config is not None:
             save_resolved(config, stage / "config.json")
-        _replace_dir(stage, out)
+        replace_dir(stage, out)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
@@ -152,17 +151,6 @@ def _metadata(src: ModelSource) -> dict[str, str]:
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-
-
-def _replace_dir(stage: Path, out: Path) -> None:
-    # Two renames: the old model stays whole until the new one is complete.
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-    os.replace(stage, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- parity

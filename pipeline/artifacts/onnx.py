@@ -30,7 +30,8 @@ def _require(module: str) -> Any:
         return __import__(module)
     except ImportError:
         raise InputError(
-            f"ONNX support needs the optional '{module}' package; install it with `pip install 'headstart[onnx]'`"
+            f"ONNX support needs the optional '{module}' package; "
+            "install it from the clone with `pip install '.[onnx]'`"
         ) from None
 
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from ..core.csvcells import safe_cell
 from ..probe.calibration import calibration_error, mean_log_loss
 from ..probe.metrics import at_threshold, classification_metrics
 
@@ -107,26 +108,59 @@ def worst_mistakes(s: Scored, n: int) -> list[dict[str, Any]]:
 # --------------------------------------------------------------------------- files
 
 
-def write_report(out: Path, s: Scored, meta: dict[str, Any], *, unknown_threshold: float | None, worst: int) -> dict:
+def write_report(
+    out: Path,
+    s: Scored,
+    meta: dict[str, Any],
+    *,
+    unknown_threshold: float | None,
+    worst: int,
+    warnings: list[str] | tuple[str, ...] = (),
+    raw_csv: bool = False,
+) -> dict:
+    """``warnings`` are shown at the top of the report and kept in ``metrics.json``; ``raw_csv``
+    turns off the formula-injection guard of ``per_class.csv`` (:mod:`pipeline.core.csvcells`)."""
     out.mkdir(parents=True, exist_ok=True)
     metrics = compute_metrics(s, unknown_threshold)
     mistakes = worst_mistakes(s, worst)
     metrics["worst_mistakes"] = mistakes
+    metrics["warnings"] = list(warnings)
     metrics["meta"] = meta
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    _per_class_csv(out / "per_class.csv", metrics)
+    _per_class_csv(out / "per_class.csv", metrics, raw_csv)
     figures = _figures(out, s, metrics)
     thumbs = _thumbnails(out / "thumbs", s, mistakes)
     (out / "report.html").write_text(_html(metrics, figures, mistakes, thumbs, meta), encoding="utf-8")
     return metrics
 
 
-def _per_class_csv(path: Path, m: dict[str, Any]) -> None:
+def _per_class_csv(path: Path, m: dict[str, Any], raw: bool) -> None:
     with open(path, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
         w.writerow(["class", "precision", "recall", "f1", "support"])
         for name, r in m["per_class"].items():
-            w.writerow([name, f"{r['precision']:.4f}", f"{r['recall']:.4f}", f"{r['f1']:.4f}", r["support"]])
+            cells = [f"{r['precision']:.4f}", f"{r['recall']:.4f}", f"{r['f1']:.4f}", r["support"]]
+            w.writerow([safe_cell(name, raw), *cells])
+
+
+def _plot_fonts_cover(names: list[str]) -> bool:
+    """Whether the plot fonts matplotlib finds have a glyph for every character of ``names``
+    (a Chinese name on a machine without a CJK font would render as boxes, with warnings)."""
+    chars = {c for n in names for c in n if not c.isspace() and ord(c) >= 128}
+    if not chars:
+        return True
+    import matplotlib.pyplot as plt
+    from matplotlib import font_manager
+    from matplotlib.ft2font import FT2Font
+
+    fonts = []
+    for family in plt.rcParams["font.sans-serif"]:
+        try:
+            path = font_manager.findfont(font_manager.FontProperties(family=family), fallback_to_default=False)
+        except ValueError:
+            continue
+        fonts.append(FT2Font(path))
+    return all(any(f.get_char_index(ord(c)) for f in fonts) for c in chars)
 
 
 def _figures(out: Path, s: Scored, m: dict[str, Any]) -> dict[str, str]:
@@ -135,16 +169,18 @@ def _figures(out: Path, s: Scored, m: dict[str, Any]) -> dict[str, str]:
     matplotlib.use("Agg")  # files only, never a window (and no display on servers)
     import matplotlib.pyplot as plt
 
-    # CJK category names (口红) render if the machine has a CJK font; DejaVu is the fallback.
+    # CJK category names (口红) are drawn if the machine has a CJK font; otherwise the axes are
+    # numbered and the HTML report's key (always there) names each number.
     plt.rcParams["font.sans-serif"] = ["Noto Sans CJK SC", "WenQuanYi Zen Hei", "DejaVu Sans"]
     k = len(s.class_names)
+    ticks = s.class_names if _plot_fonts_cover(s.class_names) else [str(i + 1) for i in range(k)]
     cm = np.asarray(m["confusion"], float)
     norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
     size = min(4 + 0.45 * k, 24)
     fig, ax = plt.subplots(figsize=(size, size * 0.85))
     im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
-    ax.set_xticks(range(k), s.class_names, rotation=60, ha="right")
-    ax.set_yticks(range(k), s.class_names)
+    ax.set_xticks(range(k), ticks, rotation=60, ha="right")
+    ax.set_yticks(range(k), ticks)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     if k <= 30:
@@ -232,6 +268,13 @@ def _html(m: dict[str, Any], figs: dict[str, str], mistakes: list[dict], thumbs:
         else ""
     )
     facts = "".join(f"<li>{e(str(k))}: {e(str(v))}</li>" for k, v in meta.items() if not isinstance(v, (dict, list)))
+    warnings = "".join(f'<p class="warning"><b>Warning:</b> {e(w)}</p>' for w in m.get("warnings", []))
+    if m.get("classes_without_photos"):
+        absent = ", ".join(m["classes_without_photos"])
+        warnings += (
+            f"<p>Macro-F1 averages the {m['macro_f1_classes']} classes with photos; no photos of: {e(absent)}.</p>"
+        )
+    key = "".join(f"<tr><td>{i + 1}</td><td>{e(n)}</td></tr>" for i, n in enumerate(m["per_class"]))
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>headstart evaluation report</title>
 <style>
@@ -241,11 +284,12 @@ td:first-child {{ text-align: left; }} img.plot {{ max-width: 100%; }}
 .mistakes {{ display: flex; flex-wrap: wrap; gap: 12px; }}
 .mistake {{ width: 180px; margin: 0; font-size: 12px; }}
 .mistake img {{ width: {THUMB}px; image-rendering: pixelated; }}
-code {{ word-break: break-all; }}
+code {{ word-break: break-all; }} .warning {{ color: #a40; }}
 </style></head><body>
 <h1>Evaluation report</h1>
 <p><b>accuracy {m["accuracy"]:.3f}</b>, macro-F1 {m["macro_f1"]:.3f}, log-loss {m["log_loss"]:.3f},
 ECE {m["ece"]:.3f} on {m["n"]} photos, {len(m["per_class"])} classes.</p>
+{warnings}
 {unknown}
 <ul>{facts}</ul>
 <h2>Per class</h2>
@@ -255,6 +299,7 @@ ECE {m["ece"]:.3f} on {m["n"]} photos, {len(m["per_class"])} classes.</p>
 </tbody></table>
 <h2>Confusion matrix</h2>
 <img class="plot" id="confusion" src="{e(figs["confusion"])}" alt="confusion matrix">
+<table id="confusion-key"><thead><tr><th>#</th><th>class (axis order)</th></tr></thead><tbody>{key}</tbody></table>
 <h2>Calibration and coverage</h2>
 <img class="plot" id="reliability" src="{e(figs["reliability"])}" alt="reliability and coverage plots">
 <h2>Worst mistakes ({len(mistakes)}, most confident first)</h2>

@@ -1,4 +1,4 @@
-"""The HDF5 feature cache: schema, writer, journal, lock, reader (``store``) and its
+"""The HDF5 feature cache: schema, segments, index writer, lock, reader (``store``) and its
 inspection (``inspection``: ``cache info`` / ``cache verify``). No torch at import time."""
 
 from .store import Cache

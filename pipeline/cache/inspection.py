@@ -1,7 +1,7 @@
 """``headstart cache info`` and ``headstart cache verify``: read-only inspection of a cache.
 
-Kept apart from ``cache.py`` (schema, writer, journal, reader) so that module stays about
-what is stored and how it is written safely.
+Kept apart from ``store.py`` (schema, segments, index writer, reader) so that module stays
+about what is stored and how it is written safely.
 """
 
 from __future__ import annotations
@@ -10,11 +10,13 @@ import os
 from pathlib import Path
 from typing import Any
 
+import h5py
 import numpy as np
 
 from ..errors import CacheError
 from ..models.fingerprint import KEYS as FINGERPRINT_KEYS
-from .store import Cache, Journal
+from .segments import read_segment_info, unindexed_segments
+from .store import Cache, segment_dir
 
 
 def info(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -40,10 +42,12 @@ def info(path: str | os.PathLike[str]) -> dict[str, Any]:
             "image_root": a.get("image_root"),
             "created": a.get("created"),
             "updated": a.get("updated"),
-            "size_bytes": path.stat().st_size,
+            "size_bytes": path.stat().st_size + sum((segment_dir(path) / s).stat().st_size for s in c.segments),
+            "segments": len(c.segments),
+            "dead_rows": sum(c.segment_rows.values()) - c.n_rows if c.segments else 0,
         }
-    journal = Journal(path)
-    out["journal_rows"] = journal.n_rows() if journal.exists() else 0
+        indexed = set(c.segments)
+    out["unindexed_rows"] = sum(s.n_rows for s in unindexed_segments(path, indexed))
     return out
 
 
@@ -51,7 +55,7 @@ def format_info(d: dict[str, Any]) -> str:
     fp = d["fingerprint"]
     lines = [
         f"{d['path']}: schema v{d['schema_version']}, {d['rows']} rows x {d['feature_dim']} ({d['dtype']}), "
-        f"{d['size_bytes'] / 1e6:.1f} MB",
+        f"{d['size_bytes'] / 1e6:.1f} MB in the index and {d['segments']} segment(s)",
         f"backbone      {fp['backbone']} ({fp['weights']})",
         f"weights sha256 {fp['weights_sha256']}",
         f"precision     {fp['precision']}",
@@ -63,23 +67,29 @@ def format_info(d: dict[str, Any]) -> str:
     lines += [f"  {n}: {k}" for n, k in d["rows_per_class"].items()]
     lines.append(f"skipped       {len(d['skipped'])}")
     lines += [f"  {s['path']}: {s['reason']}" for s in d["skipped"]]
-    if d["journal_rows"]:
+    if d["dead_rows"]:
+        lines.append(f"dead rows     {d['dead_rows']} (of deleted photos, still in segments)")
+    if d["unindexed_rows"]:
         lines.append(
-            f"journal       {d['journal_rows']} rows from an unfinished extraction; "
-            "re-run the same `headstart extract` to merge them"
+            f"unindexed     {d['unindexed_rows']} rows in segments of an unfinished extraction; "
+            "re-run the same `headstart extract` to adopt them"
         )
     return "\n".join(lines)
 
 
 def verify(path: str | os.PathLike[str]) -> list[str]:
-    """Integrity problems of a cache (empty list = sound). Reads every byte of every dataset,
-    so a damaged chunk shows up here rather than in the middle of a fit."""
+    """Integrity problems of a cache (empty list = sound). Reads every byte of every dataset
+    and every segment (whose Fletcher-32 checksums are checked on read), so a damaged chunk
+    shows up here rather than in the middle of a fit; checks that the index points at
+    existing segments holding the rows it says."""
     problems: list[str] = []
     with Cache(path) as c:
+        if c.schema_version >= 2:
+            problems += _verify_segments(c)
         try:
             contents = c.read_all()
-        except (OSError, KeyError, ValueError) as e:
-            return [f"cannot read every dataset: {e}"]
+        except (OSError, KeyError, ValueError, CacheError) as e:
+            return [*problems, f"cannot read every dataset: {e}"]
         a = contents.attrs
         n, d = contents.features.shape if contents.features.ndim == 2 else (-1, -1)
         if contents.features.ndim != 2:
@@ -122,6 +132,40 @@ def verify(path: str | os.PathLike[str]) -> list[str]:
         for k in FINGERPRINT_KEYS:
             if k not in a:
                 problems.append(f"fingerprint attribute {k!r} is missing")
+    return problems
+
+
+def _verify_segments(c: Cache) -> list[str]:
+    problems: list[str] = []
+    folder = segment_dir(c.path)
+    rows = c.segment_rows
+    infos = {}
+    for name, n in rows.items():
+        p = folder / name
+        try:
+            infos[name] = read_segment_info(p)
+            with h5py.File(p, "r") as f:
+                for start in range(0, n, 65536):
+                    f["features"][start : start + 65536]  # decoding checks each chunk's checksum
+        except (OSError, KeyError, ValueError) as e:
+            problems.append(f"segment {name} is damaged: {e}")
+            continue
+        if infos[name].n_rows != n:
+            problems.append(f"segment {name} has {infos[name].n_rows} rows but the index says {n}")
+    try:
+        locations = c.locations
+    except (OSError, KeyError, IndexError) as e:
+        return [*problems, f"cannot read /location: {e}"]
+    hashes = c.content_hash
+    wrong = 0
+    for h, (name, r) in zip(hashes, locations, strict=False):
+        info = infos.get(name)
+        if info is not None and (r >= len(info.content_hash) or info.content_hash[r] != h):
+            wrong += 1
+    if wrong:
+        problems.append(f"{wrong} row(s) of the index point at a segment row with another content hash")
+    if len(locations) != len(hashes):
+        problems.append(f"/location has {len(locations)} entries but /content_hash has {len(hashes)}")
     return problems
 
 

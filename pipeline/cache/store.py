@@ -1,17 +1,30 @@
-"""The HDF5 feature cache: schema, atomic writer, crash journal, lock, reader. No torch here.
+"""The HDF5 feature cache: schema, segments, atomic index writer, lock, reader. No torch here.
 
-Why a journal instead of appending to the HDF5 file in place: HDF5 is not crash-safe. A
-process killed (SIGKILL, OOM, power) while h5py is writing can leave the file's metadata
-half-flushed and the whole file unreadable - every row lost, not just the last batch. So the
-committed cache is only ever *replaced*, atomically (write ``.tmp``, fsync, ``os.replace``), and
-rows extracted since the last commit live in ``CACHE.h5.journal/``: small ``.npz`` batch files,
-each itself written atomically. A kill at any moment leaves the old cache intact plus whole
-batches; the next run picks both up and extracts only what is missing.
+Layout (schema v2). ``CACHE.h5`` is a small *index*; the feature rows live in immutable
+*segment* files beside it, in ``CACHE.h5.segments/``::
 
-Schema v1 (dataset names are a public contract; other tools read them):
+    features.h5                     the index (what users and other tools open)
+    features.h5.segments/seg-*.h5   feature rows, each file written once and never changed
+    features.h5.lock                the writer lock
+
+The index's ``/features`` is an HDF5 *virtual dataset* that maps ranges of the segments'
+``/features``, with source paths relative to the index's folder, so plain h5py reads it as one
+``[N, D]`` dataset from any working directory and after the folder is moved or copied.
+
+Why segments instead of appending to one file: HDF5 is not crash-safe (a process killed while
+h5py writes can leave the file's metadata half-flushed and the whole file unreadable), and
+rewriting one file per commit costs the whole catalog. A segment is written to a temporary
+name, fsynced and renamed into place: from that moment it is durable. The index is replaced the
+same way. A run killed before its index was written leaves finished segments that are not in
+the index; the next run (same fingerprint, under the lock) adopts their rows instead of
+extracting them again. So a kill at any instant leaves the old index intact plus whole
+segments. Segments are written with HDF5's Fletcher-32 chunk filter: a flipped byte is an error
+on read, not a plausible number.
+
+Index datasets (names are a public contract; other tools read them):
 
 =====================  ================================================================
-``/features``          float16 or float32 ``[N, D]``, chunked by rows
+``/features``          float16 or float32 ``[N, D]``: virtual, mapped onto the segments
 ``/content_hash``      ``S32`` ``[N]``: blake2b-128 hex of the file's bytes - the row key
 ``/paths``             UTF-8 ``[N]``: one path (relative to the image root) per row
 ``/labels``            int32 ``[N]``: index into ``/class_names``, -1 = unlabelled
@@ -20,23 +33,28 @@ Schema v1 (dataset names are a public contract; other tools read them):
 ``/duplicates/content_hash``  ... and that row's key (identical files are extracted once)
 ``/skipped/path``      UTF-8: files that could not be used ...
 ``/skipped/reason``    ... and why
+``/segments/name``     UTF-8 ``[S]``: segment files (in ``CACHE.h5.segments/``) the rows use
+``/segments/rows``     int64 ``[S]``: rows in each segment file (live or not)
+``/location/segment``  int32 ``[N]``: each row's segment (index into ``/segments/name``) ...
+``/location/row``      int64 ``[N]``: ... and its row in that segment
+``/stat/*``            the stat cache: ``path`` (relative), ``size``, ``mtime_ns``, ``inode``,
+                       ``device``, ``content_hash`` of every file hashed by the last run
 attrs                  fingerprint (backbone, weights, weights_sha256, preprocessing JSON,
                        precision, feature_dim), dtype, n_rows, schema_version, versions,
                        created/updated, image_root, config JSON
 =====================  ================================================================
+
+A segment file holds ``/features`` (chunked, Fletcher-32), ``/content_hash``,
+``/skipped/content_hash`` + ``/skipped/reason`` (content that gave no row) and the fingerprint
+attributes. Schema v1 (one file holding ``/features`` itself, release 0.1.0) is read as is and
+converted by :func:`migrate_v1` on the next extract.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
-import json
 import os
-import shutil
-import signal
-import socket
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,31 +63,11 @@ from typing import Any
 import h5py
 import numpy as np
 
-from ..core.atomic import atomic_file, fsync_dir
 from ..errors import BackboneError, CacheError
 from ..models.fingerprint import Fingerprint
+from .h5io import SCHEMA_VERSION, StatTable, _decode, crash_point, segment_dir
 
-SCHEMA_VERSION = 1
-_STR = h5py.string_dtype("utf-8")
-
-
-def crash_point(name: str) -> None:
-    """Fault injection for the crash tests: ``HEADSTART_CRASH_AT=name[:n]`` makes the process
-    SIGKILL itself the n-th time (default 1st) it reaches ``name``. A real kill -9 at a chosen
-    instant, which a timer from outside cannot hit reliably (e.g. between writing the new cache
-    and removing the journal). Costs one dict lookup when unset."""
-    spec = os.environ.get("HEADSTART_CRASH_AT")
-    if not spec:
-        return
-    want, _, nth = spec.partition(":")
-    if want != name:
-        return
-    _CRASH_COUNTS[name] = _CRASH_COUNTS.get(name, 0) + 1
-    if _CRASH_COUNTS[name] >= int(nth or 1):
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-_CRASH_COUNTS: dict[str, int] = {}
+__all__ = ["SCHEMA_VERSION", "Cache", "CacheContents", "crash_point", "segment_dir", "writer_lock"]
 
 
 # --------------------------------------------------------------------------- lock
@@ -98,100 +96,12 @@ def writer_lock(cache_path: Path) -> Iterator[None]:
         os.close(fd)
 
 
-# --------------------------------------------------------------------------- journal
-
-
-class Journal:
-    """Rows extracted but not yet merged into the cache: ``CACHE.h5.journal/batch-*.npz``."""
-
-    def __init__(self, cache_path: Path) -> None:
-        self.dir = cache_path.with_name(cache_path.name + ".journal")
-
-    def exists(self) -> bool:
-        return self.dir.is_dir()
-
-    def fingerprint(self) -> Fingerprint | None:
-        p = self.dir / "fingerprint.json"
-        if not p.is_file():
-            return None
-        return Fingerprint.from_record(json.loads(p.read_text()), source=str(p))
-
-    def start(self, fingerprint: Fingerprint) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        if not (self.dir / "fingerprint.json").is_file():
-            with atomic_file(self.dir / "fingerprint.json") as f:
-                f.write(json.dumps(fingerprint.to_record()).encode())
-
-    def append(
-        self,
-        hashes: list[str],
-        features: np.ndarray,
-        skipped_hashes: list[str],
-        skipped_reasons: list[str],
-    ) -> None:
-        seq = len(list(self.dir.glob("batch-*.npz")))
-        # Host and pid keep names unique when torchrun ranks on several machines share the journal.
-        name = self.dir / f"batch-{seq:07d}-{socket.gethostname()}-{os.getpid()}-{time.monotonic_ns()}.npz"
-        tmp = name.with_suffix(".tmp")
-        try:
-            with open(tmp, "wb") as f:
-                np.savez(
-                    f,
-                    content_hash=np.array(hashes, dtype=f"S{32}"),
-                    features=features,
-                    skipped_hash=np.array(skipped_hashes, dtype="S32"),
-                    skipped_reason=np.array(skipped_reasons, dtype=np.str_),
-                )
-                f.flush()
-                os.fsync(f.fileno())
-            crash_point("journal-before-rename")
-            os.replace(tmp, name)
-        except OSError as e:
-            tmp.unlink(missing_ok=True)
-            raise _disk_error(e, name) from None
-        crash_point("journal-appended")
-
-    def load(self) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-        """hash -> feature row, and hash -> skip reason, over every complete batch."""
-        rows: dict[str, np.ndarray] = {}
-        skips: dict[str, str] = {}
-        for p in sorted(self.dir.glob("batch-*.npz")):
-            try:
-                with np.load(p, allow_pickle=False) as z:
-                    for h, row in zip(z["content_hash"], z["features"], strict=True):
-                        rows[h.decode()] = row
-                    for h, r in zip(z["skipped_hash"], z["skipped_reason"], strict=True):
-                        skips[h.decode()] = str(r)
-            except (OSError, ValueError, KeyError):
-                continue  # a batch cut off by a crash before its rename cannot exist; be lenient
-        return rows, skips
-
-    def n_rows(self) -> int:
-        """Rows waiting in complete batches (for ``cache info``)."""
-        rows, _ = self.load() if self.exists() else ({}, {})
-        return len(rows)
-
-    def clear(self) -> None:
-        if self.dir.is_dir():
-            for p in self.dir.iterdir():
-                p.unlink(missing_ok=True)
-                crash_point("journal-clearing")
-            self.dir.rmdir()
-
-
-def remove_stale_temporaries(cache_path: Path) -> None:
-    """Delete ``.CACHE.h5.tmp-PID`` files left by a writer killed mid-write. Call it only
-    while holding :func:`writer_lock`: then no live writer can own one."""
-    for p in cache_path.parent.glob(f".{cache_path.name}.tmp-*"):
-        p.unlink(missing_ok=True)
-
-
-# --------------------------------------------------------------------------- data & writer
+# --------------------------------------------------------------------------- reader
 
 
 @dataclass
 class CacheContents:
-    """Everything a cache file holds, in memory. The writer's input, the reader's full output."""
+    """Everything a cache holds, in memory (the reader's full output)."""
 
     features: np.ndarray
     content_hash: list[str]
@@ -203,105 +113,8 @@ class CacheContents:
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
 
 
-# Caches up to this size are built in memory and written with plain file I/O. Why: when the
-# disk fills (or a quota or file-size limit hits) while the HDF5 library itself is writing, h5py
-# leaves objects it cannot close, prints tracebacks from their destructors and can crash the
-# interpreter at exit (seen here: SIGSEGV after EFBIG). Plain writes fail with one clean OSError.
-# The price is one extra copy of the file in memory, so larger caches are written by HDF5
-# directly after checking the free space.
-IN_MEMORY_WRITE_LIMIT = 1 << 30
-_WRITE_CHUNK = 64 << 20
-
-
-def write_cache(path: Path, c: CacheContents) -> None:
-    """Write a complete cache atomically: readers see the old file or the new one, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        if c.features.nbytes <= IN_MEMORY_WRITE_LIMIT:
-            with h5py.File(tmp, "w", driver="core", backing_store=False) as f:
-                _fill(f, c)
-                f.flush()
-                image = memoryview(f.id.get_file_image())
-            with open(tmp, "wb") as fh:
-                half = len(image) // 2
-                fh.write(image[:half])
-                crash_point("cache-writing")  # a half-written temporary file, never the cache itself
-                for start in range(half, len(image), _WRITE_CHUNK):
-                    fh.write(image[start : start + _WRITE_CHUNK])
-                fh.flush()
-                os.fsync(fh.fileno())
-            del image
-        else:
-            _check_free_space(path, int(c.features.nbytes * 1.05) + (1 << 20))
-            with h5py.File(tmp, "w") as f:
-                _fill(f, c)
-            with open(tmp, "rb") as fh:
-                os.fsync(fh.fileno())
-        crash_point("cache-before-replace")
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
-        crash_point("cache-replaced")
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise _disk_error(e, path) from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _fill(f: h5py.File, c: CacheContents) -> None:
-    n, d = c.features.shape if c.features.ndim == 2 else (0, int(c.attrs.get("feature_dim", 0)))
-    f.create_dataset(
-        "features",
-        data=c.features.reshape(n, d),
-        chunks=(max(1, min(n, 1024)), d) if n and d else None,
-        maxshape=(None, d),
-    )
-    f.create_dataset("content_hash", data=np.array(c.content_hash, dtype="S32"))
-    f.create_dataset("paths", data=np.array(c.paths, dtype=object), dtype=_STR)
-    f.create_dataset("labels", data=np.asarray(c.labels, dtype=np.int32))
-    f.create_dataset("class_names", data=np.array(c.class_names, dtype=object), dtype=_STR)
-    g = f.create_group("duplicates")
-    g.create_dataset("path", data=np.array([p for p, _ in c.duplicates], dtype=object), dtype=_STR)
-    g.create_dataset("content_hash", data=np.array([h for _, h in c.duplicates], dtype="S32"))
-    g = f.create_group("skipped")
-    g.create_dataset("path", data=np.array([p for p, _ in c.skipped], dtype=object), dtype=_STR)
-    g.create_dataset("reason", data=np.array([r for _, r in c.skipped], dtype=object), dtype=_STR)
-    attrs = dict(c.attrs)
-    attrs.update(schema_version=SCHEMA_VERSION, n_rows=n, feature_dim=d, dtype=str(c.features.dtype))
-    for k, v in attrs.items():
-        f.attrs[k] = v if isinstance(v, (int, float, np.integer, np.floating)) else str(v)
-
-
-def _check_free_space(path: Path, need: int) -> None:
-    free = shutil.disk_usage(path.parent).free
-    if free < need:
-        raise OSError(errno.ENOSPC, f"{need / 1e9:.2f} GB needed, {free / 1e9:.2f} GB free")
-
-
-def _disk_error(e: OSError, target: Path) -> CacheError:
-    full = e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT) or any(
-        s in str(e).lower() for s in ("no space", "file too large", "quota", "write failed")
-    )
-    if full:
-        return CacheError(
-            f"disk full while writing {target}: {e}. Every row committed before is kept "
-            "(the cache file is untouched and finished batches stay in its .journal folder); "
-            "free some space and re-run the same command to finish"
-        )
-    return CacheError(f"cannot write {target}: {e}")
-
-
-# --------------------------------------------------------------------------- reader
-
-
-def _decode(arr: Any) -> list[str]:
-    return [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in arr[()]]
-
-
 class Cache:
-    """Read-only view of a cache file. Use as a context manager, or call :meth:`close`."""
+    """Read-only view of a cache (schema v1 or v2). Use as a context manager, or call :meth:`close`."""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
@@ -321,6 +134,19 @@ class Cache:
                 f"{self.path} uses cache schema v{version}, newer than this headstart (v{SCHEMA_VERSION}); "
                 "upgrade headstart"
             )
+        self.schema_version = version
+        if version >= 2:
+            # A virtual dataset reads a missing source file as zeros, silently: check first.
+            folder = segment_dir(self.path)
+            missing = [s for s in self.segments if not (folder / s).is_file()]
+            if missing:
+                self._f.close()
+                raise CacheError(
+                    f"{self.path} names {len(missing)} segment file(s) missing from {folder}/, e.g. {missing[0]}; "
+                    f"copy or move the whole folder ({self.path.name} and {folder.name}/ together), "
+                    "or extract again with --rebuild"
+                )
+        self._ds = self._f["features"]  # held: a virtual dataset opens its sources once
 
     def __enter__(self) -> Cache:
         return self
@@ -346,11 +172,15 @@ class Cache:
 
     @property
     def n_rows(self) -> int:
-        return int(self._f["features"].shape[0])
+        return int(self._ds.shape[0])
 
     @property
     def feature_dim(self) -> int:
-        return int(self._f["features"].shape[1])
+        return int(self._ds.shape[1])
+
+    @property
+    def dtype(self) -> str:
+        return str(self._ds.dtype)
 
     @property
     def class_names(self) -> list[str]:
@@ -378,26 +208,66 @@ class Cache:
         g = self._f["duplicates"]
         return list(zip(_decode(g["path"]), [h.decode() for h in g["content_hash"][()]], strict=True))
 
+    @property
+    def segments(self) -> list[str]:
+        """Segment file names (schema v2; empty for v1, whose rows are in the file itself)."""
+        return _decode(self._f["segments/name"]) if "segments" in self._f else []
+
+    @property
+    def segment_rows(self) -> dict[str, int]:
+        if "segments" not in self._f:
+            return {}
+        return dict(zip(self.segments, self._f["segments/rows"][()].tolist(), strict=True))
+
+    @property
+    def locations(self) -> list[tuple[str, int]]:
+        """Per row: (segment name, row in it). Schema v2 only."""
+        names = self.segments
+        seg = self._f["location/segment"][()].tolist()
+        row = self._f["location/row"][()].tolist()
+        return [(names[s], r) for s, r in zip(seg, row, strict=True)]
+
+    def stat_table(self) -> StatTable:
+        if "stat" not in self._f:
+            return StatTable()
+        g = self._f["stat"]
+        return StatTable(
+            path=_decode(g["path"]),
+            size=g["size"][()].tolist(),
+            mtime_ns=g["mtime_ns"][()].tolist(),
+            inode=g["inode"][()].tolist(),
+            device=g["device"][()].tolist(),
+            content_hash=[h.decode() for h in g["content_hash"][()]],
+        )
+
+    def _read(self, sel: Any) -> np.ndarray:
+        try:
+            return np.asarray(self._ds[sel])
+        except OSError as e:
+            raise CacheError(
+                f"cannot read the features of {self.path} ({e}): a segment is damaged (its checksum "
+                f"does not match); run `headstart cache verify {self.path}`, then extract again with --rebuild"
+            ) from None
+
     def features(self, rows: np.ndarray | None = None, dtype: Any = np.float32) -> np.ndarray:
         """Features as ``dtype``. ``rows`` (any order) selects rows; read in row chunks so a
         cache larger than memory can be consumed piecewise by the caller."""
-        ds = self._f["features"]
         if rows is None:
-            return np.asarray(ds[()], dtype=dtype)
+            return np.asarray(self._read(()), dtype=dtype)
         rows = np.asarray(rows, dtype=np.int64)
         order = np.argsort(rows)
-        out = np.empty((len(rows), ds.shape[1]), dtype=dtype)
-        out[order] = ds[rows[order]] if len(rows) else out[order]
+        out = np.empty((len(rows), self.feature_dim), dtype=dtype)
+        if len(rows):
+            out[order] = self._read(rows[order])
         return out
 
     def iter_features(self, chunk_rows: int = 65536, dtype: Any = np.float32) -> Iterator[tuple[int, np.ndarray]]:
-        ds = self._f["features"]
-        for start in range(0, ds.shape[0], chunk_rows):
-            yield start, np.asarray(ds[start : start + chunk_rows], dtype=dtype)
+        for start in range(0, self.n_rows, chunk_rows):
+            yield start, np.asarray(self._read(slice(start, start + chunk_rows)), dtype=dtype)
 
     def read_all(self) -> CacheContents:
         return CacheContents(
-            features=np.asarray(self._f["features"][()]),
+            features=self._read(()),
             content_hash=self.content_hash,
             paths=self.paths,
             labels=self.labels,

@@ -9,10 +9,11 @@ Extraction (``from_env``):
 Under ``torchrun --nproc_per_node=N -m pipeline extract ...`` every rank discovers the same
 files, hashes a 1/N slice of them and gathers the rest, then runs the backbone only on the new
 content whose hash falls in its shard (``int(hash[:8], 16) % N == rank``: deterministic, so a
-re-run or a grown folder shards the same way). Every rank commits its rows to the cache's
-shared journal (``CACHE.h5.journal/``, on a filesystem all nodes see); rank 0 holds the writer
-lock, waits for the others and writes the one cache. A rank that dies loses at most its last
-uncommitted batch: the re-run finds every other rank's finished work in the journal.
+re-run or a grown folder shards the same way). Every rank writes its rows as its own segment
+files straight into the cache's folder (``CACHE.h5.segments/``, on a filesystem all nodes
+see); rank 0 holds the writer lock, waits for the others and writes only the index, so no
+feature bytes pass through it. A rank that dies loses at most its unfinished segment: the
+re-run adopts every rank's finished segments.
 
 The control traffic is small Python objects, so it always goes over a gloo process group, also
 on GPU machines (NCCL would need them as CUDA tensors).
@@ -36,8 +37,8 @@ from ..errors import HeadstartError
 
 T = TypeVar("T")
 
-# Rank 0 may spend a long time merging and writing a large cache while the others wait at the
-# last barrier; gloo's default 30-minute timeout would kill a healthy job.
+# Ranks may wait a long time at a barrier while another finishes a large share; gloo's default
+# 30-minute timeout would kill a healthy job.
 TIMEOUT = _dt.timedelta(seconds=float(os.environ.get("HEADSTART_DIST_TIMEOUT_S", str(12 * 3600))))
 
 

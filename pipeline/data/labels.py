@@ -19,7 +19,8 @@ A label map is a small TOML file (``fit-head --classes classes.toml``)::
     "粉底" = "foundation"
 
 Every labelled category in the cache must be accounted for (a class, a rename source or
-dropped): a new folder that nobody mentioned is an error, not a silent new class id. The head's
+dropped): a new folder that nobody mentioned is an error, not a silent new class id; so is a
+``drop`` entry that names no category of the photos (a typo would drop nothing). The head's
 outputs are the classes that have photos, in id order; ``head.json`` records the class ids and
 the whole map (text and sha256), and ``evaluate`` reads it from there.
 
@@ -29,6 +30,7 @@ ids are their positions - the behaviour before label maps existed.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import tomllib
 from dataclasses import dataclass, field
@@ -152,6 +154,15 @@ def apply_label_map(label_map: LabelMap | None, category_names: list[str], label
         for new, old in enumerate(present):
             lut[old] = new
         return Mapped(lut[labels], names, list(range(len(names))), [])
+    unknown = sorted(label_map.drop - set(category_names))
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], category_names, n=1)
+        raise InputError(
+            f"label map {label_map.source}: drop lists {', '.join(map(repr, unknown))}, which "
+            f"{'is not a category' if len(unknown) == 1 else 'are not categories'} of these photos"
+            + (f" (did you mean {close[0]!r}?)" if close else "")
+            + f"; the categories are: {', '.join(category_names[:20])}{', ...' if len(category_names) > 20 else ''}"
+        )
     targets = {i: label_map.target(category_names[i]) for i in present}
     used = {t for t in targets.values() if t is not None}
     names = sorted(used, key=lambda n: label_map.classes[n])

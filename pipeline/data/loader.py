@@ -12,9 +12,8 @@ decodes the whole batch with nvjpeg and resizes on the GPU (see ``gpu_decode.py`
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
 
 import numpy as np
 import torch
@@ -143,26 +142,17 @@ def make_loader(
     )
 
 
-class Embedder(Protocol):
-    """What :func:`embed_batches` runs: a ``models.network.FeatureNet`` (data/ stays below
-    models/, so it names the one method it needs instead of importing the class)."""
-
-    def for_inference(self) -> torch.nn.Module: ...
-
-
 @torch.inference_mode()
 def embed_batches(
-    net: Embedder,
+    embed: Callable[[torch.Tensor], np.ndarray],
     loader: DataLoader[Batch],
     *,
     device: torch.device,
-    precision: str,
 ) -> Iterator[tuple[Batch, np.ndarray]]:
-    """Yield each batch with float32 features ``(n_ok, D)`` for its decodable items."""
-    channels_last = runtime.CHANNELS_LAST
-    frozen = net.for_inference().to(device)
-    if channels_last:
-        frozen = frozen.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    """Yield each batch with float32 features ``(n_ok, D)`` for its decodable items.
+
+    ``embed`` maps uint8 pixels on ``device`` to features: a ``models.engine`` embedder (the
+    engine, precision and memory format are chosen there; data/ stays below models/)."""
     dataset = loader.dataset
     for batch in loader:
         if batch.raw:
@@ -173,8 +163,4 @@ def embed_batches(
         if x.numel() == 0:
             yield batch, np.zeros((0, 0), dtype=np.float32)
             continue
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with runtime.autocast(device, precision):
-            feats = frozen(x)
-        yield batch, feats.float().cpu().numpy()
+        yield batch, embed(x)

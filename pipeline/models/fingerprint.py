@@ -8,7 +8,7 @@ model manifest as its ``backbone`` / ``preprocessing`` / ``precision`` entries. 
 are those of release 0.1.0 and stay readable.
 
 This module imports no torch: the cache layer reads fingerprints too. ``load_backbone`` and
-``inference_precision`` import the torch side when called.
+``inference_choice`` import the torch side when called.
 """
 
 from __future__ import annotations
@@ -95,7 +95,13 @@ class Fingerprint:
     def diff(self, other: Fingerprint, *, mine: str = "cache has", theirs: str = "this run uses") -> list[str]:
         """Human-readable differences (empty when the two are the same)."""
         a, b = self.to_record(), other.to_record()
-        return [f"{k}: {mine} {a[k]}, {theirs} {b[k]}" for k in KEYS if a[k] != b[k]]
+        out = [f"{k}: {mine} {a[k]}, {theirs} {b[k]}" for k in KEYS if a[k] != b[k] and k != "preprocessing"]
+        pa, pb = self.preprocessing.to_dict(), other.preprocessing.to_dict()
+        changed = [k for k in pa if pa[k] != pb.get(k)]
+        if changed:  # only the switches that differ: the whole JSON twice made a 900-character line
+            show = lambda d: json.dumps({k: d.get(k) for k in changed})  # noqa: E731
+            out.append(f"preprocessing: {mine} {show(pa)}, {theirs} {show(pb)}")
+        return out
 
     def same_function(self, other: Fingerprint) -> bool:
         """Same backbone, weights and preprocessing: the features are comparable, whatever the
@@ -111,12 +117,12 @@ class Fingerprint:
 
     # ------------------------------------------------------------------ rebuilding the network
 
-    def inference_precision(self, device: torch.device) -> str:
-        """The precision to compute more of these features in: fp32 if they were fp32 (bf16
-        would move them off the recorded ones), else what is fast on this machine."""
-        from ..core import runtime
+    def inference_choice(self, device: torch.device, engine: str = "auto") -> tuple[str, str]:
+        """(engine, precision) to compute more of these features with: fp32 if they were fp32
+        (bf16 would move them off the recorded ones), else what is fast on this machine."""
+        from .engine import resolve
 
-        return "fp32" if self.precision == "fp32" else runtime.resolve_precision("auto", device)
+        return resolve(engine, "fp32" if self.precision == "fp32" else "auto", device)
 
     def load_backbone(
         self, weights_file: str | None = None, *, made: str = "the features", fix: str | None = None

@@ -10,11 +10,18 @@ from sklearn.metrics import accuracy_score, f1_score, precision_recall_fscore_su
 
 
 def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, class_names: list[str]) -> dict[str, Any]:
+    """Accuracy, macro-F1 and per-class numbers. A class with no photos among ``y_true`` has no
+    recall or F1 to speak of: it is listed (support 0) but left out of the macro average, and
+    named in ``classes_without_photos`` (``macro_f1_classes`` says how many classes it averages)."""
     labels = list(range(len(class_names)))
     p, r, f, s = precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
+    present = [i for i in labels if s[i] > 0]
+    macro = f1_score(y_true, y_pred, labels=present, average="macro", zero_division=0) if present else 0.0
     return {
         "accuracy": float(accuracy_score(y_true, y_pred)),
-        "macro_f1": float(f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)),
+        "macro_f1": float(macro),
+        "macro_f1_classes": len(present),
+        "classes_without_photos": [class_names[i] for i in labels if s[i] == 0],
         "n": len(y_true),
         "per_class": {
             name: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(s[i])}

@@ -1,0 +1,189 @@
+"""The segmented feature cache at scale: synthetic rows through the real store API.
+
+    python bench/store_scale.py [--n 100000 400000] [--dim 1280] [--workdir artifacts/bench]
+
+For each N (float16 rows of ``--dim``; the backbone is not the point here), each in a fresh
+process so its peak RSS is its own: a full build (segments of ``SEGMENT_ROWS`` rows as
+``extract`` writes them, then the index); adding 5 % (new segments + a new index: time, bytes
+written, and both as a share of the full build - the previous release rewrote the whole file,
+a share of 1.0); a commit that only relabels (index only); peak RSS; and the streaming read
+rate of ``Cache.iter_features`` (what ``fit-head`` streaming and ``similar`` use; the files
+are in the page cache, so this is the decode rate, not the disk's).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.cache.index import IndexContents, StatTable, commit
+from pipeline.cache.segments import DEFAULT_SEGMENT_ROWS as SEGMENT_ROWS
+from pipeline.cache.segments import SegmentWriter
+from pipeline.cache.store import Cache, segment_dir
+from pipeline.models.fingerprint import Fingerprint
+
+CLASSES = [f"class{k:02d}" for k in range(20)]
+
+
+def _fingerprint(dim: int) -> Fingerprint:
+    """The tiny backbone's record with another width (built here: importing torch would add
+    some 700 MB to the peak RSS measured)."""
+    prep = {"crop": 32, "draft": True, "interpolation": "bilinear", "letterbox": False}
+    prep.update(mean=[0.5] * 3, resize=40, std=[0.5] * 3)
+    record = dict(backbone="synthetic", weights="random", weights_sha256="none", precision="fp32")
+    return Fingerprint.from_record({**record, "preprocessing": json.dumps(prep), "feature_dim": dim}, source="bench")
+
+
+_KEYS: tuple[list[str], list[str]] = ([], [])
+
+
+def _rows(start: int, n: int) -> tuple[list[str], list[str]]:
+    """Keys as random as real content hashes (sequential ones would compress to nothing);
+    made once by ``_make_keys``, outside the timings: generating them is not the store's cost."""
+    return _KEYS[0][start : start + n], _KEYS[1][start : start + n]
+
+
+def _make_keys(n: int) -> None:
+    _KEYS[0][:] = [hashlib.blake2b(i.to_bytes(8, "little"), digest_size=16).hexdigest() for i in range(n)]
+    _KEYS[1][:] = [f"{CLASSES[i % len(CLASSES)]}/photo-{i:09d}.jpg" for i in range(n)]
+
+
+def _write(out: Path, fp: Fingerprint, dim: int, start: int, n: int) -> dict[str, tuple[str, int]]:
+    rng = np.random.default_rng(start)
+    w = SegmentWriter(out, fp, np.float16, dim, SEGMENT_ROWS)
+    for a in range(start, start + n, 4096):
+        k = min(4096, start + n - a)
+        hashes, _ = _rows(a, k)
+        w.add(hashes, rng.standard_normal((k, dim), dtype=np.float32).astype(np.float16))
+    w.flush()
+    return w.locations
+
+
+def _index(out: Path, dim: int, n: int, loc: dict[str, tuple[str, int]], seg_rows: dict[str, int], shift: int) -> int:
+    hashes, paths = _rows(0, n)
+    stat = StatTable(
+        path=paths,
+        size=[150_000 + (i * 7919) % 200_000 for i in range(n)],
+        mtime_ns=[1_700_000_000 * 10**9 + i for i in range(n)],
+        inode=list(range(n)),
+        device=[2049] * n,
+        content_hash=hashes,
+    )
+    c = IndexContents(
+        content_hash=hashes,
+        paths=paths,
+        labels=np.array([(i + shift) % len(CLASSES) for i in range(n)], np.int32),
+        class_names=CLASSES,
+        attrs=dict(_fingerprint(dim).to_record()),
+        location=[loc[h] for h in hashes],
+        segment_rows=seg_rows,
+        dtype="float16",
+        feature_dim=dim,
+        stat=stat,
+    )
+    return commit(out, c)
+
+
+def _disk_bytes(out: Path) -> int:
+    return out.stat().st_size + sum(p.stat().st_size for p in segment_dir(out).glob("seg-*.h5"))
+
+
+def one(n: int, dim: int, workdir: Path) -> dict[str, float]:
+    root = workdir / f"store-{n}"
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir(parents=True)
+    out = root / "features.h5"
+    fp = _fingerprint(dim)
+    k = n // 20
+    _make_keys(n + k)
+
+    t0 = time.perf_counter()
+    loc = _write(out, fp, dim, 0, n)
+    seg_rows = {s: sum(1 for v in loc.values() if v[0] == s) for s in dict.fromkeys(v[0] for v in loc.values())}
+    _index(out, dim, n, loc, seg_rows, 0)
+    full_s = time.perf_counter() - t0
+    full_bytes = _disk_bytes(out)
+
+    before = {p.name for p in segment_dir(out).glob("seg-*.h5")}
+    t0 = time.perf_counter()
+    new = _write(out, fp, dim, n, k)
+    loc.update(new)
+    seg_rows.update({s: sum(1 for v in new.values() if v[0] == s) for s in dict.fromkeys(v[0] for v in new.values())})
+    index_bytes = _index(out, dim, n + k, loc, seg_rows, 0)
+    add_s = time.perf_counter() - t0
+    add_bytes = index_bytes + sum(p.stat().st_size for p in segment_dir(out).glob("seg-*.h5") if p.name not in before)
+
+    t0 = time.perf_counter()
+    relabel_bytes = _index(out, dim, n + k, loc, seg_rows, 1)
+    relabel_s = time.perf_counter() - t0
+
+    write_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # builds and commits only
+    rates = []
+    for dtype in (np.float16, np.float32):  # as stored; as fit-head gets it (numpy's f16 -> f32 is slow)
+        t0 = time.perf_counter()
+        rows = 0
+        with Cache(out) as c:
+            for _, chunk in c.iter_features(65536, dtype=dtype):
+                rows += len(chunk)
+        rates.append(rows / (time.perf_counter() - t0))
+    assert rows == n + k
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    result = dict(
+        n=n,
+        full_s=full_s,
+        full_bytes=full_bytes,
+        add_s=add_s,
+        add_bytes=add_bytes,
+        relabel_s=relabel_s,
+        relabel_bytes=relabel_bytes,
+        read_rows_s=rates[0],
+        read_f32_rows_s=rates[1],
+        read_mb_s=rates[0] * dim * 2 / 1e6,
+        peak_rss=rss,
+        write_rss=write_rss,
+        index_bytes=index_bytes,
+        segments=len(seg_rows),
+    )
+    shutil.rmtree(root, ignore_errors=True)
+    return result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, nargs="+", default=[100_000, 400_000])
+    ap.add_argument("--dim", type=int, default=1280)
+    ap.add_argument("--workdir", default="artifacts/bench")
+    ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.one:
+        print(json.dumps(one(args.n[0], args.dim, Path(args.workdir))))
+        return
+    print(f"D = {args.dim} float16, segments of {SEGMENT_ROWS} rows; load {os.getloadavg()[0]:.1f}")
+    for n in args.n:
+        cmd = [sys.executable, __file__, "--one", "--n", str(n), "--dim", str(args.dim), "--workdir", args.workdir]
+        r = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+        print(
+            f"N={n:>9,}: full build {r['full_s']:.2f} s, {r['full_bytes'] / 1e6:.0f} MB ({r['segments']} segments) | "
+            f"+5 %: {r['add_s']:.2f} s ({r['add_s'] / r['full_s']:.3f} of full), "
+            f"{r['add_bytes'] / 1e6:.1f} MB ({r['add_bytes'] / r['full_bytes']:.3f} of full; "
+            f"index {r['index_bytes'] / 1e6:.1f} MB) | relabel {r['relabel_s']:.2f} s, "
+            f"{r['relabel_bytes'] / 1e6:.1f} MB | peak RSS {r['write_rss'] / 1e6:.0f} MB writing, "
+            f"{r['peak_rss'] / 1e6:.0f} MB with 65536-row reads | "
+            f"read {r['read_rows_s']:,.0f} rows/s ({r['read_mb_s']:.0f} MB/s), "
+            f"as float32 {r['read_f32_rows_s']:,.0f} rows/s"
+        )
+    print(f"load {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+
+
+if __name__ == "__main__":
+    main()

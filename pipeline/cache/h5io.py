@@ -1,0 +1,173 @@
+"""Low-level pieces of the feature cache: fault injection, atomic HDF5 files, dataset helpers.
+
+Used by ``segments`` (immutable row files), ``index`` (the file that maps them) and ``store``
+(the lock and the reader); see ``store.py`` for the layout. No torch here.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import signal
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from ..core.atomic import fsync_dir
+from ..errors import CacheError
+
+SCHEMA_VERSION = 2
+READABLE_SCHEMAS = (1, 2)
+_STR = h5py.string_dtype("utf-8")
+
+
+def segment_dir(cache_path: Path) -> Path:
+    """``CACHE.h5.segments/``: where the cache's segment files live."""
+    return cache_path.with_name(cache_path.name + ".segments")
+
+
+@dataclass
+class StatTable:
+    """The stat cache: (path, size, mtime_ns, inode, device) -> content hash, one per file."""
+
+    path: list[str] = field(default_factory=list)
+    size: list[int] = field(default_factory=list)
+    mtime_ns: list[int] = field(default_factory=list)
+    inode: list[int] = field(default_factory=list)
+    device: list[int] = field(default_factory=list)
+    content_hash: list[str] = field(default_factory=list)
+
+    def lookup(self) -> dict[str, tuple[int, int, int, int, str]]:
+        return {
+            p: (s, m, i, d, h)
+            for p, s, m, i, d, h in zip(
+                self.path, self.size, self.mtime_ns, self.inode, self.device, self.content_hash, strict=True
+            )
+        }
+
+
+def _decode(arr: Any) -> list[str]:
+    return [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in arr[()]]
+
+
+def crash_point(name: str) -> None:
+    """Fault injection for the crash tests: ``HEADSTART_CRASH_AT=name[:n]`` makes the process
+    SIGKILL itself the n-th time (default 1st) it reaches ``name``. A real kill -9 at a chosen
+    instant, which a timer from outside cannot hit reliably (e.g. between writing a segment and
+    writing the index). Costs one dict lookup when unset."""
+    spec = os.environ.get("HEADSTART_CRASH_AT")
+    if not spec:
+        return
+    want, _, nth = spec.partition(":")
+    if want != name:
+        return
+    _CRASH_COUNTS[name] = _CRASH_COUNTS.get(name, 0) + 1
+    if _CRASH_COUNTS[name] >= int(nth or 1):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+_CRASH_COUNTS: dict[str, int] = {}
+
+
+# Files up to this size are built in memory and written with plain file I/O. Why: when the disk
+# fills (or a quota or file-size limit hits) while the HDF5 library itself is writing, h5py
+# leaves objects it cannot close, prints tracebacks from their destructors and can crash the
+# interpreter at exit (seen here: SIGSEGV after EFBIG). Plain writes fail with one clean OSError.
+# Segments and indexes are far below it; a larger file is written by HDF5 directly after
+# checking the free space.
+IN_MEMORY_WRITE_LIMIT = 1 << 30
+_WRITE_CHUNK = 64 << 20
+
+
+def _write_h5_atomically(path: Path, fill: Callable[[h5py.File], None], size_hint: int, point: str) -> int:
+    """Write the HDF5 file ``fill`` builds to ``path`` atomically (tmp, fsync, rename, fsync the
+    folder); ``{point}-writing`` / ``{point}-before-rename`` are crash points. Returns bytes written."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        if size_hint <= IN_MEMORY_WRITE_LIMIT:
+            with h5py.File(tmp, "w", driver="core", backing_store=False) as f:
+                fill(f)
+                f.flush()
+                image = memoryview(f.id.get_file_image())
+            with open(tmp, "wb") as fh:
+                half = len(image) // 2
+                fh.write(image[:half])
+                crash_point(f"{point}-writing")  # a half-written temporary file, never the target
+                for start in range(half, len(image), _WRITE_CHUNK):
+                    fh.write(image[start : start + _WRITE_CHUNK])
+                fh.flush()
+                os.fsync(fh.fileno())
+            written = len(image)
+            del image
+        else:
+            _check_free_space(path, int(size_hint * 1.05) + (1 << 20))
+            with h5py.File(tmp, "w") as f:
+                fill(f)
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())
+            written = tmp.stat().st_size
+        crash_point(f"{point}-before-rename")
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise _disk_error(e, path) from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return written
+
+
+def _check_free_space(path: Path, need: int) -> None:
+    free = shutil.disk_usage(path.parent).free
+    if free < need:
+        raise OSError(errno.ENOSPC, f"{need / 1e9:.2f} GB needed, {free / 1e9:.2f} GB free")
+
+
+def _disk_error(e: OSError, target: Path) -> CacheError:
+    full = e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT) or any(
+        s in str(e).lower() for s in ("no space", "file too large", "quota", "write failed")
+    )
+    if full:
+        return CacheError(
+            f"disk full while writing {target}: {e}. Every row committed before is kept "
+            "(the cache index is untouched and finished segments stay in its .segments folder); "
+            "free some space and re-run the same command to finish"
+        )
+    return CacheError(f"cannot write {target}: {e}")
+
+
+def _set_attrs(f: h5py.File | h5py.Group, attrs: dict[str, Any]) -> None:
+    for k, v in attrs.items():
+        f.attrs[k] = v if isinstance(v, (int, float, np.integer, np.floating)) else str(v)
+
+
+def _str_ds(g: h5py.File | h5py.Group, name: str, values: Sequence[str]) -> None:
+    g.create_dataset(name, data=np.array(list(values), dtype=object), dtype=_STR)
+
+
+def _packed(g: h5py.File | h5py.Group, name: str, data: np.ndarray, compress: bool = True) -> None:
+    """A per-row dataset of the index, compressed (gzip level 1, byte shuffle): an index is
+    rewritten by every commit, so its bytes per row are what a commit costs beyond new rows.
+    Content hashes are not compressed (random hex: half the bytes for most of the time)."""
+    kw: dict[str, Any] = {}
+    if compress and len(data) > 256:
+        kw = dict(compression="gzip", compression_opts=1, shuffle=True)
+    g.create_dataset(name, data=data, **kw)
+
+
+def _packed_str(g: h5py.File | h5py.Group, name: str, values: Sequence[str]) -> None:
+    """UTF-8 strings of one fixed width, compressed: variable-length HDF5 strings live in a heap
+    that filters cannot compress (h5py reads both kinds as bytes)."""
+    data = np.array([v.encode("utf-8") for v in values] or [b""])  # numpy finds the width
+    dt = h5py.string_dtype("utf-8", max(1, data.dtype.itemsize))
+    kw: dict[str, Any] = dict(compression="gzip", compression_opts=1, shuffle=True) if len(values) > 256 else {}
+    ds = g.create_dataset(name, shape=(len(values),), dtype=dt, **kw)
+    if len(values):
+        ds[...] = data.astype(dt)

@@ -1,0 +1,142 @@
+"""The cache index: the small HDF5 file that maps segments as one ``/features`` (``store.py``).
+
+Written whole and replaced atomically by every commit; it holds per-row metadata and the stat
+cache, never feature bytes. Also the conversion of a schema-v1 cache. No torch here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from ..models.fingerprint import KEYS as FINGERPRINT_KEYS
+from .h5io import (
+    SCHEMA_VERSION,
+    StatTable,
+    _packed,
+    _packed_str,
+    _set_attrs,
+    _str_ds,
+    _write_h5_atomically,
+    crash_point,
+    segment_dir,
+)
+from .segments import remove_unindexed_segments, write_segment
+from .store import Cache
+
+
+@dataclass
+class IndexContents:
+    """Everything an index file holds; the feature bytes stay in the segments it names."""
+
+    content_hash: list[str]
+    paths: list[str]
+    labels: np.ndarray
+    class_names: list[str]
+    attrs: dict[str, Any]
+    location: list[tuple[str, int]]  # per row: (segment name, row in it)
+    segment_rows: dict[str, int]  # segment name -> its number of rows
+    dtype: str
+    feature_dim: int
+    duplicates: list[tuple[str, str]] = field(default_factory=list)  # (path, content_hash)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+    stat: StatTable = field(default_factory=StatTable)
+
+
+def write_index(path: Path, c: IndexContents) -> int:
+    """Replace the index atomically: readers see the old one or the new one. Its cost is the
+    per-row metadata; no feature byte is copied. Returns the bytes written."""
+    n, d = len(c.content_hash), c.feature_dim
+    used = list(dict.fromkeys(s for s, _ in c.location))  # in first-use order
+    seg_id = {s: i for i, s in enumerate(used)}
+    names, rows = zip(*c.location, strict=True) if n else ((), ())
+    loc_seg = np.array([seg_id[s] for s in names], dtype=np.int32)
+    loc_row = np.array(rows, dtype=np.int64)
+    folder = segment_dir(path).name
+
+    def fill(f: h5py.File) -> None:
+        if n:
+            dt = np.dtype(c.dtype)
+            layout = h5py.VirtualLayout(shape=(n, d), dtype=dt)
+            sources = {
+                s: h5py.VirtualSource(f"{folder}/{s}", "features", shape=(c.segment_rows[s], d), dtype=dt) for s in used
+            }
+            # One mapping per run of consecutive rows of one segment.
+            brk = np.flatnonzero((np.diff(loc_seg) != 0) | (np.diff(loc_row) != 1)) + 1
+            starts = np.concatenate([[0], brk])
+            ends = np.concatenate([brk, [n]])
+            for a, b in zip(starts.tolist(), ends.tolist(), strict=True):
+                r0 = int(loc_row[a])
+                layout[a:b] = sources[used[int(loc_seg[a])]][r0 : r0 + (b - a)]
+            f.create_virtual_dataset("features", layout)
+        else:
+            f.create_dataset("features", shape=(0, d), dtype=np.dtype(c.dtype))
+        _packed(f, "content_hash", np.array(c.content_hash, dtype="S32"), compress=False)
+        _packed_str(f, "paths", c.paths)
+        _packed(f, "labels", np.asarray(c.labels, dtype=np.int32))
+        _str_ds(f, "class_names", c.class_names)
+        g = f.create_group("duplicates")
+        _str_ds(g, "path", [p for p, _ in c.duplicates])
+        g.create_dataset("content_hash", data=np.array([h for _, h in c.duplicates], dtype="S32"))
+        g = f.create_group("skipped")
+        _str_ds(g, "path", [p for p, _ in c.skipped])
+        _str_ds(g, "reason", [r for _, r in c.skipped])
+        g = f.create_group("segments")
+        _str_ds(g, "name", used)
+        g.create_dataset("rows", data=np.array([c.segment_rows[s] for s in used], dtype=np.int64))
+        g = f.create_group("location")
+        _packed(g, "segment", loc_seg)
+        _packed(g, "row", loc_row)
+        g = f.create_group("stat")
+        _packed_str(g, "path", c.stat.path)
+        for k in ("size", "mtime_ns", "inode", "device"):
+            _packed(g, k, np.array(getattr(c.stat, k), dtype=np.int64))
+        _packed(g, "content_hash", np.array(c.stat.content_hash, dtype="S32"), compress=False)
+        attrs = dict(c.attrs)
+        attrs.update(schema_version=SCHEMA_VERSION, n_rows=n, feature_dim=d, dtype=c.dtype, segment_dir=folder)
+        _set_attrs(f, attrs)
+
+    hint = n * (200 + 12) + len(c.stat.path) * 150 + (1 << 20)
+    written = _write_h5_atomically(path, fill, hint, "index")
+    crash_point("index-replaced")
+    return written
+
+
+def commit(path: Path, c: IndexContents) -> int:
+    """Write the index, then delete the segment files it no longer uses. Returns bytes written."""
+    written = write_index(path, c)
+    remove_unindexed_segments(path, {s for s, _ in c.location})
+    return written
+
+
+def migrate_v1(path: Path) -> None:
+    """Convert a schema-v1 cache (release 0.1.0: the features inside the file) in place: its
+    rows become one segment, the file becomes an index. Under the writer lock. A kill between
+    the two steps leaves the v1 file plus a segment the next run adopts."""
+    with Cache(path) as c:
+        if c.schema_version != 1:
+            return
+        old = c.read_all()
+    fp = {k: old.attrs[k] for k in FINGERPRINT_KEYS if k in old.attrs}
+    seg = write_segment(path, fp, old.content_hash, old.features)
+    crash_point("migrate-segment-written")
+    commit(
+        path,
+        IndexContents(
+            content_hash=old.content_hash,
+            paths=old.paths,
+            labels=old.labels,
+            class_names=old.class_names,
+            attrs=old.attrs,
+            location=[(seg.name, i) for i in range(seg.n_rows)],
+            segment_rows={seg.name: seg.n_rows},
+            dtype=str(old.features.dtype),
+            feature_dim=int(old.features.shape[1]),
+            duplicates=old.duplicates,
+            skipped=old.skipped,
+        ),
+    )
