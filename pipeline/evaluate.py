@@ -120,7 +120,7 @@ Rows = tuple[np.ndarray, list[str | None], list[str], list[Path | None], list[st
 
 
 def _from_cache(scorer: Scorer, path: Path) -> Rows:
-    from .cache.store import Cache
+    from .cache.store import Cache, require_finite
 
     if scorer.session is not None:
         raise ArtifactError(
@@ -144,14 +144,7 @@ def _from_cache(scorer: Scorer, path: Path) -> Rows:
         feats = c.features(rows)
         hashes_all = c.content_hash
     paths = [paths_all[i] for i in rows]
-    bad = np.flatnonzero(~np.isfinite(feats).all(axis=1))
-    if len(bad):
-        listed = ", ".join(f"row {int(rows[i])} ({paths[i]})" for i in bad[:5])
-        raise CacheError(
-            f"{path}: {len(bad)} row(s) have features that are not finite numbers: {listed}"
-            f"{', ...' if len(bad) > 5 else ''}; the cache is damaged - run `headstart cache verify {path}`, "
-            "then extract again with --rebuild"
-        )
+    require_finite(path, feats, rows, paths)
     files: list[Path | None] = [root / p if (root / p).is_file() else None for p in paths]
     return feats, cats, paths, files, [hashes_all[i] for i in rows]
 

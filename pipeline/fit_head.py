@@ -36,7 +36,7 @@ import numpy as np
 
 from . import __version__
 from .artifacts.head_dir import write_head
-from .cache.store import Cache
+from .cache.store import Cache, require_finite
 from .config import FitHeadConfig, save_resolved
 from .data.labels import LabelMap, apply_label_map
 from .errors import InputError
@@ -150,7 +150,8 @@ def fit_head(cfg: FitHeadConfig) -> FitSummary:
             X = CacheRows(cache, rows)
         else:
             X = cache.features(rows)
-            _refuse_non_finite(X, rows, cache.paths, cfg.cache)
+            all_paths = cache.paths
+            require_finite(cfg.cache, X, rows, [all_paths[int(r)] for r in rows])
 
         def features_of(idx: np.ndarray) -> np.ndarray:
             return np.asarray(cache.features(rows[idx]) if streamed else X[idx])
@@ -248,18 +249,6 @@ def fit_head(cfg: FitHeadConfig) -> FitSummary:
         write_config=lambda path: save_resolved(cfg, path, C=best_c, solver=solver, temperature=temperature),
     )
     return FitSummary(out, metrics, best_c, len(tr), len(va), time.perf_counter() - t0, cfg.head, temperature, warnings)
-
-
-def _refuse_non_finite(X: np.ndarray, rows: np.ndarray, paths: list[str], cache: str) -> None:
-    """NaN or inf features (a corrupted cache) as an Error naming the rows, not sklearn's ValueError."""
-    bad = np.flatnonzero(~np.isfinite(X).all(axis=1))
-    if len(bad):
-        names = ", ".join(f"row {int(rows[i])} ({paths[int(rows[i])]})" for i in bad[:5])
-        raise InputError(
-            f"{cache}: {len(bad)} row(s) have features that are not finite numbers: {names}"
-            f"{', ...' if len(bad) > 5 else ''}; the cache is damaged - run `headstart cache verify {cache}`, "
-            "then extract again with --rebuild"
-        )
 
 
 def _calibration(logits: np.ndarray, y: np.ndarray, temperature: float, threshold: float | None) -> dict[str, Any]:

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .cache.store import Cache
-from .errors import CacheError, InputError
+from .cache.store import Cache, require_finite
+from .errors import InputError
 
 CHUNK_ROWS = 65536
 
@@ -87,14 +87,9 @@ def similar(
         best: list[tuple[float, int]] = []  # min-heap of (similarity, row)
         for start, chunk in cache.iter_features(CHUNK_ROWS):
             sims = (chunk @ q) / (np.linalg.norm(chunk, axis=1) + 1e-12)
-            bad = np.flatnonzero(~np.isfinite(sims))
-            if len(bad):
-                rows = ", ".join(f"row {start + int(i)} ({cache.paths[start + int(i)]})" for i in bad[:5])
-                raise CacheError(
-                    f"{cache_path}: {len(bad)} row(s) have features that are not finite numbers: {rows}"
-                    f"{', ...' if len(bad) > 5 else ''}; the cache is damaged - run `headstart cache verify "
-                    f"{cache_path}`, then extract again with --rebuild"
-                )
+            if not np.isfinite(sims).all():
+                rows = range(start, start + len(sims))
+                require_finite(cache_path, sims, rows, [cache.paths[r] for r in rows])
             for i in skip:
                 if start <= i < start + len(sims):
                     sims[i - start] = -np.inf

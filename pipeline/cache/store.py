@@ -55,7 +55,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -275,4 +275,21 @@ class Cache:
             attrs=self.attrs,
             duplicates=self.duplicates,
             skipped=self.skipped,
+        )
+
+
+def require_finite(
+    cache_path: object, values: np.ndarray, rows: Sequence[int] | np.ndarray, paths: Sequence[str]
+) -> None:
+    """NaN or inf in ``values`` (features, or anything computed row by row from them: a damaged
+    cache) become one ``Error:`` naming the rows, not a library's ValueError far downstream.
+    ``rows``/``paths``: the cache row and path of each entry of ``values``."""
+    finite = np.isfinite(values) if values.ndim == 1 else np.isfinite(values).all(axis=1)
+    bad = np.flatnonzero(~finite)
+    if len(bad):
+        listed = ", ".join(f"row {int(rows[i])} ({paths[i]})" for i in bad[:5])
+        raise CacheError(
+            f"{cache_path}: {len(bad)} row(s) have features that are not finite numbers: {listed}"
+            f"{', ...' if len(bad) > 5 else ''}; the cache is damaged - run `headstart cache verify {cache_path}`, "
+            "then extract again with --rebuild"
         )
