@@ -5,24 +5,23 @@ uint8->float conversion, normalisation, backbone, head and softmax are all insid
 dynamic batch dimension. Class names, preprocessing and backbone identity are also written into
 the file's ``metadata_props``, so the ``.onnx`` alone still says what it is.
 
-We use PyTorch's TorchScript-based exporter (``dynamo=False``): it needs no extra package, and
-EfficientNet-Lite (static SAME padding, ReLU6) and the torchvision CNNs trace cleanly. The
-parity check in :mod:`pipeline.export` is what proves a given export right.
+The exporter and the session are :mod:`pipeline.models.engine`'s (the backbone engine writes
+graphs the same way). The parity check in :mod:`pipeline.artifacts.model_dir` is what proves a
+given export right.
 """
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..errors import ArtifactError, InputError
+from ..models.engine import OPSET, export_graph, ort_session
 from ..models.heads import Classifier, ExportGraph
 
-OPSET = 17  # onnxruntime >= 1.14 runs it; old enough for most deployment runtimes
-INPUT, OUTPUTS = "pixels", ("probabilities", "features")
+OUTPUTS = ("probabilities", "features")
 
 
 def _require(module: str) -> Any:
@@ -39,20 +38,7 @@ def export_onnx(model: Classifier, path: Path, crop: int, metadata: dict[str, st
     """Write ``path``; return the outputs' description for the manifest."""
     onnx = _require("onnx")
     _require("onnxruntime")
-    graph = ExportGraph(model).eval()
-    example = torch.zeros(1, 3, crop, crop, dtype=torch.uint8)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer notes
-        torch.onnx.export(
-            graph,
-            (example,),
-            str(path),
-            input_names=[INPUT],
-            output_names=list(OUTPUTS),
-            dynamic_axes={INPUT: {0: "N"}, OUTPUTS[0]: {0: "N"}, OUTPUTS[1]: {0: "N"}},
-            opset_version=OPSET,
-            dynamo=False,
-        )
+    export_graph(ExportGraph(model).eval(), crop, path, OUTPUTS)
     proto = onnx.load(str(path))
     for key, value in metadata.items():
         entry = proto.metadata_props.add()
@@ -70,15 +56,10 @@ def export_onnx(model: Classifier, path: Path, crop: int, metadata: dict[str, st
 def onnx_session(path: Path, device: torch.device | None = None, threads: int | None = None) -> Any:
     """An onnxruntime session on CPU (or CUDA when onnxruntime-gpu is installed and asked for)."""
     ort = _require("onnxruntime")
-    opts = ort.SessionOptions()
-    if threads:
-        opts.intra_op_num_threads = threads
     providers = ["CPUExecutionProvider"]
     if device is not None and device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
         providers.insert(0, "CUDAExecutionProvider")
     try:
-        # From bytes, not the path: the graph cannot pull in "external data" files from beside
-        # (or above) the model directory, and the bytes checked are the bytes run.
-        return ort.InferenceSession(path.read_bytes(), sess_options=opts, providers=providers)
+        return ort_session(path, threads=threads, providers=providers)
     except Exception as e:  # onnxruntime raises its own exception types for invalid graphs
         raise ArtifactError(f"{path} cannot be loaded by onnxruntime ({str(e).splitlines()[0]}); re-export") from None

@@ -25,7 +25,7 @@ import hashlib
 import json
 import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +39,8 @@ from ..core.atomic import atomic_file
 from ..core.hashing import sha256_file
 from ..errors import InputError
 
-OPSET = 17
+OPSET = 17  # onnxruntime >= 1.14 runs it; old enough for most deployment runtimes
+INPUT = "pixels"  # uint8 [N, 3, crop, crop]: the input of every graph headstart writes
 GRAPH_VERSION = 1  # bump when the exported graph changes for the same inputs
 
 Embed = Callable[[torch.Tensor], np.ndarray]  # uint8 NCHW on the device -> float32 (N, D)
@@ -85,7 +86,7 @@ def make_embedder(net: nn.Module, crop: int, *, engine: str, device: torch.devic
         session = _session(frozen, network_identity(frozen), crop)
 
         def run_onnx(x: torch.Tensor) -> np.ndarray:
-            return np.asarray(session.run(["features"], {"pixels": x.cpu().numpy()})[0], np.float32)
+            return np.asarray(session.run(["features"], {INPUT: x.cpu().numpy()})[0], np.float32)
 
         return run_onnx
     frozen = frozen.to(device)
@@ -122,22 +123,47 @@ def graph_path(identity: str, crop: int) -> Path:
 
 
 def _session(frozen: nn.Module, identity: str, crop: int) -> Any:
-    import onnxruntime as ort
-
     path = graph_path(identity, crop)
     sidecar = path.with_suffix(".json")
-    for attempt in ("cached", "rebuilt"):
-        if attempt == "rebuilt" or not _intact(path, sidecar):
-            _export(frozen, crop, path, sidecar)
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = torch.get_num_threads()
-        try:
-            # From the bytes: the graph cannot pull in "external data" files from beside it.
-            return ort.InferenceSession(path.read_bytes(), sess_options=opts, providers=["CPUExecutionProvider"])
-        except Exception:
-            if attempt == "rebuilt":
-                raise
-    raise AssertionError("unreachable")
+    if not _intact(path, sidecar):
+        _export(frozen, crop, path, sidecar)
+    try:
+        return ort_session(path, threads=torch.get_num_threads())
+    except Exception:  # onnxruntime's own types: a graph it cannot load although its sha256 matched
+        _export(frozen, crop, path, sidecar)
+        return ort_session(path, threads=torch.get_num_threads())
+
+
+def ort_session(path: Path, *, threads: int | None = None, providers: Sequence[str] = ("CPUExecutionProvider",)) -> Any:
+    """An onnxruntime session for the graph at ``path``. Built from the bytes, not the path: the
+    graph cannot pull in "external data" files from beside (or above) its folder, and the bytes
+    checked are the bytes run."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+    return ort.InferenceSession(path.read_bytes(), sess_options=opts, providers=list(providers))
+
+
+def export_graph(module: nn.Module, crop: int, path: Path, outputs: Sequence[str]) -> None:
+    """``module`` (uint8 pixels ``[N, 3, crop, crop]`` -> ``outputs``) as an ONNX graph at
+    ``path``, with a dynamic batch dimension. PyTorch's TorchScript-based exporter
+    (``dynamo=False``): it needs no extra package, and EfficientNet-Lite (static SAME padding,
+    ReLU6) and the torchvision CNNs trace cleanly."""
+    example = torch.zeros(1, 3, crop, crop, dtype=torch.uint8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer notes
+        torch.onnx.export(
+            module,
+            (example,),
+            str(path),
+            input_names=[INPUT],
+            output_names=list(outputs),
+            dynamic_axes={name: {0: "N"} for name in (INPUT, *outputs)},
+            opset_version=OPSET,
+            dynamo=False,
+        )
 
 
 def _intact(path: Path, sidecar: Path) -> bool:
@@ -152,20 +178,8 @@ def _export(frozen: nn.Module, crop: int, path: Path, sidecar: Path) -> None:
     """The frozen network as ``pixels uint8 [N,3,crop,crop] -> features float32 [N,D]``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    example = torch.zeros(1, 3, crop, crop, dtype=torch.uint8)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer notes
-            torch.onnx.export(
-                frozen.cpu().eval(),
-                (example,),
-                str(tmp),
-                input_names=["pixels"],
-                output_names=["features"],
-                dynamic_axes={"pixels": {0: "N"}, "features": {0: "N"}},
-                opset_version=OPSET,
-                dynamo=False,
-            )
+        export_graph(frozen.cpu().eval(), crop, tmp, ["features"])
         with atomic_file(path) as f:
             f.write(tmp.read_bytes())
     finally:
