@@ -17,14 +17,15 @@ import pytest
 
 PKG = Path(__file__).resolve().parent.parent / "pipeline"
 STAGES = {"cli", "extract", "fit_head", "finetune", "export", "predict", "evaluate", "similar", "demo"}
-# What each layer may import from the package (besides itself, ``errors`` and ``__version__``).
+# What each layer may import from the package (besides itself, and ``errors``, ``config`` and
+# ``__version__``, which import nothing else of the package and may be imported anywhere).
 LAYERS = {
     "core": set(),
     "data": {"core"},
-    "models": {"core", "data", "config"},
+    "models": {"core", "data"},
     "cache": {"core", "data", "models"},
     "probe": {"core", "data"},
-    "artifacts": {"core", "data", "models", "cache", "probe", "config"},
+    "artifacts": {"core", "data", "models", "cache", "probe"},
 }
 # Orchestrators: the CLI runs every stage, the demo runs the whole pipeline.
 MAY_IMPORT_STAGES = {"cli", "demo"}
@@ -72,7 +73,7 @@ def test_layers_import_only_layers_below_them_and_stages_no_other_stage():
             continue
         for name, line in _imports(mod, path):
             other = _top(name)
-            if other is None or other == me or other in ("errors", "__version__"):
+            if other is None or other == me or other in ("errors", "config", "__version__"):
                 continue
             where = f"{path.relative_to(PKG.parent)}:{line} imports {name}"
             if me in LAYERS:
@@ -83,6 +84,17 @@ def test_layers_import_only_layers_below_them_and_stages_no_other_stage():
             elif me in STAGES and other in STAGES and me not in MAY_IMPORT_STAGES:
                 problems.append(f"{where}: a stage imports another stage")
     assert not problems, "\n".join(problems)
+
+
+def test_errors_and_config_sit_below_every_layer():
+    """What lets every layer import them without a cycle: ``errors`` imports nothing of the
+    package; ``config`` (plain dataclasses) only ``errors`` and the output-path check
+    ``core/paths.py``, which itself imports only ``errors``."""
+    allowed = {"errors": set(), "config": {"pipeline.core.paths"}, "core/paths": set()}
+    for name, ok in allowed.items():
+        mod = "pipeline." + name.replace("/", ".")
+        found = {n.rpartition(".")[0] for n, _ in _imports(mod, PKG / f"{name}.py") if _top(n) not in (None, "errors")}
+        assert found <= ok, f"pipeline/{name}.py imports {found - ok}"
 
 
 def test_only_the_cli_imports_click():

@@ -20,7 +20,6 @@ from ..core.csvcells import safe_cell
 from ..probe.calibration import calibration_error, mean_log_loss
 from ..probe.metrics import at_threshold, classification_metrics
 
-UNKNOWN = "unknown"
 COVERAGE_STEPS = 20
 RELIABILITY_BINS = 10
 THUMB = 112

@@ -20,9 +20,8 @@ from collections.abc import Iterator
 
 import torch
 
+from ..config import PRECISIONS
 from ..errors import InputError
-
-PRECISIONS = ("auto", "fp32", "bf16")
 
 
 def resolve_device(device: str = "auto") -> torch.device:

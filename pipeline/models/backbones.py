@@ -32,8 +32,6 @@ from ..errors import BackboneError
 from .fingerprint import Fingerprint
 from .network import FeatureNet, fold_bn_into_conv, fold_symmetric_padding
 
-DEFAULT_BACKBONE = "efficientnet_lite0"
-
 
 @dataclass(frozen=True)
 class BackboneSpec:
