@@ -1,4 +1,4 @@
-"""Domain errors. The library raises these; ``cli.py`` turns them into ``Error: ...`` and exit 1.
+"""Domain errors. The library raises these; ``pipeline.cli`` turns them into ``Error: ...`` and exit 1.
 
 Every message says what went wrong, with the numbers, and what to do about it
 (the scikit-learn habit: "X has 512 features, but ... is expecting 1280").

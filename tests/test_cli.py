@@ -116,15 +116,6 @@ def test_python_dash_m_works():
     assert r.returncode == 0 and "headstart" in r.stdout
 
 
-def test_only_the_cli_imports_click():
-    import re
-
-    root = Path(__file__).resolve().parents[1] / "pipeline"
-    pattern = re.compile(r"^\s*(import click|from click\b)", re.M)
-    offenders = [p.name for p in root.rglob("*.py") if p.name != "cli.py" and pattern.search(p.read_text("utf-8"))]
-    assert not offenders, f"only pipeline/cli.py may import click: {offenders}"
-
-
 @pytest.mark.parametrize(
     ("command", "stage", "says"),
     [

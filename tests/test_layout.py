@@ -104,7 +104,7 @@ def test_only_the_cli_imports_click():
         for name, line in _imports(mod, path)
         if name == "click" or name.startswith("click.")
     ]
-    assert users and all(u.startswith("pipeline/cli.py:") for u in users), users
+    assert users and all(u.startswith("pipeline/cli/") for u in users), users
 
 
 @pytest.mark.parametrize("layer", ["cache", "probe"])
