@@ -22,19 +22,19 @@ import datetime as _dt
 import json
 import os
 import time
-from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+import PIL
 import torch
 from tqdm.auto import tqdm
 
 from . import __version__
 from .cache import statcache
 from .cache.index import IndexContents, commit, migrate_v1
+from .cache.scan import Scan, index_contents, label_changes, labels_by_hash
 from .cache.segments import (
     DEFAULT_SEGMENT_ROWS,
     SegmentInfo,
@@ -43,13 +43,12 @@ from .cache.segments import (
     remove_stale_temporaries,
     unindexed_segments,
 )
-from .cache.statcache import StatKey
 from .cache.store import Cache, writer_lock
 from .config import ExtractConfig, save_resolved
 from .core import distributed, runtime
 from .core.distributed import Dist, merge_shards
 from .data.gpu_decode import require_cuda
-from .data.images import Catalog, discover
+from .data.images import DEFAULT_MAX_PIXELS, Catalog, discover
 from .data.loader import DECODERS, Source, embed_batches, make_loader
 from .errors import CacheError, HeadstartError, InputError
 from .models import engine as engines
@@ -74,14 +73,21 @@ class ExtractSummary:
     seconds: float = 0.0
     class_names: list[str] = field(default_factory=list)
     note: str = ""  # replaces the line on torchrun ranks other than 0
+    known_bad: int = 0  # skipped contents known from an earlier run (same limits): not decoded again
+    removed: int = 0  # rows of the previous index whose photo is gone
+    relabelled: int = 0  # rows whose label changed since the previous index
 
     def line(self) -> str:
         if self.note:
             return self.note
         rate = f" ({self.extracted / self.seconds:.1f} images/s)" if self.extracted and self.seconds else ""
+        known = f" ({self.known_bad} known from earlier runs, not decoded again)" if self.known_bad else ""
+        changes = "".join(
+            f", {what} {n}" for what, n in (("removed", self.removed), ("relabelled", self.relabelled)) if n
+        )
         return (
             f"{self.path}: {self.rows} rows, {len(self.class_names)} classes; "
-            f"extracted {self.extracted}{rate}, reused {self.reused}, skipped {len(self.skipped)}"
+            f"extracted {self.extracted}{rate}, reused {self.reused}{changes}, skipped {len(self.skipped)}{known}"
         )
 
 
@@ -98,6 +104,7 @@ class _Run:
     catalog: Catalog
     loaded: LoadedBackbone
     fp: Fingerprint
+    limits: str  # what decides whether a file decodes (see decode_limits)
     t0: float
 
 
@@ -110,21 +117,8 @@ class _Old:
     segment_rows: dict[str, int]  # the index's segments, in its order
     dtype: str
     stat: dict[str, tuple[int, int, int, int, str]]  # rel path -> size, mtime_ns, inode, device, hash
-
-
-@dataclass
-class _Share:
-    """What one process knows about the folder once its share of the work is done."""
-
-    by_hash: dict[str, list[int]]  # content hash -> the catalog items with those bytes
-    skipped: list[tuple[str, str]]  # (path, reason), found before any decoding
-    location: dict[str, tuple[str, int]]  # hash -> (segment, row): from the index, adopted or new
-    bad: dict[str, str]  # hash -> why its bytes give no row
-    todo: list[str]  # new content, all ranks' together
-    mine: list[str]  # the part of ``todo`` this process extracted
-    segment_rows: dict[str, int]  # segments not in the index that rows may come from
-    stat: list[StatKey | None]  # per catalog item, as stat-ed before hashing
-    scan_ns: int  # when the scan began (see statcache.RACY_NS)
+    rejected: dict[str, tuple[str, str]]  # content hash -> (reason, limits): known not to decode
+    label_of: dict[str, str | None]  # content hash -> its label (for the relabelled count)
 
 
 def extract(cfg: ExtractConfig) -> ExtractSummary:
@@ -152,7 +146,14 @@ def _start(cfg: ExtractConfig) -> _Run:
     catalog = discover(cfg.images)
     loaded = load_backbone(spec, cfg.weights_file)
     fp = loaded.fingerprint(precision)
-    return _Run(cfg, Path(cfg.out), dist, device, engine, precision, catalog, loaded, fp, t0)
+    return _Run(cfg, Path(cfg.out), dist, device, engine, precision, catalog, loaded, fp, decode_limits(cfg), t0)
+
+
+def decode_limits(cfg: ExtractConfig) -> str:
+    """The settings, besides the bytes, that decide whether a file decodes: a remembered skip
+    is reused only under the same ones (raise --max-pixels, or upgrade Pillow, and the file is
+    tried again)."""
+    return json.dumps({"max_pixels": cfg.max_pixels or DEFAULT_MAX_PIXELS, "pillow": PIL.__version__}, sort_keys=True)
 
 
 def _precision_asked(cfg: ExtractConfig) -> str:
@@ -186,17 +187,22 @@ def _lead(run: _Run, others: bool) -> ExtractSummary:
             _take(run, share, old)
         contents = _assemble(run, share, old)
         commit(out, contents)
+        extracted = share.computed(share.todo)
+        removed, relabelled = label_changes(old.label_of if old else None, contents)
 
     resolved = out.with_name(out.name + ".config.json")
     save_resolved(cfg, resolved, resolved_precision=run.precision, engine=run.engine, device=str(run.device))
     summary = ExtractSummary(
         path=out,
         rows=len(contents.content_hash),
-        extracted=len(share.todo),
-        reused=len(share.by_hash) - len(share.todo),
+        extracted=extracted,
+        reused=len(contents.content_hash) - extracted,
         skipped=contents.skipped,
         seconds=time.perf_counter() - run.t0,
         class_names=contents.class_names,
+        known_bad=share.known_bad,
+        removed=removed,
+        relabelled=relabelled,
     )
     if cfg.strict and summary.skipped:
         listed = "; ".join(f"{p}: {r}" for p, r in summary.skipped[:5])
@@ -212,7 +218,7 @@ def _follow(run: _Run) -> ExtractSummary:
     dist.agree(None)  # rank 0's _prepare: a refused cache stops every rank here
     share = _extract_share(run, _read_old(run.cfg, out))
     dist.barrier()  # rank 0 writes the index only after this
-    mine, todo = len(share.mine), len(share.todo)
+    mine, todo = share.computed(share.mine), len(share.todo)
     return ExtractSummary(
         path=out,
         rows=0,
@@ -228,12 +234,12 @@ def _cache_dtype(cfg: ExtractConfig, old: _Old | None) -> str:
     return old.dtype if old is not None else cfg.dtype
 
 
-def _extract_share(run: _Run, old: _Old | None) -> _Share:
+def _extract_share(run: _Run, old: _Old | None) -> Scan:
     """The work every process does: adopt finished segments a killed run left, stat (hash where
     needed) its slice of the files and learn the rest from the other ranks, run the backbone on
     the new content this process owns and write those rows as segments."""
     catalog = run.catalog
-    share = _Share(defaultdict(list), [(s.rel, s.reason) for s in catalog.skipped], {}, {}, [], [], {}, [], 0)
+    share = Scan([(s.rel, s.reason) for s in catalog.skipped])
     orphans = [] if run.cfg.rebuild else unindexed_segments(run.out, set(old.segment_rows) if old else set())
     share.scan_ns = time.time_ns()
     mine = [(i, it.path, it.rel) for i, it in enumerate(catalog.items) if run.dist.owns_index(i)]
@@ -249,28 +255,35 @@ def _extract_share(run: _Run, old: _Old | None) -> _Share:
         share.location.update((h, old.location[h]) for h in share.by_hash if h in old.location)
     _take(run, share, old, orphans)
     by_hash = share.by_hash
+    if old is not None:  # broken content the index remembers: not decoded again under the same limits
+        for h in by_hash:
+            known = old.rejected.get(h)
+            if known and known[1] == run.limits and h not in share.location and h not in share.bad:
+                share.bad[h] = known[0]
+                share.known_bad += 1
     todo = [h for h in by_hash if h not in share.location and h not in share.bad]
     share.todo = sorted(todo, key=lambda h: by_hash[h][0])
     share.mine = [h for h in share.todo if run.dist.owns_hash(h)]  # all of it in one process
 
     if share.mine:
         dtype = _cache_dtype(run.cfg, old)
-        writer = SegmentWriter(run.out, run.fp, dtype, run.fp.feature_dim, SEGMENT_ROWS)
+        writer = SegmentWriter(run.out, run.fp, dtype, run.fp.feature_dim, SEGMENT_ROWS, run.limits)
         sources = [catalog.items[by_hash[h][0]].path for h in share.mine]
         _run_backbone(run.cfg, run.loaded, run.device, run.engine, run.precision, sources, share.mine, writer)
         share.location.update(writer.locations)
         share.bad.update(writer.bad)
+        share.forget.update(writer.forget)
         share.segment_rows.update((s.name, s.n_rows) for s in writer.segments)
     return share
 
 
-def _take(run: _Run, share: _Share, old: _Old | None, segments: list[SegmentInfo] | None = None) -> None:
+def _take(run: _Run, share: Scan, old: _Old | None, segments: list[SegmentInfo] | None = None) -> None:
     """Rows and skips of segments outside the index that this run may use (``adopt``); by
     default (rank 0, after the barrier) those the other ranks wrote."""
     if segments is None:
         segments = unindexed_segments(run.out, set(old.segment_rows if old else ()) | set(share.segment_rows))
     dtype, dim = _cache_dtype(run.cfg, old), run.fp.feature_dim
-    share.segment_rows.update(adopt(segments, run.fp, dtype, dim, share.by_hash, share.location, share.bad))
+    share.segment_rows.update(adopt(segments, run.fp, dtype, dim, share.by_hash, share.location, share.bad, run.limits))
 
 
 def _prepare(cfg: ExtractConfig, out: Path, fp: Fingerprint) -> None:
@@ -299,6 +312,8 @@ def _read_old(cfg: ExtractConfig, out: Path) -> _Old | None:
             segment_rows=c.segment_rows,
             dtype=c.dtype,
             stat=c.stat_table().lookup(),
+            rejected=c.rejected,
+            label_of=labels_by_hash(c.content_hash, c.labels.tolist(), c.class_names),
         )
 
 
@@ -361,60 +376,27 @@ def _run_backbone(
         bar.close()
 
 
-def _assemble(run: _Run, share: _Share, old: _Old | None) -> IndexContents:
-    """One row per distinct content (labels and paths from this scan), in storage order: the
-    index's rows first, in its order, then the new segments' rows."""
-    cfg, catalog, fp = run.cfg, run.catalog, run.fp
-    class_names = catalog.class_names
-    label_id = {n: i for i, n in enumerate(class_names)}
-    rows: list[tuple[str, str, int]] = []  # hash, path, label
-    duplicates: list[tuple[str, str]] = []
-    skipped = list(share.skipped)
-    for h, members in sorted(share.by_hash.items(), key=lambda kv: catalog.items[kv[1][0]].rel):
-        first = catalog.items[members[0]]
-        if h not in share.location:
-            skipped.extend((catalog.items[i].rel, share.bad.get(h, "no features")) for i in members)
-            continue
-        item_labels = {lab for i in members if (lab := catalog.items[i].label) is not None}
-        label = -1
-        if len(item_labels) == 1:
-            label = label_id[item_labels.pop()]
-        elif len(item_labels) > 1:
-            why = f"identical bytes filed under {len(item_labels)} labels ({', '.join(sorted(item_labels))})"
-            skipped.append((first.rel, f"{why}; kept unlabelled"))
-        rows.append((h, first.rel, label))
-        duplicates.extend((catalog.items[i].rel, h) for i in members[1:])
-    seg_rows = dict(old.segment_rows) if old else {}
-    seg_rows.update(sorted(share.segment_rows.items()))
-    order = {s: k for k, s in enumerate(seg_rows)}
-    rows.sort(key=lambda r: (order[share.location[r[0]][0]], share.location[r[0]][1]))
-
-    hashed = [(catalog.items[i].rel, share.stat[i], h) for h, members in share.by_hash.items() for i in members]
-
+def _assemble(run: _Run, share: Scan, old: _Old | None) -> IndexContents:
+    """The next index: this scan's rows, labels and paths, with the run's provenance."""
     now = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
-    attrs: dict[str, object] = dict(fp.to_record())
+    attrs: dict[str, object] = dict(run.fp.to_record())
     attrs.update(
         created=(old.attrs.get("created", now) if old else now),
         updated=now,
-        image_root=str(catalog.root),
-        layout=catalog.layout,
+        image_root=str(run.catalog.root),
+        layout=run.catalog.layout,
         headstart_version=__version__,
         torch_version=torch.__version__,
-        config=json.dumps({**vars(cfg), "engine_used": run.engine}, default=str, ensure_ascii=False),
+        config=json.dumps({**vars(run.cfg), "engine_used": run.engine}, default=str, ensure_ascii=False),
     )
-    location = [share.location[h] for h, _, _ in rows]
-    used = {s for s, _ in location}
-    return IndexContents(
-        content_hash=[h for h, _, _ in rows],
-        paths=[p for _, p, _ in rows],
-        labels=np.asarray([lab for _, _, lab in rows], dtype=np.int32),
-        class_names=class_names,
+    items = run.catalog.items
+    return index_contents(
+        share,
+        [it.rel for it in items],
+        [it.label for it in items],
         attrs=attrs,
-        location=location,
-        segment_rows={s: n for s, n in seg_rows.items() if s in used},
-        dtype=_cache_dtype(cfg, old),
-        feature_dim=fp.feature_dim,
-        duplicates=duplicates,
-        skipped=sorted(skipped),
-        stat=statcache.table(hashed, share.scan_ns),
+        old_segment_rows=old.segment_rows if old else {},
+        dtype=_cache_dtype(run.cfg, old),
+        feature_dim=run.fp.feature_dim,
+        limits=run.limits,
     )

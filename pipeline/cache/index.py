@@ -44,6 +44,9 @@ class IndexContents:
     feature_dim: int
     duplicates: list[tuple[str, str]] = field(default_factory=list)  # (path, content_hash)
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+    # Content that gave no row, remembered so an unchanged broken file is not decoded every
+    # run: (content hash, reason, the decode limits it failed under).
+    rejected: list[tuple[str, str, str]] = field(default_factory=list)
     stat: StatTable = field(default_factory=StatTable)
 
 
@@ -85,6 +88,10 @@ def write_index(path: Path, c: IndexContents) -> int:
         g = f.create_group("skipped")
         _str_ds(g, "path", [p for p, _ in c.skipped])
         _str_ds(g, "reason", [r for _, r in c.skipped])
+        g = f.create_group("rejected")
+        g.create_dataset("content_hash", data=np.array([h for h, _, _ in c.rejected], dtype="S32"))
+        _str_ds(g, "reason", [r for _, r, _ in c.rejected])
+        _str_ds(g, "limits", [lim for _, _, lim in c.rejected])
         g = f.create_group("segments")
         _str_ds(g, "name", used)
         g.create_dataset("rows", data=np.array([c.segment_rows[s] for s in used], dtype=np.int64))

@@ -39,10 +39,11 @@ class SegmentInfo:
     name: str
     n_rows: int
     content_hash: list[str]
-    bad: dict[str, str]  # content hash -> why its bytes gave no row
+    bad: dict[str, str]  # content hash -> why its bytes gave no row ...
     fingerprint: dict[str, Any]
     dtype: str
     feature_dim: int
+    limits: str = ""  # ... under these decode limits (see ``extract``); "" = unknown, never reused
 
 
 def write_segment(
@@ -51,8 +52,10 @@ def write_segment(
     hashes: Sequence[str],
     features: np.ndarray,
     bad: Sequence[tuple[str, str]] = (),
+    limits: str = "",
 ) -> SegmentInfo:
-    """One new immutable segment in ``CACHE.h5.segments/``, durable once this returns."""
+    """One new immutable segment in ``CACHE.h5.segments/``, durable once this returns.
+    ``bad``: content that gave no row under the decode ``limits`` of the run."""
     record = fingerprint.to_record() if isinstance(fingerprint, Fingerprint) else dict(fingerprint)
     n, d = features.shape
     if n != len(hashes):
@@ -80,12 +83,13 @@ def write_segment(
                 "n_rows": n,
                 "feature_dim": d,
                 "dtype": str(features.dtype),
+                "limits": limits,
             },
         )
 
     _write_h5_atomically(path, fill, features.nbytes + (1 << 16), "segment")
     crash_point("segment-written")
-    return SegmentInfo(name, n, list(hashes), dict(bad), record, str(features.dtype), d)
+    return SegmentInfo(name, n, list(hashes), dict(bad), record, str(features.dtype), d, limits)
 
 
 def read_segment_info(path: Path) -> SegmentInfo:
@@ -105,6 +109,7 @@ def read_segment_info(path: Path) -> SegmentInfo:
             {k: attrs[k] for k in FINGERPRINT_KEYS if k in attrs},
             str(attrs.get("dtype")),
             int(f["features"].shape[1]),
+            str(attrs.get("limits", "")),
         )
 
 
@@ -149,14 +154,17 @@ class SegmentWriter:
     """Collects new rows and writes a segment every ``rows`` rows (and on :meth:`flush`), so
     memory holds at most one segment's rows however many photos are new."""
 
-    def __init__(self, cache_path: Path, fingerprint: Fingerprint, dtype: Any, feature_dim: int, rows: int) -> None:
-        self.cache_path, self.fp, self.rows = cache_path, fingerprint, rows
+    def __init__(
+        self, cache_path: Path, fingerprint: Fingerprint, dtype: Any, feature_dim: int, rows: int, limits: str = ""
+    ) -> None:
+        self.cache_path, self.fp, self.rows, self.limits = cache_path, fingerprint, rows, limits
         self.dtype, self.d = np.dtype(dtype), feature_dim
         self._h: list[str] = []
         self._f: list[np.ndarray] = []
         self._bad: list[tuple[str, str]] = []
         self.locations: dict[str, tuple[str, int]] = {}  # hash -> (segment, row)
-        self.bad: dict[str, str] = {}
+        self.bad: dict[str, str] = {}  # every failure of this run ...
+        self.forget: set[str] = set()  # ... of which these are not remembered (not the content's fault)
         self.segments: list[SegmentInfo] = []
 
     @property
@@ -169,15 +177,23 @@ class SegmentWriter:
         if len(self._h) >= self.rows:
             self.flush()
 
-    def add_bad(self, content_hash: str, reason: str) -> None:
-        self._bad.append((content_hash, reason))
+    def add_bad(self, content_hash: str, reason: str, *, remember: bool = True) -> None:
+        """Content that gave no row. Remembered (written to the segment, so later runs do not
+        decode it again under the same limits) unless the failure says nothing about the bytes,
+        e.g. a file that changed while it was read."""
         self.bad[content_hash] = reason
+        if remember:
+            self._bad.append((content_hash, reason))
+        else:
+            self.forget.add(content_hash)
 
     def flush(self) -> None:
         if not self.pending:
             return
         feats = np.concatenate(self._f) if self._f else np.zeros((0, self.d), self.dtype)
-        seg = write_segment(self.cache_path, self.fp, self._h, feats.reshape(len(self._h), self.d), self._bad)
+        seg = write_segment(
+            self.cache_path, self.fp, self._h, feats.reshape(len(self._h), self.d), self._bad, self.limits
+        )
         self.locations.update((h, (seg.name, i)) for i, h in enumerate(seg.content_hash))
         self.segments.append(_without_keys(seg))
         self._h, self._f, self._bad = [], [], []
@@ -185,7 +201,7 @@ class SegmentWriter:
 
 def _without_keys(seg: SegmentInfo) -> SegmentInfo:
     """The segment without its key list (kept in ``locations``): bounded memory per segment."""
-    return SegmentInfo(seg.name, seg.n_rows, [], seg.bad, seg.fingerprint, seg.dtype, seg.feature_dim)
+    return SegmentInfo(seg.name, seg.n_rows, [], seg.bad, seg.fingerprint, seg.dtype, seg.feature_dim, seg.limits)
 
 
 def adopt(
@@ -196,10 +212,12 @@ def adopt(
     wanted: Container[str],
     location: dict[str, tuple[str, int]],
     bad: dict[str, str],
+    limits: str = "",
 ) -> dict[str, int]:
-    """Take rows (into ``location``) and skips (into ``bad``) of ``wanted`` content from
-    segments outside the index: only those of the same fingerprint, dtype and width (others
-    are deleted by the next commit, never mixed in). Returns the segments used, with their rows."""
+    """Take rows (into ``location``) and skips (into ``bad``; only those recorded under the
+    same decode ``limits``) of ``wanted`` content from segments outside the index: only those of
+    the same fingerprint, dtype and width (others are deleted by the next commit, never mixed
+    in). Returns the segments used, with their rows."""
     used: dict[str, int] = {}
     for seg in segments:
         try:
@@ -212,6 +230,8 @@ def adopt(
             if h in wanted and h not in location:
                 location[h] = (seg.name, r)
                 used[seg.name] = seg.n_rows
+        if not limits or seg.limits != limits:
+            continue
         for h, why in seg.bad.items():
             if h in wanted and h not in location:
                 bad.setdefault(h, why)

@@ -33,6 +33,9 @@ Index datasets (names are a public contract; other tools read them):
 ``/duplicates/content_hash``  ... and that row's key (identical files are extracted once)
 ``/skipped/path``      UTF-8: files that could not be used ...
 ``/skipped/reason``    ... and why
+``/rejected/*``        ``content_hash``, ``reason``, ``limits``: content that gave no row,
+                       remembered so an unchanged broken file is not decoded again under the
+                       same decode limits
 ``/segments/name``     UTF-8 ``[S]``: segment files (in ``CACHE.h5.segments/``) the rows use
 ``/segments/rows``     int64 ``[S]``: rows in each segment file (live or not)
 ``/location/segment``  int32 ``[N]``: each row's segment (index into ``/segments/name``) ...
@@ -65,6 +68,7 @@ import numpy as np
 
 from ..errors import BackboneError, CacheError
 from ..models.fingerprint import Fingerprint
+from . import validation
 from .h5io import SCHEMA_VERSION, StatTable, _decode, crash_point, segment_dir
 
 __all__ = ["SCHEMA_VERSION", "Cache", "CacheContents", "crash_point", "segment_dir", "writer_lock"]
@@ -116,37 +120,41 @@ class CacheContents:
 class Cache:
     """Read-only view of a cache (schema v1 or v2). Use as a context manager, or call :meth:`close`."""
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, check: bool = True) -> None:
+        """Open and check the layout (:mod:`.validation`: metadata only, O(1) in the rows): a
+        damaged or hand-made file is one CacheError here, whichever reader opened it. With
+        ``check=False`` (``cache verify``) layout problems are listed in :attr:`problems`
+        instead; a file that is not a readable headstart cache is refused either way."""
         self.path = Path(path)
         if not self.path.is_file():
-            raise CacheError(f"{self.path} does not exist; create it with `headstart extract IMAGES --out {self.path}`")
+            raise CacheError(_not_a_file(self.path))
         try:
             self._f = h5py.File(self.path, "r")
         except OSError as e:
             raise CacheError(f"{self.path} is not a readable HDF5 feature cache ({e})") from None
-        version = int(self._f.attrs.get("schema_version", -1))
-        if version == -1 or "features" not in self._f:
-            self._f.close()
-            raise CacheError(f"{self.path} is not a headstart feature cache (no schema_version)")
-        if version > SCHEMA_VERSION:
-            self._f.close()
-            raise CacheError(
-                f"{self.path} uses cache schema v{version}, newer than this headstart (v{SCHEMA_VERSION}); "
-                "upgrade headstart"
+        try:
+            self.schema_version = validation.schema_version(self.path, self._f)
+            self.problems = validation.attribute_problems(self._f) + validation.layout_problems(
+                self._f, self.schema_version
             )
-        self.schema_version = version
-        if version >= 2:
-            # A virtual dataset reads a missing source file as zeros, silently: check first.
-            folder = segment_dir(self.path)
-            missing = [s for s in self.segments if not (folder / s).is_file()]
-            if missing:
-                self._f.close()
-                raise CacheError(
-                    f"{self.path} names {len(missing)} segment file(s) missing from {folder}/, e.g. {missing[0]}; "
-                    f"copy or move the whole folder ({self.path.name} and {folder.name}/ together), "
-                    "or extract again with --rebuild"
-                )
-        self._ds = self._f["features"]  # held: a virtual dataset opens its sources once
+            if check and self.problems:
+                raise validation.damaged(self.path, self.problems)
+            if self.schema_version >= 2 and "segments/name" in self._f and not self.problems:
+                # A virtual dataset reads a missing source file as zeros, silently: check first.
+                folder = segment_dir(self.path)
+                missing = [s for s in self.segments if not (folder / s).is_file()]
+                if missing:
+                    raise CacheError(
+                        f"{self.path} names {len(missing)} segment file(s) missing from {folder}/, e.g. "
+                        f"{missing[0]}; copy or move the whole folder ({self.path.name} and {folder.name}/ "
+                        "together), or extract again with --rebuild"
+                    )
+        except BaseException:
+            self._f.close()
+            raise
+        # Held: a virtual dataset opens its sources once. None only for check=False on a file
+        # whose /features is unusable (verify reports it and reads nothing).
+        self._ds: Any = self._f["features"] if isinstance(self._f.get("features"), h5py.Dataset) else None
 
     def __enter__(self) -> Cache:
         return self
@@ -196,12 +204,31 @@ class Cache:
 
     @property
     def labels(self) -> np.ndarray:
-        return np.asarray(self._f["labels"][()], dtype=np.int64)
+        """Per row: index into :attr:`class_names`, -1 = unlabelled (checked: see :meth:`read_labels`)."""
+        return self.read_labels()
+
+    def read_labels(self, *, check: bool = True) -> np.ndarray:
+        """The labels; a value outside -1 .. classes-1 is a CacheError unless ``check=False``
+        (``cache verify`` counts them). Checked here, where they are read anyway, rather than at
+        open: they are per-row data, and opening stays O(1)."""
+        labels = np.asarray(self._f["labels"][()], dtype=np.int64)
+        if check:
+            validation.check_labels(self.path, labels, int(self._f["class_names"].shape[0]))
+        return labels
 
     @property
     def skipped(self) -> list[tuple[str, str]]:
         g = self._f["skipped"]
         return list(zip(_decode(g["path"]), _decode(g["reason"]), strict=True))
+
+    @property
+    def rejected(self) -> dict[str, tuple[str, str]]:
+        """Content hash -> (why it gave no row, the decode limits of that run); empty before 0.2."""
+        if "rejected" not in self._f:
+            return {}
+        g = self._f["rejected"]
+        hashes = [h.decode() for h in g["content_hash"][()]]
+        return dict(zip(hashes, zip(_decode(g["reason"]), _decode(g["limits"]), strict=True), strict=True))
 
     @property
     def duplicates(self) -> list[tuple[str, str]]:
@@ -223,9 +250,14 @@ class Cache:
     def locations(self) -> list[tuple[str, int]]:
         """Per row: (segment name, row in it). Schema v2 only."""
         names = self.segments
-        seg = self._f["location/segment"][()].tolist()
-        row = self._f["location/row"][()].tolist()
-        return [(names[s], r) for s, r in zip(seg, row, strict=True)]
+        seg = self._f["location/segment"][()]
+        row = self._f["location/row"][()]
+        if len(seg) and (seg.min() < 0 or seg.max() >= len(names) or row.min() < 0):
+            raise CacheError(
+                f"{self.path} is damaged: /location points outside the {len(names)} segment(s) of /segments; "
+                + validation.fix_hint(self.path)
+            )
+        return [(names[s], r) for s, r in zip(seg.tolist(), row.tolist(), strict=True)]
 
     def stat_table(self) -> StatTable:
         if "stat" not in self._f:
@@ -265,17 +297,33 @@ class Cache:
         for start in range(0, self.n_rows, chunk_rows):
             yield start, np.asarray(self._read(slice(start, start + chunk_rows)), dtype=dtype)
 
-    def read_all(self) -> CacheContents:
+    def read_all(self, *, check: bool = True) -> CacheContents:
         return CacheContents(
             features=self._read(()),
             content_hash=self.content_hash,
             paths=self.paths,
-            labels=self.labels,
+            labels=self.read_labels(check=check),
             class_names=self.class_names,
             attrs=self.attrs,
             duplicates=self.duplicates,
             skipped=self.skipped,
         )
+
+
+def _not_a_file(path: Path) -> str:
+    """Why ``path`` cannot be opened as a cache, and what to do: a folder given by mistake, or
+    no index yet because the first extract into it was interrupted (its finished segments wait
+    to be adopted), or nothing at all."""
+    if path.is_dir():
+        return f"{path} is a directory, not a feature cache; give the .h5 file `headstart extract` wrote"
+    folder = segment_dir(path)
+    finished = len(list(folder.glob("seg-*.h5"))) if folder.is_dir() else 0
+    if finished:
+        return (
+            f"{path} has no index yet: {folder}/ holds {finished} finished segment(s) of an interrupted "
+            "extract; run the same `headstart extract` again to resume"
+        )
+    return f"{path} does not exist; create it with `headstart extract IMAGES --out {path}`"
 
 
 def require_finite(

@@ -1,0 +1,115 @@
+"""What one extract run learned about the photo folder, and the index it gives (``Scan``).
+
+``extract`` fills a :class:`Scan` (every torchrun rank its own, rank 0 merges the others'
+segments into its own) and :func:`index_contents` turns it into the next index: one row per
+distinct content, labels and paths from this scan, rows in storage order. No torch here.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from . import statcache
+from .index import IndexContents
+from .statcache import StatKey
+
+
+@dataclass
+class Scan:
+    """One process's knowledge of the folder once its share of the work is done."""
+
+    skipped: list[tuple[str, str]]  # (path, reason), found before any decoding
+    by_hash: dict[str, list[int]] = field(default_factory=lambda: defaultdict(list))  # hash -> catalog items
+    location: dict[str, tuple[str, int]] = field(default_factory=dict)  # hash -> (segment, row)
+    bad: dict[str, str] = field(default_factory=dict)  # hash -> why its bytes give no row
+    forget: set[str] = field(default_factory=set)  # the part of ``bad`` not to remember (not the content's fault)
+    known_bad: int = 0  # the part of ``bad`` known from the index, not decoded again
+    todo: list[str] = field(default_factory=list)  # new content, all ranks' together
+    mine: list[str] = field(default_factory=list)  # the part of ``todo`` this process extracted
+    segment_rows: dict[str, int] = field(default_factory=dict)  # segments outside the index rows may come from
+    stat: list[StatKey | None] = field(default_factory=list)  # per catalog item, as stat-ed before hashing
+    scan_ns: int = 0  # when the scan began (see statcache.RACY_NS)
+
+    def computed(self, hashes: Sequence[str]) -> int:
+        """How many of ``hashes`` got a row."""
+        return sum(1 for h in hashes if h in self.location)
+
+
+def index_contents(
+    scan: Scan,
+    rels: Sequence[str],
+    labels: Sequence[str | None],
+    *,
+    attrs: dict[str, Any],
+    old_segment_rows: dict[str, int],
+    dtype: str,
+    feature_dim: int,
+    limits: str,
+) -> IndexContents:
+    """The next index from ``scan`` (``rels``/``labels``: per catalog item). Rows in storage
+    order: the old index's segments first, in its order, then the new segments' rows. Content
+    that failed is listed as skipped, and remembered (``rejected``) under ``limits`` unless the
+    failure was not the content's."""
+    class_names = sorted({lab for lab in labels if lab is not None})
+    label_id = {n: i for i, n in enumerate(class_names)}
+    rows: list[tuple[str, str, int]] = []  # hash, path, label
+    duplicates: list[tuple[str, str]] = []
+    skipped = list(scan.skipped)
+    for h, members in sorted(scan.by_hash.items(), key=lambda kv: rels[kv[1][0]]):
+        if h not in scan.location:
+            skipped.extend((rels[i], scan.bad.get(h, "no features")) for i in members)
+            continue
+        item_labels = {lab for i in members if (lab := labels[i]) is not None}
+        label = -1
+        if len(item_labels) == 1:
+            label = label_id[item_labels.pop()]
+        elif len(item_labels) > 1:
+            why = f"identical bytes filed under {len(item_labels)} labels ({', '.join(sorted(item_labels))})"
+            skipped.append((rels[members[0]], f"{why}; kept unlabelled"))
+        rows.append((h, rels[members[0]], label))
+        duplicates.extend((rels[i], h) for i in members[1:])
+    seg_rows = dict(old_segment_rows)
+    seg_rows.update(sorted(scan.segment_rows.items()))
+    order = {s: k for k, s in enumerate(seg_rows)}
+    rows.sort(key=lambda r: (order[scan.location[r[0]][0]], scan.location[r[0]][1]))
+    hashed = [(rels[i], scan.stat[i], h) for h, members in scan.by_hash.items() for i in members]
+    location = [scan.location[h] for h, _, _ in rows]
+    used = {s for s, _ in location}
+    return IndexContents(
+        content_hash=[h for h, _, _ in rows],
+        paths=[p for _, p, _ in rows],
+        labels=np.asarray([lab for _, _, lab in rows], dtype=np.int32),
+        class_names=class_names,
+        attrs=attrs,
+        location=location,
+        segment_rows={s: n for s, n in seg_rows.items() if s in used},
+        dtype=dtype,
+        feature_dim=feature_dim,
+        duplicates=duplicates,
+        skipped=sorted(skipped),
+        rejected=sorted(
+            (h, why, limits)
+            for h, why in scan.bad.items()
+            if h in scan.by_hash and h not in scan.location and h not in scan.forget
+        ),
+        stat=statcache.table(hashed, scan.scan_ns),
+    )
+
+
+def labels_by_hash(hashes: Sequence[str], labels: Sequence[int], class_names: Sequence[str]) -> dict[str, str | None]:
+    return {h: (class_names[lab] if lab >= 0 else None) for h, lab in zip(hashes, labels, strict=True)}
+
+
+def label_changes(before: dict[str, str | None] | None, after: IndexContents) -> tuple[int, int]:
+    """(rows removed, rows relabelled) from the index ``before`` (hash -> label) to ``after``."""
+    if before is None:
+        return 0, 0
+    now = labels_by_hash(after.content_hash, after.labels.tolist(), after.class_names)
+    removed = sum(1 for h in before if h not in now)
+    relabelled = sum(1 for h, lab in now.items() if h in before and before[h] != lab)
+    return removed, relabelled
