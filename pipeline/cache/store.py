@@ -55,8 +55,6 @@ converted by :func:`migrate_v1` on the next extract.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -70,34 +68,9 @@ from ..errors import BackboneError, CacheError
 from ..models.fingerprint import Fingerprint
 from . import validation
 from .h5io import SCHEMA_VERSION, StatTable, _decode, crash_point, segment_dir
+from .lock import writer_lock
 
 __all__ = ["SCHEMA_VERSION", "Cache", "CacheContents", "crash_point", "segment_dir", "writer_lock"]
-
-
-# --------------------------------------------------------------------------- lock
-
-
-@contextlib.contextmanager
-def writer_lock(cache_path: Path) -> Iterator[None]:
-    """One writer per cache. ``flock`` is released by the kernel when the process dies,
-    so a killed extractor never leaves a stale lock behind."""
-    lock_path = cache_path.with_name(cache_path.name + ".lock")
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
-            raise CacheError(
-                f"{cache_path} is being written by {holder}; wait for it to finish "
-                "(readers such as fit-head can use the cache meanwhile)"
-            ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()}".encode(), 0)
-        yield
-    finally:
-        os.close(fd)
 
 
 # --------------------------------------------------------------------------- reader
@@ -133,13 +106,18 @@ class Cache:
         except OSError as e:
             raise CacheError(f"{self.path} is not a readable HDF5 feature cache ({e})") from None
         try:
-            self.schema_version = validation.schema_version(self.path, self._f)
-            self.problems = validation.attribute_problems(self._f) + validation.layout_problems(
-                self._f, self.schema_version
-            )
+            try:
+                self.schema_version = validation.schema_version(self.path, self._f)
+                layout = validation.layout_problems(self._f, self.schema_version)
+            except validation.BadSchema as e:
+                if check:
+                    raise
+                self.schema_version, layout = 0, [e.problem]
+            self.problems = validation.attribute_problems(self._f) + layout
+            self.readable = not layout  # attribute problems alone leave the datasets usable
             if check and self.problems:
-                raise validation.damaged(self.path, self.problems)
-            if self.schema_version >= 2 and "segments/name" in self._f and not self.problems:
+                raise CacheError(validation.damaged(self.path, self.problems))
+            if self.schema_version >= 2 and self.readable:
                 # A virtual dataset reads a missing source file as zeros, silently: check first.
                 folder = segment_dir(self.path)
                 missing = [s for s in self.segments if not (folder / s).is_file()]
