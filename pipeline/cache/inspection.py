@@ -20,8 +20,13 @@ from .store import Cache, segment_dir
 
 
 def info(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """What ``headstart cache info`` prints: fingerprint, counts, classes, skipped files."""
+    """What ``headstart cache info`` prints: fingerprint, counts, classes, skipped files; or,
+    before the first commit, the unfinished work of an extract (:func:`unfinished`)."""
     path = Path(path)
+    if not path.exists():
+        pending = unfinished(path)
+        if pending is not None:
+            return pending
     with Cache(path) as c:
         a = c.attrs
         labels = c.labels
@@ -51,7 +56,74 @@ def info(path: str | os.PathLike[str]) -> dict[str, Any]:
     return out
 
 
+def unfinished(path: Path) -> dict[str, Any] | None:
+    """A cache with no index yet: what a first extract left (finished segments, temporaries of
+    a killed writer, the lock) and whether a writer holds the lock now. None if there is none
+    of it. The segments are what the next run adopts, so their rows are work not lost."""
+    folder = segment_dir(path)
+    lock = path.with_name(path.name + ".lock")
+    segments = unindexed_segments(path, set())
+    temporaries = list(path.parent.glob(f".{path.name}.tmp-*")) if path.parent.is_dir() else []
+    if folder.is_dir():
+        temporaries += list(folder.glob(".seg-*.tmp-*"))
+    if not (segments or temporaries or lock.is_file() or folder.is_dir()):
+        return None
+    writer = _lock_holder(lock)
+    return {
+        "path": str(path),
+        "index": False,
+        "state": "running" if writer is not None else "interrupted",
+        "writer_pid": writer,
+        "segments": len(segments),
+        "unindexed_rows": sum(s.n_rows for s in segments),
+        "temporaries": len(temporaries),
+        "fingerprint": dict(segments[0].fingerprint) if segments else None,
+        "size_bytes": sum((folder / s.name).stat().st_size for s in segments),
+    }
+
+
+def _lock_holder(lock: Path) -> int | None:
+    """The pid holding ``lock``'s ``flock`` on this machine, from ``/proc/locks``; None if no
+    one does (or it cannot be told). Read-only: taking the lock to test it, even for a moment,
+    could refuse a writer that starts in that moment."""
+    try:
+        st = lock.stat()
+        with open("/proc/locks", encoding="ascii", errors="replace") as fh:
+            lines = fh.read().splitlines()
+    except OSError:
+        return None
+    want = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    for line in lines:
+        fields = line.split()
+        # "1: FLOCK  ADVISORY  WRITE 4711 fd:01:2621445 0 EOF"; "->" marks a waiting request.
+        if len(fields) >= 6 and fields[1] == "FLOCK" and fields[5] == want and fields[4].isdigit():
+            return int(fields[4])
+    return None
+
+
+def _format_unfinished(d: dict[str, Any]) -> str:
+    rows, n = d["unindexed_rows"], d["segments"]
+    lines = [
+        f"{d['path']}: no index yet: {n} finished segment{'s' if n != 1 else ''} with {rows} row"
+        f"{'s' if rows != 1 else ''} from an "
+        + (
+            f"extract that is running now (pid {d['writer_pid']})"
+            if d["state"] == "running"
+            else "interrupted extract; run extract again to resume (those rows are adopted, not extracted again)"
+        )
+    ]
+    fp = d["fingerprint"]
+    if fp:
+        lines.append(f"backbone      {fp.get('backbone')} ({fp.get('weights')}), precision {fp.get('precision')}")
+    if d["temporaries"]:
+        whose = "the running writer" if d["state"] == "running" else "a killed writer, removed by the next extract"
+        lines.append(f"temporaries   {d['temporaries']} half-written file(s) of {whose}")
+    return "\n".join(lines)
+
+
 def format_info(d: dict[str, Any]) -> str:
+    if d.get("index") is False:
+        return _format_unfinished(d)
     fp = d["fingerprint"]
     lines = [
         f"{d['path']}: schema v{d['schema_version']}, {d['rows']} rows x {d['feature_dim']} ({d['dtype']}), "
@@ -82,30 +154,20 @@ def verify(path: str | os.PathLike[str]) -> list[str]:
     and every segment (whose Fletcher-32 checksums are checked on read), so a damaged chunk
     shows up here rather than in the middle of a fit; checks that the index points at
     existing segments holding the rows it says."""
-    problems: list[str] = []
-    with Cache(path) as c:
+    with Cache(path, check=False) as c:
+        # The layout (datasets present, ranks, types, lengths; attributes that contradict them)
+        # is the reader's own check at open, listed here instead of raised.
+        problems = list(c.problems)
+        if not c.readable:
+            return problems  # reading further would only trip over the same damage
         if c.schema_version >= 2:
             problems += _verify_segments(c)
         try:
-            contents = c.read_all()
+            contents = c.read_all(check=False)
         except (OSError, KeyError, ValueError, CacheError) as e:
             return [*problems, f"cannot read every dataset: {e}"]
         a = contents.attrs
-        n, d = contents.features.shape if contents.features.ndim == 2 else (-1, -1)
-        if contents.features.ndim != 2:
-            problems.append(f"/features has shape {contents.features.shape}, expected [N, D]")
-        lengths = {
-            "/content_hash": len(contents.content_hash),
-            "/paths": len(contents.paths),
-            "/labels": len(contents.labels),
-        }
-        for name, count in lengths.items():
-            if count != n:
-                problems.append(f"{name} has {count} entries but /features has {n} rows")
-        if int(a.get("n_rows", -1)) != n:
-            problems.append(f"attribute n_rows is {a.get('n_rows')} but /features has {n} rows")
-        if str(a.get("feature_dim")) != str(d):
-            problems.append(f"attribute feature_dim is {a.get('feature_dim')} but /features has {d} columns")
+        n = len(contents.content_hash)
         for name, values in (("content_hash", contents.content_hash), ("paths", contents.paths)):
             counts: dict[str, int] = {}
             for v in values:
