@@ -32,7 +32,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import __version__
-from .cache import statcache
+from .cache import compact, statcache
 from .cache.index import IndexContents, commit, migrate_v1
 from .cache.scan import Scan, index_contents, label_changes, labels_by_hash
 from .cache.segments import (
@@ -187,6 +187,7 @@ def _lead(run: _Run, others: bool) -> ExtractSummary:
             _take(run, share, old)
         contents = _assemble(run, share, old)
         commit(out, contents)
+        compact.compact_if_needed(out, lock_held=True)  # over 25 % dead rows: reclaim them (compact.py)
         extracted = share.computed(share.todo)
         removed, relabelled = label_changes(old.label_of if old else None, contents)
 

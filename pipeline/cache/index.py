@@ -75,7 +75,9 @@ def write_index(path: Path, c: IndexContents) -> int:
             for a, b in zip(starts.tolist(), ends.tolist(), strict=True):
                 r0 = int(loc_row[a])
                 layout[a:b] = sources[used[int(loc_seg[a])]][r0 : r0 + (b - a)]
-            f.create_virtual_dataset("features", layout)
+            # A source deleted under a reader that opened this index earlier (a compaction) reads
+            # as the fill value: NaN, which readers refuse (store.require_finite), not zeros.
+            f.create_virtual_dataset("features", layout, fillvalue=np.nan)
         else:
             f.create_dataset("features", shape=(0, d), dtype=np.dtype(c.dtype))
         _packed(f, "content_hash", np.array(c.content_hash, dtype="S32"), compress=False)
