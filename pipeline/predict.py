@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import glob
+import io
 import json
 import os
 import sys
@@ -29,14 +29,14 @@ from tqdm.auto import tqdm
 from .artifacts.model_dir import LoadedModel, load_model
 from .config import PredictConfig, save_resolved
 from .core import runtime
+from .core.atomic import atomic_file
 from .core.csvcells import safe_cell
-from .data.images import IMAGE_EXTENSIONS
+from .data.inputs import expand_inputs
 from .data.loader import Batch, Source, embed_batches, make_loader
 from .errors import InputError
 from .models import engine as engines
 
 UNKNOWN = "unknown"
-LIST_EXTENSIONS = frozenset({".txt", ".lst", ".csv"})
 OUTPUT_FORMATS = ("csv", "jsonl")
 
 
@@ -167,72 +167,6 @@ class Predictor:
         return {"label": label, "probability": top[0][1], "top_k": top, "error": ""}
 
 
-# --------------------------------------------------------------------------- inputs
-
-
-def expand_inputs(inputs: Sequence[str], stdin: IO[str] | None = None) -> list[Path]:
-    """Files as given; folders searched recursively for images (sorted); glob patterns; list
-    files (``.txt``/``.lst``: one path a line; ``.csv``: a ``path`` column, else the first)
-    with paths relative to the list; ``-``: paths on stdin, as given (relative ones stay relative,
-    like a folder's). Only regular files are read: a FIFO in a folder is passed over, and one
-    named or listed is an error (reading it would block for ever).
-
-    Listed files that do not exist are kept: they become rows with their error."""
-    paths: list[Path] = []
-    for raw in inputs:
-        p = Path(raw)
-        if raw == "-":
-            paths.extend(_read_list(stdin or sys.stdin, Path(), csv_file=False))  # as typed, like folders
-        elif p.is_dir():
-            paths.extend(_images_under(p))
-        elif p.is_file() and p.suffix.lower() in LIST_EXTENSIONS:
-            with open(p, encoding="utf-8-sig", newline="") as f:
-                paths.extend(_read_list(f, p.parent, csv_file=p.suffix.lower() == ".csv"))
-        elif p.is_file() or (p.is_symlink() and not p.exists()):
-            paths.append(p)  # a dangling link becomes a row with its error
-        elif p.exists():
-            raise InputError(f"{p} is not a regular file (a FIFO, socket or device); give image files or folders")
-        elif glob.has_magic(raw):
-            matches = sorted(glob.glob(raw, recursive=True))
-            if not matches:
-                raise InputError(f"no files match {raw!r}")
-            for m in map(Path, matches):
-                paths.extend(_images_under(m) if m.is_dir() else [m] if m.is_file() else [])
-        else:
-            raise InputError(f"{p} does not exist")
-    if not paths:
-        raise InputError(f"no images found in {', '.join(inputs)}")
-    special = [q for q in paths if q.exists() and not q.is_file()]
-    if special:
-        raise InputError(
-            f"{special[0]} is not a regular file (a folder, FIFO, socket or device)"
-            + (f", nor {len(special) - 1} more" if len(special) > 1 else "")
-            + "; list image files only"
-        )
-    return paths
-
-
-def _images_under(folder: Path) -> list[Path]:
-    """Regular image files under ``folder``: a FIFO named x.jpg would block the reader for ever."""
-    return sorted(
-        q
-        for q in folder.rglob("*")
-        if q.suffix.lower() in IMAGE_EXTENSIONS and not q.name.startswith(".") and q.is_file()
-    )
-
-
-def _read_list(f: IO[str], base: Path, *, csv_file: bool) -> list[Path]:
-    if not csv_file:
-        lines = (line.strip() for line in f)
-        return [base / line for line in lines if line and not line.startswith("#")]
-    rows = list(csv.reader(f))
-    if not rows:
-        return []
-    header = [h.strip().lower() for h in rows[0]]
-    col, body = (header.index("path"), rows[1:]) if "path" in header else (0, rows)
-    return [base / r[col].strip() for r in body if len(r) > col and r[col].strip()]
-
-
 # --------------------------------------------------------------------------- outputs
 
 
@@ -268,7 +202,10 @@ class _RowWriter:
                 "top_k": [{"label": n, "probability": p} for n, p in row["top_k"]],
                 "error": row["error"] or None,
             }
-            self.f.write(json.dumps(body, ensure_ascii=False) + "\n")
+            text = json.dumps(body, ensure_ascii=False)
+            if _has_surrogates(text):  # a file name that is not UTF-8: escape it (valid JSON, reversible)
+                text = json.dumps(body, ensure_ascii=True)
+            self.f.write(text + "\n")
             return
         prob, cell = row["probability"], lambda text: safe_cell(text, self.raw)
         best = row["top_k"][0][0] if row["top_k"] else ""
@@ -279,29 +216,49 @@ class _RowWriter:
         self.csv.writerow([*line, cell(row["error"])])
 
 
+def _has_surrogates(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
 class _EmbeddingWriter:
     """Features, one float32 row per input in input order (NaN where a file failed), written
     batch by batch to ``.npy`` (memory-mapped) or ``.h5`` (``/embeddings``, ``/paths``,
-    ``/error``), so a million photos never sit in memory at once."""
+    ``/error``), so a million photos never sit in memory at once. Written under a temporary
+    name and renamed into place by :meth:`close` only after a complete run."""
 
     def __init__(self, path: Path, paths: list[Path], dim: int) -> None:
+        suffix = path.suffix.lower()
+        if suffix not in (".npy", ".h5", ".hdf5"):
+            raise InputError(f"--embeddings must end in .npy or .h5, not {path.name!r}")
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.path, self.h5 = path, None
+        self.path, self.h5 = path, None  # self.h5: an h5py.File for .h5 output
+        self.tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}{suffix}")
+        try:
+            self._open(suffix, paths, dim)
+        except BaseException:
+            self.tmp.unlink(missing_ok=True)
+            raise
+
+    def _open(self, suffix: str, paths: list[Path], dim: int) -> None:
         shape = (len(paths), dim)
-        if path.suffix.lower() == ".npy":
-            self.arr: Any = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=shape)
+        if suffix == ".npy":
+            self.arr: Any = np.lib.format.open_memmap(self.tmp, mode="w+", dtype=np.float32, shape=shape)
             self.arr[:] = np.nan
-        elif path.suffix.lower() in (".h5", ".hdf5"):
+        else:
             import h5py
 
-            self.h5 = h5py.File(path, "w")
-            self.arr = self.h5.create_dataset(
+            self.h5 = f = h5py.File(self.tmp, "w")
+            self.arr = f.create_dataset(
                 "embeddings", shape=shape, dtype="f4", fillvalue=np.nan, chunks=(min(len(paths), 1024), dim)
             )
-            self.h5.create_dataset("paths", data=[str(p) for p in paths], dtype=h5py.string_dtype("utf-8"))
-            self.errors = self.h5.create_dataset("error", shape=(len(paths),), dtype=h5py.string_dtype("utf-8"))
-        else:
-            raise InputError(f"--embeddings must end in .npy or .h5, not {path.name!r}")
+            # Names that are not UTF-8 keep their original bytes (as in the CSV output).
+            names = [str(p).encode("utf-8", "surrogateescape") for p in paths]
+            f.create_dataset("paths", data=names, dtype=h5py.string_dtype("utf-8"))
+            self.errors = f.create_dataset("error", shape=(len(paths),), dtype=h5py.string_dtype("utf-8"))
 
     def write(self, r: BatchResult) -> None:
         rows = r.index[r.ok]
@@ -312,11 +269,18 @@ class _EmbeddingWriter:
             for j in np.flatnonzero(~r.ok):
                 self.errors[int(r.index[j])] = r.errors[j]
 
-    def close(self) -> None:
-        if self.h5 is not None:
-            self.h5.close()
-        else:
-            self.arr.flush()
+    def close(self, complete: bool) -> None:
+        """Finish the file: renamed into place if the run was ``complete``, else removed."""
+        try:
+            if self.h5 is not None:
+                self.h5.close()
+            else:
+                self.arr.flush()
+                del self.arr
+            if complete:
+                os.replace(self.tmp, self.path)
+        finally:
+            self.tmp.unlink(missing_ok=True)
 
 
 @dataclass
@@ -338,6 +302,27 @@ class PredictSummary:
         return s
 
 
+@contextlib.contextmanager
+def _output(path: Path | None) -> Iterator[IO[str]]:
+    """Where rows go: stdout (None), or a temporary file renamed over ``path`` once every row is
+    written - a full disk or a kill leaves the previous file, never a truncated one. File names
+    that are not valid UTF-8 (surrogate-escaped by Python) are written as their original bytes
+    in CSV (``errors="surrogateescape"`` reads them back) and as ``\\udcXX`` escapes in JSON
+    (see docs/formats.md)."""
+    if path is None:
+        if isinstance(sys.stdout, io.TextIOWrapper):
+            sys.stdout.reconfigure(errors="surrogateescape")
+        yield sys.stdout
+        return
+    with atomic_file(path) as raw:
+        text = io.TextIOWrapper(raw, encoding="utf-8", errors="surrogateescape", newline="")
+        try:
+            yield text
+            text.flush()
+        finally:
+            text.detach()  # atomic_file owns and closes the file
+
+
 def predict(cfg: PredictConfig, stdin: IO[str] | None = None) -> tuple[Path, PredictSummary]:
     """Classify ``cfg.inputs``, streaming rows to ``cfg.out`` (``-`` = stdout) as batches finish."""
     fmt = output_format(cfg)
@@ -350,14 +335,13 @@ def predict(cfg: PredictConfig, stdin: IO[str] | None = None) -> tuple[Path, Pre
     emb = _EmbeddingWriter(Path(cfg.embeddings), paths, predictor.feature_dim) if cfg.embeddings else None
     to_stdout = cfg.out == "-"
     out = Path(cfg.out)
-    if not to_stdout:
-        out.parent.mkdir(parents=True, exist_ok=True)
     failed = unknown = 0
     with (
-        contextlib.nullcontext(sys.stdout) if to_stdout else open(out, "w", newline="", encoding="utf-8") as f,
+        _output(None if to_stdout else out) as f,
         tqdm(total=len(paths), desc="predict", unit="img", disable=not cfg.progress) as bar,
     ):
         writer = _RowWriter(f, fmt, k, raw=cfg.raw_csv)
+        complete = False
         try:
             for r in predictor.iter_batches(paths, batch_size=cfg.batch_size, workers=cfg.workers):
                 probs = iter(r.probabilities)
@@ -369,9 +353,10 @@ def predict(cfg: PredictConfig, stdin: IO[str] | None = None) -> tuple[Path, Pre
                 if emb is not None:
                     emb.write(r)
                 bar.update(len(r.index))
+            complete = True
         finally:
             if emb is not None:
-                emb.close()
+                emb.close(complete)
     if not to_stdout:
         save_resolved(cfg, out.with_name(out.name + ".config.json"), output_format=fmt, precision=predictor.precision)
     return out, PredictSummary(cfg.out, len(paths), failed, unknown, cfg.embeddings)

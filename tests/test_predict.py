@@ -15,9 +15,10 @@ import pytest
 from PIL import Image
 
 from pipeline.config import ExportConfig
+from pipeline.data.inputs import expand_inputs
 from pipeline.errors import InputError
 from pipeline.export import export
-from pipeline.predict import Predictor, expand_inputs
+from pipeline.predict import Predictor
 
 CLASSES = ["bag", "sneaker", "trouser"]
 

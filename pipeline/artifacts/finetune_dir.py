@@ -17,6 +17,7 @@ import torch
 
 from ..core.atomic import atomic_file
 from ..core.hashing import sha256_file
+from ..core.torchio import atomic_torch_save
 from ..errors import ArtifactError
 from ..models.fingerprint import Fingerprint
 from .head_dir import read_json, verify_files
@@ -39,8 +40,7 @@ def write_finetune_dir(
 
     ``fingerprint`` is the pretrained start's (its ``precision`` the one training ran in);
     ``record`` holds the descriptive keys (metrics, history, training, provenance ...)."""
-    with atomic_file(out / "model.pt") as f:
-        torch.save(state, f)
+    atomic_torch_save(state, out / "model.pt")
     doc = {
         "format": FT_FORMAT,
         "schema_version": FT_SCHEMA_VERSION,

@@ -28,7 +28,7 @@ from ..config import (
     has_default,
     load_default_map,
 )
-from ..errors import HeadstartError
+from ..errors import HeadstartError, describe_os_error
 
 # Option names other than --field-name (short aliases; similar's -k has no long form).
 _DECLS = {"out": ("--out", "-o"), "backbone": ("--backbone", "-b"), "k": ("-k",)}
@@ -50,20 +50,29 @@ class HeadstartGroup(click.Group):
                 where = f" (set in config file {e.ctx.meta.get(_CONFIG_KEY)})"
                 raise click.BadParameter(e.message + where, ctx=e.ctx, param=e.param) from None
             raise
+        except OSError as e:  # a full disk, a file-size limit, a read-only or failing folder
+            command = ctx.invoked_subcommand or ""
+            raise click.ClickException(f"{describe_os_error(e)}. {_after_failure(command).capitalize()}") from None
         except KeyboardInterrupt:
             command = ctx.invoked_subcommand or ""
-            click.echo(f"Interrupted; {_AFTER_INTERRUPT.get(command, _NOTHING_WRITTEN)}", err=True)
+            click.echo(f"Interrupted; {_after_failure(command)}", err=True)
             sys.exit(130)
 
 
-# What a Ctrl-C leaves behind, per command: only extract and finetune --resume continue.
-_NOTHING_WRITTEN = "nothing was written; run the command again"
-_AFTER_INTERRUPT = {
+# What a failed or interrupted command leaves behind: every writer replaces its output whole
+# (staged, then renamed), so only extract and finetune --resume continue where they stopped.
+_AFTER_FAILURE = {
     "extract": "finished batches are kept and the next run resumes",
     "finetune": "the last checkpoint is kept; run again with --resume to continue",
     "fit-head": "the previous head, if any, is unchanged; run the command again",
     "export": "the previous model, if any, is unchanged; run the command again",
+    "predict": "the previous output file, if any, is unchanged; run the command again",
+    "evaluate": "the previous report, if any, is unchanged; run the command again",
 }
+
+
+def _after_failure(command: str) -> str:
+    return _AFTER_FAILURE.get(command, "nothing was written; run the command again")
 
 
 def _load_config(ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:

@@ -15,13 +15,12 @@ from typing import Any
 
 import torch
 
-from ..core.atomic import atomic_file
+from ..core.torchio import atomic_torch_save
 from ..errors import ArtifactError
 
 
 def atomic_save(obj: Any, path: Path) -> None:
-    with atomic_file(path) as f:
-        torch.save(obj, f)
+    atomic_torch_save(obj, path)
 
 
 def load(path: Path) -> dict[str, Any]:

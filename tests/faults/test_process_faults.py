@@ -49,3 +49,116 @@ def test_a_killed_writers_forked_children_do_not_keep_its_lock(tmp_path):
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and Path(f"/proc/{child}").exists():
             time.sleep(0.05)
+
+
+# --------------------------------------------------------------------------- item 7: I/O errors
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _headstart(*args, fsize: int | None = None, env=None, timeout=300) -> subprocess.CompletedProcess[str]:
+    """``python -m pipeline ARGS`` as a user runs it; ``fsize``: a file-size limit (``ulimit -f``)
+    in bytes. Python ignores SIGXFSZ, so a write past it fails with EFBIG."""
+    import resource
+
+    def limit() -> None:
+        if fsize is not None:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
+
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline", *map(str, args)],
+        capture_output=True,
+        text=True,
+        preexec_fn=limit,
+        cwd=REPO,
+        env={**os.environ, **(env or {})},
+        timeout=timeout,
+    )
+
+
+def _failed_cleanly(r: subprocess.CompletedProcess[str], *says: str) -> None:
+    assert r.returncode == 1, (r.returncode, r.stdout, r.stderr[-3000:])
+    assert "Traceback" not in r.stderr, r.stderr[-3000:]
+    for s in says:
+        assert s in r.stderr, r.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory, tiny_head):
+    root = tmp_path_factory.mktemp("io_faults")
+    r = _headstart("export", tiny_head, "--out", root / "model")
+    assert r.returncode == 0, r.stderr[-3000:]
+    return root / "model"
+
+
+def test_predict_past_a_file_size_limit_keeps_the_previous_output(model, tiny_head, tmp_path):
+    images = tiny_head.parent / "images"
+    out = tmp_path / "predictions.csv"
+    out.write_text("the previous predictions\n", encoding="utf-8")
+    r = _headstart("predict", model, images, "--out", out, "--workers", "0", "--no-progress", fsize=300)
+    _failed_cleanly(r, "File too large", "ulimit -f", "The previous output file, if any, is unchanged")
+    assert out.read_text(encoding="utf-8") == "the previous predictions\n"  # not truncated
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["predictions.csv"]  # no temporary left
+
+
+def test_predict_embeddings_past_a_file_size_limit_leave_nothing_half_written(model, tiny_head, tmp_path):
+    images = tiny_head.parent / "images"
+    emb = tmp_path / "emb.npy"
+    r = _headstart("predict", model, images, "--out", "-", "--embeddings", emb, "--workers", "0", "--no-progress",
+                   fsize=1000)  # fmt: skip
+    _failed_cleanly(r, "File too large")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_fit_head_past_a_file_size_limit_keeps_the_previous_head(tiny_head, tmp_path):
+    import shutil
+
+    head = tmp_path / "head"
+    shutil.copytree(tiny_head, head)
+    before = {p.name: p.read_bytes() for p in head.iterdir()}
+    cache = tiny_head.parent / "features.h5"
+    r = _headstart("fit-head", cache, "--out", head, "--c", "0.5", "--near-duplicate-threshold", "1", fsize=2000)
+    _failed_cleanly(r, "File too large", "The previous head, if any, is unchanged")
+    assert {p.name: p.read_bytes() for p in head.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["head"]  # its staging folder is gone
+
+
+def test_export_past_a_file_size_limit_keeps_the_previous_model(model, tiny_head, tmp_path):
+    import shutil
+
+    out = tmp_path / "model"
+    shutil.copytree(model, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    r = _headstart("export", tiny_head, "--out", out, fsize=4000)
+    _failed_cleanly(r, "File too large", "The previous model, if any, is unchanged")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]
+
+
+@pytest.mark.parametrize(
+    ("command", "out"),
+    [
+        ("extract", "/proc/headstart/f.h5"),
+        ("fit-head", "/proc/headstart/head"),
+        ("finetune", "/proc/headstart/ft"),
+        ("export", "/proc/headstart/model"),
+        ("predict", "/proc/headstart/p.csv"),
+        ("evaluate", "/proc/headstart/report"),
+        ("demo", "/proc/headstart/demo"),
+    ],
+)
+def test_an_unwritable_out_is_a_usage_error_in_every_writing_command(command, out, tiny_head, model, run_cli):
+    images = tiny_head.parent / "images"
+    cache = tiny_head.parent / "features.h5"
+    inputs = {
+        "extract": [images],
+        "fit-head": [cache],
+        "finetune": [images, "--head", tiny_head],
+        "export": [tiny_head],
+        "predict": [model, images],
+        "evaluate": [model, images],
+        "demo": [],
+    }[command]
+    r = run_cli(command, *inputs, "--out", out)
+    assert r.exit_code == 2 and "Traceback" not in r.output, r.output
+    assert "cannot create files in /proc" in r.output, r.output
