@@ -8,7 +8,11 @@ process so its peak RSS is its own: a full build (segments of ``SEGMENT_ROWS`` r
 written, and both as a share of the full build - the previous release rewrote the whole file,
 a share of 1.0); a commit that only relabels (index only); peak RSS; and the streaming read
 rate of ``Cache.iter_features`` (what ``fit-head`` streaming and ``similar`` use; the files
-are in the page cache, so this is the decode rate, not the disk's).
+are in the page cache, so this is the decode rate, not the disk's). Then the cost of
+compaction: 30 % of the rows are deleted evenly (every segment 30 % dead, over the 25 %
+threshold, so every segment is rewritten: the worst case at that share), committed as
+``extract`` would, and ``headstart cache compact`` runs as its own process (time, bytes
+written and reclaimed, its peak RSS).
 """
 
 from __future__ import annotations
@@ -94,6 +98,56 @@ def _index(out: Path, dim: int, n: int, loc: dict[str, tuple[str, int]], seg_row
     return commit(out, c)
 
 
+def _index_rows(out: Path, dim: int, keep: list[int], loc: dict[str, tuple[str, int]], seg_rows: dict[str, int]) -> int:
+    """An index holding only the rows ``keep``: what extract commits once the others are deleted."""
+    hashes, paths = _rows(0, max(keep) + 1)
+    c = IndexContents(
+        content_hash=[hashes[i] for i in keep],
+        paths=[paths[i] for i in keep],
+        labels=np.array([i % len(CLASSES) for i in keep], np.int32),
+        class_names=CLASSES,
+        attrs=dict(_fingerprint(dim).to_record()),
+        location=[loc[hashes[i]] for i in keep],
+        segment_rows=seg_rows,
+        dtype="float16",
+        feature_dim=dim,
+    )
+    return commit(out, c)
+
+
+def _compact_cost(out: Path, dim: int, total: int, loc: dict[str, tuple[str, int]], seg_rows: dict[str, int]) -> dict:
+    """Delete 30 % of the rows evenly, then run ``headstart cache compact`` as its own process."""
+    keep = [i for i in range(total) if i % 10 >= 3]
+    t0 = time.perf_counter()
+    _index_rows(out, dim, keep, loc, seg_rows)
+    delete_s = time.perf_counter() - t0
+    before = _disk_bytes(out)
+    old = {p.name for p in segment_dir(out).glob("seg-*.h5")}
+    t0 = time.perf_counter()
+    # The CLI command in a process of its own that reports its own peak RSS (RUSAGE_CHILDREN
+    # would count the pages a forked child shares with this process before it execs).
+    code = (
+        "import json, resource, sys; from pipeline.cli import cli; "
+        "cli.main(['cache', 'compact', sys.argv[1]], standalone_mode=False); "
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+    )
+    r = subprocess.run([sys.executable, "-c", code, str(out)], check=True, capture_output=True, text=True)
+    compact_s = time.perf_counter() - t0
+    new = [p for p in segment_dir(out).glob("seg-*.h5") if p.name not in old]
+    with Cache(out) as c:
+        assert c.n_rows == len(keep) and sum(c.segment_rows.values()) == len(keep), r.stdout
+    return dict(
+        delete_s=delete_s,
+        compact_s=compact_s,
+        compact_rows=len(keep),
+        compact_written=sum(p.stat().st_size for p in new) + out.stat().st_size,
+        compact_reclaimed=before - _disk_bytes(out),
+        compact_before=before,
+        compact_rss=int(r.stdout.split()[-1]) * 1024,
+        compact_line=r.stdout.splitlines()[0],
+    )
+
+
 def _disk_bytes(out: Path) -> int:
     return out.stat().st_size + sum(p.stat().st_size for p in segment_dir(out).glob("seg-*.h5"))
 
@@ -138,6 +192,7 @@ def one(n: int, dim: int, workdir: Path) -> dict[str, float]:
         rates.append(rows / (time.perf_counter() - t0))
     assert rows == n + k
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    compaction = _compact_cost(out, dim, n + k, loc, seg_rows)
     result = dict(
         n=n,
         full_s=full_s,
@@ -153,6 +208,7 @@ def one(n: int, dim: int, workdir: Path) -> dict[str, float]:
         write_rss=write_rss,
         index_bytes=index_bytes,
         segments=len(seg_rows),
+        **compaction,
     )
     shutil.rmtree(root, ignore_errors=True)
     return result
@@ -181,6 +237,13 @@ def main() -> None:
             f"{r['peak_rss'] / 1e6:.0f} MB with 65536-row reads | "
             f"read {r['read_rows_s']:,.0f} rows/s ({r['read_mb_s']:.0f} MB/s), "
             f"as float32 {r['read_f32_rows_s']:,.0f} rows/s"
+        )
+        print(
+            f"{'':13}delete 30 % evenly: commit {r['delete_s']:.2f} s | cache compact (own process): "
+            f"{r['compact_s']:.2f} s = {r['compact_s'] / r['full_s']:.3f} of a full build, copied "
+            f"{r['compact_rows']:,} rows ({r['compact_rows'] / r['compact_s']:,.0f} rows/s), wrote "
+            f"{r['compact_written'] / 1e6:.0f} MB, reclaimed {r['compact_reclaimed'] / 1e6:.0f} MB of "
+            f"{r['compact_before'] / 1e6:.0f} MB, peak RSS {r['compact_rss'] / 1e6:.0f} MB"
         )
     print(f"load {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
 

@@ -286,7 +286,7 @@ def _copy_live_rows(
             location[i] = (seg.name, k)
         new_rows[seg.name] = seg.n_rows
         del pos[:n]
-        feats[:] = [block[n:]]
+        feats[:] = [block[n:].copy()]  # not a view: the concatenated block is freed
 
     for name in chosen:
         rows = sorted(wanted[name], key=lambda ir: ir[1])
