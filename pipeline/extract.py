@@ -41,6 +41,7 @@ from .cache.segments import (
     SegmentWriter,
     adopt,
     remove_stale_temporaries,
+    set_aside_damaged,
     unindexed_segments,
 )
 from .cache.store import Cache, writer_lock
@@ -76,6 +77,7 @@ class ExtractSummary:
     known_bad: int = 0  # skipped contents known from an earlier run (same limits): not decoded again
     removed: int = 0  # rows of the previous index whose photo is gone
     relabelled: int = 0  # rows whose label changed since the previous index
+    set_aside: list[tuple[str, str]] = field(default_factory=list)  # damaged segment files renamed, and why
 
     def line(self) -> str:
         if self.note:
@@ -175,8 +177,9 @@ def _lead(run: _Run, others: bool) -> ExtractSummary:
     cfg, out, dist = run.cfg, run.out, run.dist
     with writer_lock(out):
         error: HeadstartError | None = None
+        set_aside: list[tuple[str, str]] = []
         try:
-            _prepare(cfg, out, run.fp)
+            set_aside = _prepare(cfg, out, run.fp)
         except HeadstartError as e:
             error = e
         dist.agree(error)
@@ -204,6 +207,7 @@ def _lead(run: _Run, others: bool) -> ExtractSummary:
         known_bad=share.known_bad,
         removed=removed,
         relabelled=relabelled,
+        set_aside=set_aside,
     )
     if cfg.strict and summary.skipped:
         listed = "; ".join(f"{p}: {r}" for p, r in summary.skipped[:5])
@@ -287,17 +291,19 @@ def _take(run: _Run, share: Scan, old: _Old | None, segments: list[SegmentInfo] 
     share.segment_rows.update(adopt(segments, run.fp, dtype, dim, share.by_hash, share.location, share.bad, run.limits))
 
 
-def _prepare(cfg: ExtractConfig, out: Path, fp: Fingerprint) -> None:
-    """Under the writer lock, before any rank writes: clean up after killed writers, refuse a
-    cache of another configuration, convert a schema-v1 cache (start over on --rebuild)."""
+def _prepare(cfg: ExtractConfig, out: Path, fp: Fingerprint) -> list[tuple[str, str]]:
+    """Under the writer lock, before any rank writes: clean up after killed writers, set
+    damaged segment files aside, refuse a cache of another configuration, convert a schema-v1
+    cache (start over on --rebuild). Returns the segments set aside, with why."""
     remove_stale_temporaries(out)
     if cfg.rebuild or not out.exists():
-        return
+        return [] if cfg.rebuild else set_aside_damaged(out, set())
     with Cache(out) as c:
         _check_fingerprint(out, c.fingerprint, fp)
-        version = c.schema_version
+        version, indexed = c.schema_version, set(c.segments)
     if version == 1:
         migrate_v1(out)
+    return set_aside_damaged(out, indexed)
 
 
 def _read_old(cfg: ExtractConfig, out: Path) -> _Old | None:

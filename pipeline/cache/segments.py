@@ -128,6 +128,26 @@ def unindexed_segments(cache_path: Path, indexed: set[str]) -> list[SegmentInfo]
     return out
 
 
+def set_aside_damaged(cache_path: Path, indexed: set[str]) -> list[tuple[str, str]]:
+    """Rename segment files outside the index that cannot be read (a disk error, a hand edit:
+    a finished segment is never half-written) to ``NAME.damaged``, so no later run trips on
+    them and nothing is deleted; their rows are extracted again. Under the writer lock.
+    Returns (file name, why) of each."""
+    d = segment_dir(cache_path)
+    if not d.is_dir():
+        return []
+    damaged = []
+    for p in sorted(d.glob("seg-*.h5")):
+        if p.name in indexed:
+            continue
+        try:
+            read_segment_info(p)
+        except (OSError, KeyError, ValueError, TypeError) as e:
+            os.replace(p, p.with_name(p.name + ".damaged"))
+            damaged.append((p.name, f"{type(e).__name__}: {e}"))
+    return damaged
+
+
 def remove_unindexed_segments(cache_path: Path, keep: set[str]) -> None:
     """After a new index is in place: delete segment files it does not use (under the lock)."""
     d = segment_dir(cache_path)

@@ -70,6 +70,9 @@ def extract(**kw: Any) -> None:
     from ..extract import extract as run
 
     summary = run(ExtractConfig(**kw))
+    for name, why in summary.set_aside:
+        click.echo(f"set aside damaged segment {name} as {name}.damaged ({why}); its rows were extracted again",
+                   err=True)  # fmt: skip
     for path, reason in summary.skipped[:20]:
         click.echo(f"skipped {path}: {reason}", err=True)
     if len(summary.skipped) > 20:
