@@ -46,7 +46,8 @@ import torch
 
 from ..core.atomic import replace_dir, stage_dir
 from ..core.hashing import sha256_file
-from ..errors import ArtifactError, InputError
+from ..errors import ArtifactError, BackboneError, InputError
+from ..models.fingerprint import Fingerprint
 from ..models.heads import build_head
 from ..probe.kinds import KINDS
 
@@ -57,9 +58,31 @@ HEAD_FILES = ("head.joblib", "head.npz", "head.json", "split.json", "config.json
 # --------------------------------------------------------------------------- checksums
 
 
-def verify_files(root: Path, recorded: Mapping[str, str], needed: tuple[str, ...], *, what: str, fix: str) -> None:
+def checked_files(root: Path, recorded: Any, *, what: str, fix: str) -> dict[str, str]:
+    """A ``files`` entry (name -> sha256) that is an object of plain file names inside ``root``
+    and hex digests. A name such as ``/etc/passwd`` or ``../x`` would have headstart hash (and
+    vouch for) a file outside the artifact's folder, so it is refused, not followed."""
+    if not isinstance(recorded, Mapping):
+        raise ArtifactError(f"{what} 'files' is {type(recorded).__name__}, not an object of file -> sha256; {fix}")
+    for name, digest in recorded.items():
+        plain = isinstance(name, str) and name not in ("", ".", "..") and not any(c in name for c in "/\\\0")
+        if not plain:
+            raise ArtifactError(
+                f"{what} 'files' names {name!r}, which is not a file in {root}: only plain file names in the "
+                f"artifact's own folder are checked and loaded; {fix}"
+            )
+        if not (isinstance(digest, str) and len(digest) == 64 and all(c in "0123456789abcdef" for c in digest)):
+            raise ArtifactError(
+                f"{what} 'files' gives {name} the sha256 {str(digest)[:80]!r}, not 64 hex digits; {fix}"
+            )
+    return dict(recorded)
+
+
+def verify_files(root: Path, recorded: Any, needed: tuple[str, ...], *, what: str, fix: str) -> None:
     """Refuse ``needed`` files that are missing or whose sha256 differs from ``recorded``; also
-    check every other recorded file that is present (a partly swapped directory is suspect)."""
+    check every other recorded file that is present (a partly swapped directory is suspect).
+    ``recorded`` is checked first (:func:`checked_files`)."""
+    recorded = checked_files(root, recorded, what=what, fix=fix)
     for name in needed:
         if name not in recorded:
             raise ArtifactError(f"{root / name} has no sha256 in {what}; {fix}")
@@ -81,6 +104,8 @@ def read_json(path: Path, *, what: str, fix: str) -> dict[str, Any]:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ArtifactError(f"{path} is not valid JSON ({e}); {fix}") from None
+    except RecursionError:  # json nests by recursion: 100,000 "[" exhaust the stack, not memory
+        raise ArtifactError(f"{path} is nested too deeply to be {what} manifest; {fix}") from None
     if not isinstance(data, dict):
         raise ArtifactError(f"{path} is not {what} manifest (not a JSON object); {fix}")
     return data
@@ -165,7 +190,44 @@ def read_head_meta(head_dir: Path) -> dict[str, Any]:
     for key in ("class_names", "fingerprint", "files"):
         if key not in meta:
             raise ArtifactError(f"{head_dir / 'head.json'} lacks '{key}'; {_HEAD_FIX}")
+    _check_head_meta(head_dir, meta)
     return meta
+
+
+def checked_class_names(value: Any, *, what: str, fix: str) -> list[str]:
+    """``class_names`` as written by fit-head: a list of distinct non-empty strings. A string
+    would otherwise be iterated into classes ``a``, ``b``, ``c`` without a word."""
+    if not isinstance(value, list):
+        raise ArtifactError(f"{what} 'class_names' is {type(value).__name__}, not a list of names; {fix}")
+    bad = [c for c in value if not isinstance(c, str) or not c]
+    if bad or not value:
+        raise ArtifactError(
+            f"{what} 'class_names' must be non-empty strings"
+            + (f", not {bad[0]!r}" if bad else ", and there must be at least one")
+            + f"; {fix}"
+        )
+    if len(set(value)) != len(value):
+        twice = sorted({c for c in value if value.count(c) > 1})
+        raise ArtifactError(f"{what} 'class_names' lists {twice[0]!r} more than once; {fix}")
+    return value
+
+
+def _check_head_meta(head_dir: Path, meta: dict[str, Any]) -> None:
+    """The one check of a ``head.json``'s fields, before anything is loaded: every reader
+    (export, evaluate, finetune) then gets a sound record or one ``Error:`` naming the field."""
+    what = str(head_dir / "head.json")
+    names = checked_class_names(meta["class_names"], what=what, fix=_HEAD_FIX)
+    try:
+        Fingerprint.from_record(meta["fingerprint"], source=f"{what} 'fingerprint'")
+    except BackboneError as e:
+        raise ArtifactError(f"{str(e).rsplit('; ', 1)[0]}; {_HEAD_FIX}") from None
+    checked_files(head_dir, meta["files"], what=what, fix=_HEAD_FIX)
+    for key in ("kind", "torch_kind"):
+        if key in meta and not isinstance(meta[key], str):
+            raise ArtifactError(f"{what} '{key}' is {meta[key]!r}, not a name; {_HEAD_FIX}")
+    ids = meta.get("class_ids")
+    if ids is not None and not (isinstance(ids, list) and len(ids) == len(names) and all(type(i) is int for i in ids)):
+        raise ArtifactError(f"{what} 'class_ids' is not one whole number per class name; {_HEAD_FIX}")
 
 
 def read_head(head_dir: str | Path) -> tuple[dict[str, Any], HeadSpec]:
@@ -196,7 +258,7 @@ def fitted_content_hashes(head_dir: str | Path) -> frozenset[str] | None:
     path = Path(head_dir) / "split.json"
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
     hashes = data.get("fit_content_hash") if isinstance(data, dict) else None
     return frozenset(str(h) for h in hashes) if isinstance(hashes, list) else None

@@ -45,14 +45,15 @@ from .. import __version__
 from ..config import save_resolved
 from ..core.atomic import replace_dir, stage_dir
 from ..core.hashing import sha256_file
+from ..core.torchio import atomic_torch_save
 from ..data import SAMPLE_CATALOG
 from ..data.images import DecodeError, load_pixels
 from ..data.preprocessing import Preprocessing
-from ..errors import ArtifactError, InputError
+from ..errors import ArtifactError, BackboneError, InputError
 from ..models.backbones import get_spec, load_backbone, with_preprocessing
 from ..models.fingerprint import Fingerprint
 from ..models.heads import Classifier, build_head, head_tensors
-from .head_dir import read_json, verify_files
+from .head_dir import checked_class_names, checked_files, read_json, verify_files
 
 MODEL_FORMAT = "headstart-model"
 MODEL_SCHEMA_VERSION = 2  # v2: runtime, head spec kind, parity; v1 (the first models) is still read
@@ -94,7 +95,7 @@ def write_model(
                 src.classifier, stage / filename, src.fingerprint.preprocessing.crop, _metadata(src)
             )
         else:
-            torch.save(src.classifier.state_dict(), stage / filename)
+            atomic_torch_save(src.classifier.state_dict(), stage / filename)
         manifest = _manifest(src, fmt, {filename: sha256_file(stage / filename)}, extra)
         _write_json(stage / "manifest.json", manifest)
         manifest["parity"] = _parity(src, stage, tolerance)
@@ -258,7 +259,7 @@ def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
     if manifest.get("format") != MODEL_FORMAT:
         raise ArtifactError(f"{root / 'manifest.json'} is not a headstart model manifest; {_REEXPORT}")
     version = manifest.get("schema_version")
-    if not isinstance(version, int) or version < 1:
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
         raise ArtifactError(f"{root / 'manifest.json'} has no valid schema_version; {_REEXPORT}")
     if version > MODEL_SCHEMA_VERSION:
         raise ArtifactError(
@@ -267,26 +268,38 @@ def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
         )
     if version == 1:  # the first models: native only, head named after the estimator
         manifest.setdefault("runtime", "native")
-        manifest["head"] = {**manifest.get("head", {}), "kind": "linear"}
-    try:
-        ok = (
-            isinstance(manifest["runtime"], str)
-            and isinstance(manifest["backbone"]["name"], str)
-            and isinstance(manifest["head"]["kind"], str)
-            and all(isinstance(c, str) for c in manifest["class_names"])
-            and isinstance(manifest["files"], dict)
-            and isinstance(manifest["precision"], str)
-        )
-        Preprocessing.from_dict(manifest["preprocessing"])
-    except (KeyError, TypeError, ValueError):
-        ok = False
-    if not ok:
-        raise ArtifactError(f"{root / 'manifest.json'} is incomplete or malformed; {_REEXPORT}")
+        head = manifest.get("head")
+        manifest["head"] = {**(head if isinstance(head, dict) else {}), "kind": "linear"}
+    _check_manifest(root, manifest)
     runtime = manifest["runtime"]
-    if runtime not in RUNTIMES:
-        raise ArtifactError(f"{root / 'manifest.json'}: unknown runtime {runtime!r}; upgrade headstart")
     verify_files(root, manifest["files"], (RUNTIMES[runtime],), what="manifest.json", fix=_REEXPORT)
     return manifest
+
+
+def _check_manifest(root: Path, manifest: dict[str, Any]) -> None:
+    """The one check of a manifest's fields before anything is loaded: types, class names (a
+    string is not a list of classes), backbone identity and preprocessing (sizes bounded: see
+    ``models.fingerprint``), head, runtime and file names. Each problem names the field."""
+    what = str(root / "manifest.json")
+    for key in ("runtime", "backbone", "preprocessing", "precision", "class_names", "head", "files"):
+        if key not in manifest:
+            raise ArtifactError(f"{what} lacks '{key}'; {_REEXPORT}")
+    if not isinstance(manifest["runtime"], str):
+        raise ArtifactError(f"{what} 'runtime' is {manifest['runtime']!r}, not a name; {_REEXPORT}")
+    if manifest["runtime"] not in RUNTIMES:
+        raise ArtifactError(f"{what}: unknown runtime {manifest['runtime']!r}; upgrade headstart")
+    names = checked_class_names(manifest["class_names"], what=what, fix=_REEXPORT)
+    try:
+        Fingerprint.from_manifest(manifest, source=what)
+    except BackboneError as e:
+        raise ArtifactError(f"{e}; {_REEXPORT}") from None
+    head = manifest["head"]
+    if not isinstance(head, dict) or not isinstance(head.get("kind"), str):
+        raise ArtifactError(f"{what} 'head' is not an object with a 'kind'; {_REEXPORT}")
+    n = head.get("n_classes", len(names))
+    if n != len(names):
+        raise ArtifactError(f"{what}: the head has {n!r} classes but 'class_names' lists {len(names)}; {_REEXPORT}")
+    checked_files(root, manifest["files"], what=what, fix=_REEXPORT)
 
 
 def build_classifier(manifest: dict[str, Any], state: dict[str, torch.Tensor]) -> Classifier:
@@ -324,6 +337,9 @@ def load_model(path: str | os.PathLike[str]) -> LoadedModel:
     prep = Preprocessing.from_dict(manifest["preprocessing"])
     loaded = LoadedModel(manifest=manifest, preprocessing=prep, root=root, model=None)
     if loaded.runtime != "native":
+        from .onnx import check_graph
+
+        check_graph(loaded.weights_path, manifest)  # the graph's interface against the manifest
         return loaded
     weights = loaded.weights_path
     try:

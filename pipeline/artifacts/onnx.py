@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from ..errors import ArtifactError, InputError
-from ..models.engine import OPSET, export_graph, ort_session
+from ..models.engine import INPUT, OPSET, export_graph, ort_session
 from ..models.heads import Classifier, ExportGraph
 
 OUTPUTS = ("probabilities", "features")
@@ -51,6 +51,82 @@ def export_onnx(model: Classifier, path: Path, crop: int, metadata: dict[str, st
         OUTPUTS[1]: {"dtype": "float32", "shape": ["N", model.net.feature_dim], "note": "backbone features"},
         "opset": OPSET,
     }
+
+
+def check_graph(path: Path, manifest: dict[str, Any]) -> None:
+    """Refuse a graph whose interface is not the one ``manifest`` describes: ``pixels`` uint8
+    ``[N, 3, crop, crop]`` in, ``probabilities`` ``[N, classes]`` and ``features`` ``[N, D]``
+    out. A ``model.onnx`` swapped for another (its sha256 re-recorded by hand) would otherwise
+    crash ``predict`` mid-run, or label photos with the wrong class names. Metadata only."""
+    crop = int(manifest["preprocessing"]["crop"])
+    n_classes = len(manifest["class_names"])
+    dim = int(manifest["backbone"].get("feature_dim") or 0) or None
+    inputs, outputs = _graph_interface(path)
+    fix = "re-export it with `headstart export`"
+    problems = []
+    if list(inputs) != [INPUT]:
+        problems.append(f"its inputs are {', '.join(inputs) or 'none'}, not just '{INPUT}'")
+    elif not _fits(inputs[INPUT], "uint8", [None, 3, crop, crop]):
+        problems.append(f"input '{INPUT}' is {_show(inputs[INPUT])}, not uint8 [N, 3, {crop}, {crop}]")
+    for name, width in ((OUTPUTS[0], n_classes), (OUTPUTS[1], dim)):
+        if name not in outputs:
+            problems.append(f"it has no output '{name}' (its outputs: {', '.join(outputs) or 'none'})")
+        elif not _fits(outputs[name], "float", [None, width]):
+            what = f"{n_classes} classes, as class_names lists" if name == OUTPUTS[0] else f"{dim} features"
+            problems.append(f"output '{name}' is {_show(outputs[name])}, not float [N, {width or 'D'}] ({what})")
+    if problems:
+        raise ArtifactError(f"{path} does not match its manifest.json: {'; '.join(problems)}; {fix}")
+
+
+Interface = tuple[str, list[int | None]]  # element type ("uint8", "float"), dims (None: symbolic)
+
+
+def _graph_interface(path: Path) -> tuple[dict[str, Interface], dict[str, Interface]]:
+    """Inputs and outputs of the graph at ``path``: from its protobuf with ``onnx`` (the
+    ``[onnx]`` extra), else from an onnxruntime session (which a slim serving install has)."""
+    try:
+        import onnx
+    except ImportError:
+        sess = onnx_session(path)
+
+        def ort(args: Any) -> dict[str, Interface]:  # type "tensor(uint8)", dims int or a name
+            out: dict[str, Interface] = {}
+            for a in args:
+                out[a.name] = (
+                    a.type.removeprefix("tensor(").rstrip(")"),
+                    [d if isinstance(d, int) else None for d in a.shape],
+                )
+            return out
+
+        return ort(sess.get_inputs()), ort(sess.get_outputs())
+    try:
+        graph = onnx.load(str(path), load_external_data=False).graph
+    except Exception as e:  # protobuf's DecodeError and friends: not a graph at all
+        raise ArtifactError(f"{path} is not a readable ONNX graph ({type(e).__name__}); re-export it") from None
+    weights = {t.name for t in graph.initializer}  # old exporters list weights among the inputs
+
+    def proto(values: Any) -> dict[str, Interface]:
+        out = {}
+        for v in values:
+            t = v.type.tensor_type
+            elem = onnx.TensorProto.DataType.Name(t.elem_type).lower() if t.elem_type else "?"
+            dims = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
+            out[v.name] = (elem, dims)
+        return out
+
+    return proto(v for v in graph.input if v.name not in weights), proto(graph.output)
+
+
+def _fits(got: Interface, elem: str, dims: list[int | None]) -> bool:
+    """Same element type and rank, and every dimension that both fix is equal (a symbolic one
+    in the graph, or None in ``dims``, fits anything)."""
+    if got[0] != elem or len(got[1]) != len(dims):
+        return False
+    return all(g is None or w is None or g == w for g, w in zip(got[1], dims, strict=True))
+
+
+def _show(i: Interface) -> str:
+    return f"{i[0]} [{', '.join('?' if d is None else str(d) for d in i[1])}]"
 
 
 def onnx_session(path: Path, device: torch.device | None = None, threads: int | None = None) -> Any:

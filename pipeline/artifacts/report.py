@@ -10,16 +10,30 @@ from __future__ import annotations
 import csv
 import html
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ..core.atomic import replace_dir, stage_dir
 from ..core.csvcells import safe_cell
+from ..errors import InputError
 from ..probe.calibration import calibration_error, mean_log_loss
 from ..probe.metrics import at_threshold, classification_metrics
 
+# What a report directory consists of: replaced by the next report, while other files a user
+# put there stay. config.json is written by evaluate after the report is in place.
+REPORT_FILES = (
+    "metrics.json",
+    "per_class.csv",
+    "confusion.png",
+    "reliability.png",
+    "thumbs",
+    "report.html",
+    "config.json",
+)
 COVERAGE_STEPS = 20
 RELIABILITY_BINS = 10
 THUMB = 112
@@ -118,18 +132,36 @@ def write_report(
     raw_csv: bool = False,
 ) -> dict:
     """``warnings`` are shown at the top of the report and kept in ``metrics.json``; ``raw_csv``
-    turns off the formula-injection guard of ``per_class.csv`` (:mod:`pipeline.core.csvcells`)."""
-    out.mkdir(parents=True, exist_ok=True)
+    turns off the formula-injection guard of ``per_class.csv`` (:mod:`pipeline.core.csvcells`).
+
+    Written into a staging folder beside ``out`` and renamed into place (``core.atomic``), so a
+    failure or a kill while plotting leaves the previous report whole, never a ``metrics.json``
+    without its ``report.html``. Other files in an existing report folder are kept."""
+    from ..cache.h5io import crash_point
+
+    out = Path(out)
+    # A folder with other contents is refused, not replaced: replace_dir moves it aside for a
+    # moment, and a kill then would leave the user's files under a name the next run deletes.
+    marker = any((out / name).is_file() for name in ("report.html", "metrics.json"))
+    if out.exists() and not (out.is_dir() and (marker or not any(out.iterdir()))):
+        raise InputError(f"{out} exists and is not a headstart report directory; choose another --out")
     metrics = compute_metrics(s, unknown_threshold)
     mistakes = worst_mistakes(s, worst)
     metrics["worst_mistakes"] = mistakes
     metrics["warnings"] = list(warnings)
     metrics["meta"] = meta
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    _per_class_csv(out / "per_class.csv", metrics, raw_csv)
-    figures = _figures(out, s, metrics)
-    thumbs = _thumbnails(out / "thumbs", s, mistakes)
-    (out / "report.html").write_text(_html(metrics, figures, mistakes, thumbs, meta), encoding="utf-8")
+    stage = stage_dir(out.absolute())
+    try:
+        (stage / "metrics.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        _per_class_csv(stage / "per_class.csv", metrics, raw_csv)
+        figures = _figures(stage, s, metrics)
+        crash_point("report-writing")  # the kill test: half a report, in the staging folder only
+        thumbs = _thumbnails(stage / "thumbs", s, mistakes)
+        (stage / "report.html").write_text(_html(metrics, figures, mistakes, thumbs, meta), encoding="utf-8")
+        replace_dir(stage, out.absolute(), owned=REPORT_FILES)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
     return metrics
 
 
@@ -171,6 +203,8 @@ def _figures(out: Path, s: Scored, m: dict[str, Any]) -> dict[str, str]:
     # CJK category names (口红) are drawn if the machine has a CJK font; otherwise the axes are
     # numbered and the HTML report's key (always there) names each number.
     plt.rcParams["font.sans-serif"] = ["Noto Sans CJK SC", "WenQuanYi Zen Hei", "DejaVu Sans"]
+    # Category names are literal text: a matplotlibrc with usetex would send them through LaTeX.
+    plt.rcParams["text.usetex"] = False
     k = len(s.class_names)
     ticks = s.class_names if _plot_fonts_cover(s.class_names) else [str(i + 1) for i in range(k)]
     cm = np.asarray(m["confusion"], float)
@@ -178,8 +212,10 @@ def _figures(out: Path, s: Scored, m: dict[str, Any]) -> dict[str, str]:
     size = min(4 + 0.45 * k, 24)
     fig, ax = plt.subplots(figsize=(size, size * 0.85))
     im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
-    ax.set_xticks(range(k), ticks, rotation=60, ha="right")
-    ax.set_yticks(range(k), ticks)
+    # parse_math=False: a class named $\foo$ is drawn as those characters. Mathtext would
+    # parse it as a formula and raise on the unknown symbol (no report at all).
+    ax.set_xticks(range(k), ticks, rotation=60, ha="right", parse_math=False)
+    ax.set_yticks(range(k), ticks, parse_math=False)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     if k <= 30:
