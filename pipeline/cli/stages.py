@@ -10,7 +10,6 @@ from typing import Any
 import click
 
 from ..config import (
-    DEFAULT_BACKBONE,
     DemoConfig,
     EvaluateConfig,
     ExportConfig,
@@ -22,40 +21,6 @@ from ..config import (
 )
 from ..probe.kinds import HEAD_KINDS
 from .app import _from_config, cli
-
-
-@cli.command()
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def backbones(as_json: bool) -> None:
-    """List the backbones and whether each can be used offline right now."""
-    from ..models.backbones import get_spec, names
-
-    rows = []
-    for name in names():
-        spec = get_spec(name)
-        rows.append(
-            {
-                "name": name,
-                "feature_dim": spec.feature_dim,
-                "input": spec.preprocessing.crop,
-                "weights": spec.weights_name,
-                "available": spec.available(),
-                "source": spec.source,
-                "default": name == DEFAULT_BACKBONE,
-            }
-        )
-    if as_json:
-        click.echo(json.dumps(rows, indent=2))
-        return
-    for r in rows:
-        mark = "ready  " if r["available"] else "missing"
-        star = " (default)" if r["default"] else ""
-        click.echo(f"{mark}  {r['name']:<20} {r['feature_dim']:>5}-d  {r['input']}px  {r['source']}{star}")
-    missing = [r["name"] for r in rows if not r["available"]]
-    if missing:
-        click.echo(
-            "\n'missing' weights: run `headstart extract --backbone NAME ...` once online, or pass --weights-file."
-        )
 
 
 @cli.command()

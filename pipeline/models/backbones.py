@@ -44,6 +44,9 @@ class BackboneSpec:
     find_weights: Callable[[], Path | None]  # the weights file on this machine, if any
     how_to_get: str  # what to do when find_weights() is None
     offline_ready_without_file: bool = False  # the tiny test backbone needs no weights
+    # How the weights file becomes a state dict: torch's weights_only unpickler by default; the
+    # library families (models/hub.py) read ``model.safetensors`` with safetensors instead.
+    read_state: Callable[[Path], dict[str, torch.Tensor]] = lambda path: _torch_state(path)
 
     def available(self, weights_file: str | os.PathLike[str] | None = None) -> bool:
         if self.offline_ready_without_file:
@@ -51,6 +54,10 @@ class BackboneSpec:
         if weights_file is not None:
             return Path(weights_file).is_file()
         return self.find_weights() is not None
+
+
+def _torch_state(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, map_location="cpu", weights_only=True)  # type: ignore[no-any-return]
 
 
 @dataclass(frozen=True)
@@ -87,13 +94,19 @@ def names() -> list[str]:
 
 
 def get_spec(name: str) -> BackboneSpec:
-    try:
-        entry = _REGISTRY[name]
-    except KeyError:
-        raise BackboneError(
-            f"unknown backbone {name!r}; choose one of: {', '.join(_REGISTRY)} "
-            "(run `headstart backbones` to see which work offline)"
-        ) from None
+    entry = _REGISTRY.get(name)
+    if entry is None:
+        # timm/..., hf/..., open_clip/... and imported names (models/hub.py), built on first use.
+        from . import hub
+
+        spec = hub.resolve(name)
+        if spec is None:
+            raise BackboneError(
+                f"unknown backbone {name!r}; choose one of: {', '.join(_REGISTRY)}, timm/MODEL, hf/REPO-ID, "
+                "open_clip/ARCH:TAG, or a name given to `headstart backbones import DIR --as NAME` on this machine "
+                "(run `headstart backbones` to see which work offline)"
+            )
+        return spec  # cached by models/hub.py, which forgets it when the local registry changes
     if not isinstance(entry, BackboneSpec):
         entry = _REGISTRY[name] = entry()
     return entry
@@ -128,7 +141,7 @@ def load_backbone(
                 f"weights for {spec.name} ({spec.weights_name}) are not on this machine{where}; {spec.how_to_get}"
             )
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = spec.read_state(path)
         except Exception as e:
             raise BackboneError(f"cannot read weights file {path}: {e}") from None
         _load_into(spec, body, imagenet_head, state)

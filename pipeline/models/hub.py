@@ -1,0 +1,197 @@
+"""Backbones from timm, Hugging Face transformers and open_clip, behind the one registry.
+
+A library backbone is named ``FAMILY/ID`` (``timm/vit_small_patch14_dinov2.lvd142m``,
+``hf/facebook/dinov2-small``, ``open_clip/ViT-B-16:openai``) or by the name it was imported
+under (``headstart backbones import DIR --as NAME``, :mod:`.imported`). Each family builds the
+network through its own library's factory and reads the preprocessing the library prescribes.
+
+**The canonical name carries the image size and the pooling**, ``BASE@SIZE:POOL``
+(``dinov2s@224:cls+mean``). That name is what the feature fingerprint records, so features
+computed at another size or with another pooling never mix with these, and the fingerprint
+module needs no new field. ``--backbone dinov2s`` means the family's default size and pooling;
+``--backbone dinov2s@336:cls`` overrides them.
+
+**No network, ever.** Weights are read from a folder on disk: an imported one, or the snapshot
+a library's own download left in the Hugging Face cache (looked up with
+``local_files_only=True``). A model whose weights are not on disk fails at once with the
+command to run; ``HF_HUB_OFFLINE`` is set before any of these libraries is imported, so no code
+path of theirs can wait on a network that is not there.
+
+The libraries are optional extras, imported only when such a backbone is used (importing timm
+alone takes seconds).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from ..data.preprocessing import Preprocessing
+from ..errors import BackboneError
+
+FAMILIES = {"timm": "timm", "hf": "transformers", "open_clip": "open_clip"}  # family -> import name
+EXTRAS = {"timm": "timm", "hf": "hf", "open_clip": "open_clip"}
+MODULES = {"timm": "timm_family", "hf": "hf_family", "open_clip": "openclip_family"}
+POOLINGS = ("cls", "mean", "cls+mean")  # + "default": the library's own pooled output
+# Product photos rarely need more than 224 px, and a ViT's cost grows with the square of its
+# token count: DINOv2's native 518 px is ~8.6x the compute of 224 px. So a ViT-style model whose
+# library recipe is above this size defaults to it (``@SIZE`` overrides); CNNs keep theirs.
+VIT_DEFAULT_MAX = 224
+
+
+@dataclass(frozen=True)
+class Name:
+    base: str  # "timm/test_vit", "hf/org/repo", "open_clip/ViT-B-16:openai", or an imported name
+    size: int | None  # None: the family's default
+    pool: str | None  # None: the family's default
+
+    def canonical(self, size: int, pool: str) -> str:
+        return f"{self.base}@{size}:{pool}"
+
+
+def parse_name(name: str) -> Name:
+    """``BASE[@SIZE][:POOL]`` or ``BASE[@:POOL]``. The options start at the last ``@`` (neither
+    a timm name, a Hugging Face repository id nor an open_clip ``arch:tag`` contains one)."""
+    base, at, opts = name.rpartition("@")
+    if not at:
+        return Name(name, None, None)
+    size_text, _, pool = opts.partition(":")
+    size: int | None = None
+    if size_text:
+        if not size_text.isdigit() or not 8 <= int(size_text) <= 4096:
+            raise BackboneError(f"{name!r}: the image size after '@' must be a number of pixels, e.g. {base}@224")
+        size = int(size_text)
+    if pool and pool not in (*POOLINGS, "default"):
+        raise BackboneError(f"{name!r}: unknown pooling {pool!r}; choose one of {', '.join((*POOLINGS, 'default'))}")
+    return Name(base, size, pool or None)
+
+
+def family_of(base: str) -> str | None:
+    head, slash, _ = base.partition("/")
+    return head if slash and head in FAMILIES else None
+
+
+def offline() -> None:
+    """Before any hub-backed library is imported: they read these once, at import time."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+
+def require(family: str) -> ModuleType:
+    """The library of ``family``, imported now; a missing one is an Error naming the extra."""
+    offline()
+    try:
+        return importlib.import_module(FAMILIES[family])
+    except ImportError as e:
+        raise BackboneError(
+            f"{family} backbones need the {FAMILIES[family]} library ({e}); install the extra: "
+            f"pip install 'headstart[{EXTRAS[family]}]' (or pip install '.[{EXTRAS[family]}]' in a checkout)"
+        ) from None
+
+
+def family_module(family: str) -> ModuleType:
+    require(family)
+    try:
+        return importlib.import_module(f"{__package__}.{MODULES[family]}")
+    except ModuleNotFoundError as e:
+        if e.name != f"{__package__}.{MODULES[family]}":
+            raise
+        raise BackboneError(f"{family} backbones are not supported by this headstart yet") from None
+
+
+def library_available(family: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(FAMILIES[family]) is not None
+
+
+def read_safetensors(path: Path) -> dict[str, Any]:
+    """A ``.safetensors`` file (tensors only, no pickle); ``.bin``/``.pth`` via weights_only."""
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path), device="cpu")
+    import torch
+
+    return torch.load(path, map_location="cpu", weights_only=True)  # type: ignore[no-any-return]
+
+
+def cached_snapshot(repo_id: str, files: tuple[str, ...]) -> Path | None:
+    """The folder of ``repo_id``'s snapshot in the Hugging Face cache if it holds one of
+    ``files``, looked up on disk only (``try_to_load_from_cache`` never opens a connection)."""
+    offline()
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return None
+    for f in files:
+        hit = try_to_load_from_cache(repo_id, f)
+        if isinstance(hit, str):
+            return Path(hit).parent
+    return None
+
+
+def weights_in(folder: Path, names: tuple[str, ...]) -> Path | None:
+    for n in names:
+        if (folder / n).is_file():
+            return folder / n
+    return None
+
+
+def centre_crop_prep(
+    crop: int, crop_pct: float, mean: Any, std: Any, interpolation: str, *, what: str
+) -> Preprocessing:
+    """Resize the short side to ``floor(crop / crop_pct)``, centre-crop ``crop``: the eval
+    recipe of timm (``transforms_factory.transforms_imagenet_eval``) and open_clip."""
+    import math
+
+    if interpolation not in ("bilinear", "bicubic"):
+        raise BackboneError(f"{what} asks for {interpolation!r} resizing; headstart resizes bilinear or bicubic only")
+    return Preprocessing(
+        resize=math.floor(crop / crop_pct),
+        crop=crop,
+        mean=tuple(float(v) for v in mean),  # type: ignore[arg-type]
+        std=tuple(float(v) for v in std),  # type: ignore[arg-type]
+        interpolation=interpolation,
+    )
+
+
+# name -> spec: building one builds the model (to measure its width), so a process does it once
+# per name. ``imported`` clears it whenever the local registry changes.
+_SPECS: dict[str, Any] = {}
+
+
+def forget() -> None:
+    _SPECS.clear()
+
+
+def resolve(name: str) -> Any:
+    """The spec of a library or imported backbone name, or None when ``name`` is neither (the
+    registry then lists the valid names)."""
+    if name in _SPECS:
+        return _SPECS[name]
+    parsed = parse_name(name)
+    family = family_of(parsed.base)
+    if family is not None:
+        spec = family_module(family).library_spec(parsed)
+    else:
+        from .imported import lookup
+
+        entry = lookup(parsed.base)
+        if entry is None:
+            return None
+        spec = family_module(entry["family"]).imported_spec(parsed, entry)
+    _SPECS[name] = _SPECS[spec.name] = spec
+    return spec
+
+
+def how_to_import(base: str) -> str:
+    return (
+        f"copy the model's folder (config.json + model.safetensors, as the library downloads it) to this "
+        f"machine and run `headstart backbones import DIR --as {base.rsplit('/', 1)[-1]}`"
+    )

@@ -1,0 +1,288 @@
+"""Library backbones (timm, Hugging Face transformers, open_clip) behind the one registry, tested
+offline: each library's real code builds a small random-weight model, which is saved in the
+library's own layout, imported with `headstart backbones import`, and then used like any backbone."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.data.images import load_pixels, open_rgb
+from pipeline.data.preprocessing import Preprocessing
+
+timm = pytest.importorskip("timm")
+
+PHOTOS = Path(__file__).parent / "data" / "images"
+# Real photos of three shapes: a 3:2 landscape (2268 x 1512), a portrait-ish sample, a square one.
+REAL = [PHOTOS / "flower_q85_420.jpg", PHOTOS / "pil_sample_rgb.jpg", PHOTOS / "hopper.jpg"]
+
+
+@pytest.fixture(autouse=True)
+def own_registry(tmp_path, monkeypatch):
+    """Each test gets its own local registry (and ONNX graph cache)."""
+    from pipeline.models import hub
+
+    monkeypatch.setenv("HEADSTART_CACHE_DIR", str(tmp_path / "headstart-cache"))
+    hub.forget()
+    yield
+    hub.forget()
+
+
+def save_timm(arch: str, folder: Path, num_classes: int = 5) -> tuple[Path, torch.nn.Module]:
+    """A random-init timm model saved the way timm publishes models: save_for_hf, safetensors."""
+    from timm.models._hub import save_for_hf
+
+    torch.manual_seed(0)
+    model = timm.create_model(arch, num_classes=num_classes).eval()
+    save_for_hf(model, str(folder), safe_serialization=True)
+    assert (folder / "model.safetensors").is_file() and (folder / "config.json").is_file()
+    return folder, model
+
+
+@pytest.fixture(scope="module")
+def vit_dir(tmp_path_factory):
+    return save_timm("test_vit", tmp_path_factory.mktemp("test_vit"))
+
+
+@pytest.fixture(scope="module")
+def effnet_dir(tmp_path_factory):
+    return save_timm("test_efficientnet", tmp_path_factory.mktemp("test_efficientnet"))
+
+
+def normalised(pixels: np.ndarray, prep: Preprocessing) -> torch.Tensor:
+    x = torch.from_numpy(pixels).float() / 255
+    return (x - torch.tensor(prep.mean).view(3, 1, 1)) / torch.tensor(prep.std).view(3, 1, 1)
+
+
+# --------------------------------------------------------------------------- timm
+
+
+@pytest.mark.parametrize("arch", ["test_vit", "test_efficientnet"])
+def test_timm_preprocessing_equals_timms_own_eval_transform_on_real_photos(arch, tmp_path):
+    from pipeline.models.imported import import_backbone
+
+    folder, model = save_timm(arch, tmp_path / arch)
+    import_backbone(folder, "m")
+    from pipeline.models.backbones import get_spec
+
+    prep = get_spec("m").preprocessing
+    data = timm.data.resolve_model_data_config(model)
+    assert prep.crop == data["input_size"][-1] and prep.interpolation == data["interpolation"]
+    transform = timm.data.create_transform(**data, is_training=False)
+    for photo in REAL:
+        theirs = transform(open_rgb(photo))
+        ours = normalised(load_pixels(photo, Preprocessing.from_dict({**prep.to_dict(), "draft": False})), prep)
+        assert ours.shape == theirs.shape
+        torch.testing.assert_close(ours, theirs, atol=2e-6, rtol=0)
+
+
+def test_import_records_the_model_and_its_sha256(vit_dir, run_cli):
+    from pipeline.core.hashing import sha256_file
+    from pipeline.models.imported import registry_path
+
+    folder, _ = vit_dir
+    r = run_cli("backbones", "import", folder, "--as", "vit-s")
+    assert r.exit_code == 0, r.output
+    assert "imported vit-s: timm test_vit, 64-d, 160 px, pooling cls" in r.output
+    doc = json.loads(registry_path().read_text())
+    assert doc["format"] == "headstart-backbones" and doc["version"] == 1
+    e = doc["backbones"]["vit-s"]
+    assert e["weights_sha256"] == sha256_file(folder / "model.safetensors")
+    assert (e["family"], e["architecture"], e["pooling"], e["image_size"], e["feature_dim"]) == (
+        "timm",
+        "test_vit",
+        "cls",
+        160,
+        64,
+    )
+    listed = run_cli("backbones")
+    line = next(x for x in listed.output.splitlines() if " vit-s " in x)
+    assert line.startswith("ready") and "64-d" in line and "imported timm test_vit" in line
+    assert any(x.startswith("ready") and "timm/MODEL" in x for x in listed.output.splitlines())
+    assert run_cli("backbones", "remove", "vit-s").exit_code == 0
+    assert "vit-s" not in json.loads(registry_path().read_text())["backbones"]
+
+
+def test_imported_features_equal_the_library_model(vit_dir):
+    from pipeline.models.backbones import load_backbone
+    from pipeline.models.imported import import_backbone
+
+    folder, model = vit_dir
+    import_backbone(folder, "vit-s")
+    loaded = load_backbone("vit-s")
+    prep = loaded.spec.preprocessing
+    pixels = np.stack([load_pixels(p, prep) for p in REAL])
+    with torch.no_grad():
+        theirs = model.forward_head(model.forward_features(torch.stack([normalised(p, prep) for p in pixels])), True)
+        ours = loaded.net(torch.from_numpy(pixels))
+        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+        # the 5-class head saved with the model is kept as the "ImageNet head" (the weights are real)
+        torch.testing.assert_close(
+            loaded.net.imagenet_logits(torch.from_numpy(pixels)),
+            model(torch.stack([normalised(p, prep) for p in pixels])),
+            atol=1e-5,
+            rtol=1e-5,
+        )
+
+
+def test_pooling_and_image_size_are_in_the_name_and_the_fingerprint(vit_dir):
+    from pipeline.models.backbones import get_spec, load_backbone
+    from pipeline.models.imported import import_backbone
+
+    import_backbone(vit_dir[0], "vit-s")
+    fps = {}
+    for name, dim, crop in [
+        ("vit-s", 64, 160),
+        ("vit-s@160:mean", 64, 160),
+        ("vit-s@160:cls+mean", 128, 160),
+        ("vit-s@96", 64, 96),
+    ]:
+        loaded = load_backbone(name)
+        assert (loaded.spec.feature_dim, loaded.spec.preprocessing.crop) == (dim, crop)
+        out = loaded.net(torch.zeros(2, 3, crop, crop, dtype=torch.uint8))
+        assert out.shape == (2, dim)
+        fps[name] = loaded.fingerprint("fp32")
+    assert fps["vit-s"].backbone == "vit-s@160:cls"
+    assert len({f.backbone for f in fps.values()}) == 4  # every choice is another function
+    assert all(not fps["vit-s"].same_function(f) for n, f in fps.items() if n != "vit-s")
+    assert get_spec("vit-s@160:cls") is get_spec("vit-s")  # the canonical name resolves to itself
+    # a ViT at 96 px: the position embedding was resampled from 160 px by timm's own filter
+    assert get_spec("vit-s@96").preprocessing.resize == 101  # floor(96 / 0.95)
+
+
+def test_cnn_pooling_choices_are_checked(effnet_dir):
+    from pipeline.errors import BackboneError
+    from pipeline.models.backbones import get_spec
+    from pipeline.models.imported import import_backbone
+
+    import_backbone(effnet_dir[0], "effnet")
+    assert get_spec("effnet").name == "effnet@160:mean"
+    assert get_spec("effnet@128").preprocessing.crop == 128
+    with pytest.raises(BackboneError, match=r"pooling 'cls' needs a token model \(a ViT\)"):
+        get_spec("effnet@160:cls")
+    with pytest.raises(BackboneError, match="unknown pooling 'max'"):
+        get_spec("effnet@160:max")
+
+
+def test_layer_groups_find_vit_blocks_and_cnn_stages(vit_dir, effnet_dir):
+    from pipeline.finetune.layers import backbone_units, layer_groups
+    from pipeline.models.backbones import load_backbone
+    from pipeline.models.imported import import_backbone
+
+    import_backbone(vit_dir[0], "vit-s")
+    import_backbone(effnet_dir[0], "effnet")
+    vit = load_backbone("vit-s").net.body
+    names = [u.name for u in backbone_units(vit)]
+    n_blocks = len(vit.model.blocks)
+    assert [f"model.blocks.{i}" for i in range(n_blocks)] == [n for n in names if n.startswith("model.blocks.")]
+    assert names.index("model.blocks.0") > names.index("model.patch_embed")  # input to output
+    cnn = load_backbone("effnet").net.body
+    units = [u.name for u in backbone_units(cnn)]
+    assert any(n.startswith("model.blocks.") for n in units) and units[0].startswith("model.conv_stem")
+    groups = layer_groups(vit, torch.nn.Linear(64, 3), stages=3)
+    assert groups.n_backbone == 3
+    top = groups.groups[1]  # the top group holds the last block, so it is unfrozen first
+    assert any(u.name == f"model.blocks.{n_blocks - 1}" or u.name == "model.norm" for u in top)
+
+
+def test_imported_timm_model_runs_the_whole_chain_native_and_onnx(vit_dir, small_catalog, tmp_path, run_cli):
+    pytest.importorskip("onnxruntime")
+    assert run_cli("backbones", "import", vit_dir[0], "--as", "vit-s", "--image-size", "64").exit_code == 0
+    cache, head = tmp_path / "f.h5", tmp_path / "head"
+    r = run_cli("extract", small_catalog, "--out", cache, "--backbone", "vit-s", "--no-progress", "--workers", "0")
+    assert r.exit_code == 0, r.output
+    r = run_cli("fit-head", cache, "--out", head, "--c", "1", "--near-duplicate-threshold", "1")
+    assert r.exit_code == 0, r.output
+    assert json.loads((head / "head.json").read_text())["fingerprint"]["backbone"] == "vit-s@64:cls"
+    probs = {}
+    for fmt in ("native", "onnx"):
+        model = tmp_path / fmt
+        r = run_cli("export", head, "--out", model, "--format", fmt)
+        assert r.exit_code == 0, r.output
+        manifest = json.loads((model / "manifest.json").read_text())
+        assert manifest["backbone"]["name"] == "vit-s@64:cls" and manifest["preprocessing"]["crop"] == 64
+        assert manifest["parity"]["max_abs_diff"] < 1e-4
+        out = tmp_path / f"{fmt}.csv"
+        r = run_cli("predict", model, small_catalog, "--out", out, "--workers", "0")
+        assert r.exit_code == 0, r.output
+        with out.open() as f:
+            rows = sorted(csv.DictReader(f), key=lambda row: row["path"])
+        probs[fmt] = np.array([float(row["probability"]) for row in rows])
+        assert all(row["error"] == "" for row in rows)
+    np.testing.assert_allclose(probs["onnx"], probs["native"], atol=1e-4)
+
+
+# --------------------------------------------------------------------------- offline, extras
+
+
+def _fake_hf_cache(root: Path, repo_id: str, folder: Path) -> None:
+    """The Hugging Face cache's own layout, as a download leaves it: refs/main names the
+    snapshot, snapshots/REV/ holds the files."""
+    repo = root / ("models--" + repo_id.replace("/", "--"))
+    snap = repo / "snapshots" / "0123abcd"
+    snap.mkdir(parents=True)
+    for f in folder.iterdir():
+        (snap / f.name).write_bytes(f.read_bytes())
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abcd")
+
+
+def test_library_name_uses_the_hf_cache_and_fails_fast_without_it(vit_dir, tmp_path, monkeypatch):
+    import time
+
+    from huggingface_hub import constants
+
+    from pipeline.errors import BackboneError
+    from pipeline.models.backbones import get_spec, load_backbone
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    t = time.monotonic()
+    with pytest.raises(BackboneError) as e:
+        load_backbone("timm/test_vit.r160_in1k")
+    assert time.monotonic() - t < 20  # no network wait (the model itself is built in that time)
+    assert "are not on this machine" in str(e.value) and "headstart backbones import DIR --as" in str(e.value)
+    _fake_hf_cache(tmp_path / "hub", "timm/test_vit.r160_in1k", vit_dir[0])
+    from pipeline.models import hub
+
+    hub.forget()
+    loaded = load_backbone("timm/test_vit.r160_in1k")
+    assert loaded.spec.name == "timm/test_vit.r160_in1k@160:cls"
+    assert get_spec("timm/test_vit.r160_in1k@160:cls") is loaded.spec
+    from pipeline.models.imported import cached_library_models
+
+    assert [n for n, _, _ in cached_library_models()] == ["timm/test_vit.r160_in1k"]
+
+
+def test_missing_library_names_the_extra(monkeypatch, run_cli, tmp_path):
+    monkeypatch.setitem(sys.modules, "timm", None)  # as if the extra were not installed
+    r = run_cli("extract", tmp_path, "--backbone", "timm/resnet50.a1_in1k", "--out", tmp_path / "f.h5")
+    assert r.exit_code == 1
+    assert "Error: timm backbones need the timm library" in r.output
+    assert "pip install 'headstart[timm]'" in r.output
+
+
+def test_unknown_and_bad_names_are_errors(run_cli, tmp_path):
+    r = run_cli("extract", tmp_path, "--backbone", "nosuch", "--out", tmp_path / "f.h5")
+    assert r.exit_code == 1 and "headstart backbones import DIR --as NAME" in r.output
+    r = run_cli("extract", tmp_path, "--backbone", "nosuch@abc", "--out", tmp_path / "f.h5")
+    assert r.exit_code == 1 and "image size after '@' must be a number" in r.output
+    r = run_cli("backbones", "import", tmp_path, "--as", "x")
+    assert r.exit_code == 1 and "has no config.json" in r.output
+    assert "Traceback" not in r.output
+
+
+def test_importing_pipeline_imports_no_model_library():
+    code = (
+        "import sys, pipeline.cli, pipeline.models.backbones, pipeline.models.hub, pipeline.models.imported;"
+        "print([m for m in ('timm', 'transformers', 'open_clip', 'huggingface_hub') if m in sys.modules])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=os.environ)
+    assert out.stdout.strip() == "[]"
