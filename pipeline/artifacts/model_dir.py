@@ -283,7 +283,7 @@ def _check_manifest(root: Path, manifest: dict[str, Any]) -> None:
     what = str(root / "manifest.json")
     for key in ("runtime", "backbone", "preprocessing", "precision", "class_names", "head", "files"):
         if key not in manifest:
-            raise ArtifactError(f"{what} lacks '{key}'; {_REEXPORT}")
+            raise ArtifactError(f"{what} is incomplete or malformed: it lacks '{key}'; {_REEXPORT}")
     if not isinstance(manifest["runtime"], str):
         raise ArtifactError(f"{what} 'runtime' is {manifest['runtime']!r}, not a name; {_REEXPORT}")
     if manifest["runtime"] not in RUNTIMES:

@@ -86,23 +86,10 @@ def _graph_interface(path: Path) -> tuple[dict[str, Interface], dict[str, Interf
     ``[onnx]`` extra), else from an onnxruntime session (which a slim serving install has)."""
     try:
         import onnx
-    except ImportError:
-        sess = onnx_session(path)
 
-        def ort(args: Any) -> dict[str, Interface]:  # type "tensor(uint8)", dims int or a name
-            out: dict[str, Interface] = {}
-            for a in args:
-                out[a.name] = (
-                    a.type.removeprefix("tensor(").rstrip(")"),
-                    [d if isinstance(d, int) else None for d in a.shape],
-                )
-            return out
-
-        return ort(sess.get_inputs()), ort(sess.get_outputs())
-    try:
         graph = onnx.load(str(path), load_external_data=False).graph
-    except Exception as e:  # protobuf's DecodeError and friends: not a graph at all
-        raise ArtifactError(f"{path} is not a readable ONNX graph ({type(e).__name__}); re-export it") from None
+    except Exception:  # no onnx package, or protobuf's DecodeError: onnxruntime says what is wrong
+        return _session_interface(path)
     weights = {t.name for t in graph.initializer}  # old exporters list weights among the inputs
 
     def proto(values: Any) -> dict[str, Interface]:
@@ -115,6 +102,18 @@ def _graph_interface(path: Path) -> tuple[dict[str, Interface], dict[str, Interf
         return out
 
     return proto(v for v in graph.input if v.name not in weights), proto(graph.output)
+
+
+def _session_interface(path: Path) -> tuple[dict[str, Interface], dict[str, Interface]]:
+    sess = onnx_session(path)  # an ArtifactError for a file that is no graph
+
+    def ort(args: Any) -> dict[str, Interface]:  # type "tensor(uint8)", dims int or a name
+        return {
+            a.name: (a.type.removeprefix("tensor(").rstrip(")"), [d if isinstance(d, int) else None for d in a.shape])
+            for a in args
+        }
+
+    return ort(sess.get_inputs()), ort(sess.get_outputs())
 
 
 def _fits(got: Interface, elem: str, dims: list[int | None]) -> bool:

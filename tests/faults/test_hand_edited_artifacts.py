@@ -221,6 +221,13 @@ def test_a_swapped_onnx_graph_with_another_output_name(made, tmp_path, run_cli):
     _use_model(run_cli, model, made, tmp_path, "it has no output 'probabilities' (its outputs: probs, features)")
 
 
+def test_a_swapped_graph_is_caught_without_the_onnx_package(made, tmp_path, run_cli, monkeypatch):
+    """A serving install may have onnxruntime only: the interface then comes from a session."""
+    monkeypatch.setitem(sys.modules, "onnx", None)  # `import onnx` raises ImportError
+    model = _swap_graph(made, tmp_path, made["onnx2"] / "model.onnx")
+    _use_model(run_cli, model, made, tmp_path, "output 'probabilities' is float [?, 2], not float [N, 3]")
+
+
 def test_the_exported_onnx_model_still_loads(made, tmp_path, run_cli):
     r = run_cli("predict", made["onnx"], made["images"], "--out", tmp_path / "p.csv", *PREDICT)
     assert r.exit_code == 0, r.output
