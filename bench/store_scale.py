@@ -124,12 +124,13 @@ def _compact_cost(out: Path, dim: int, total: int, loc: dict[str, tuple[str, int
     before = _disk_bytes(out)
     old = {p.name for p in segment_dir(out).glob("seg-*.h5")}
     t0 = time.perf_counter()
-    # The CLI command in a process of its own that reports its own peak RSS (RUSAGE_CHILDREN
-    # would count the pages a forked child shares with this process before it execs).
+    # The CLI command in a process of its own that reports its own peak RSS: VmHWM, which starts
+    # afresh at exec. ru_maxrss (also RUSAGE_CHILDREN) carries over the forked copy of this
+    # process, gigabytes here, across the exec.
     code = (
-        "import json, resource, sys; from pipeline.cli import cli; "
+        "import sys; from pipeline.cli import cli; "
         "cli.main(['cache', 'compact', sys.argv[1]], standalone_mode=False); "
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+        "print([line.split()[1] for line in open('/proc/self/status') if line.startswith('VmHWM')][0])"
     )
     r = subprocess.run([sys.executable, "-c", code, str(out)], check=True, capture_output=True, text=True)
     compact_s = time.perf_counter() - t0
