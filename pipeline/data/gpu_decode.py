@@ -6,7 +6,9 @@ whole batch in one call (``torchvision.io.decode_jpeg(list, device="cuda")``), s
 reads bytes and parses headers.
 
 What stays on the CPU, per file: anything that is not a plain RGB or greyscale JPEG (PNG, CMYK,
-...), anything above the pixel limit, and any JPEG nvjpeg refuses - those go through the same
+...), anything above the pixel limit, anything whose resize would build an image above it (an
+absurd aspect ratio: ``Preprocessing.work_pixels``; the CPU resize has a bounded road for those,
+this one does not), and any JPEG nvjpeg refuses - those go through the same
 :func:`~pipeline.data.images.load_pixels` as ``--decode cpu``. EXIF orientation is read from the header
 on the CPU and applied on the GPU (nvjpeg ignores it).
 
@@ -31,7 +33,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..errors import InputError
-from .images import DEFAULT_MAX_PIXELS, DecodeError, load_pixels
+from .images import DEFAULT_MAX_PIXELS, DecodeError, load_pixels, read_image_bytes
 from .preprocessing import Preprocessing
 
 _EXIF_ORIENTATION = 0x0112
@@ -54,11 +56,14 @@ class RawJpeg:
     orientation: int  # EXIF orientation 1..8
 
 
-def probe_jpeg(path: str | os.PathLike[str], max_pixels: int = DEFAULT_MAX_PIXELS) -> RawJpeg | None:
-    """Bytes + orientation if ``path`` is a JPEG nvjpeg can take, else None (decode on CPU).
-    Opening with PIL parses the header only: no pixel data is decoded here."""
-    with open(path, "rb") as f:
-        data = f.read()
+def probe_jpeg(
+    source: str | os.PathLike[str] | bytes, max_pixels: int = DEFAULT_MAX_PIXELS, prep: Preprocessing | None = None
+) -> RawJpeg | None:
+    """Bytes + orientation if ``source`` (a path, or bytes already read) is a JPEG nvjpeg can
+    take, else None (decode on CPU). The file is read through ``images.read_image_bytes`` (a
+    FIFO or an oversized file is a ``DecodeError`` here, as on the CPU). Opening with PIL parses
+    the header only: no pixel data is decoded here."""
+    data = source if isinstance(source, bytes) else read_image_bytes(source, max_pixels=max_pixels)
     try:
         with Image.open(io.BytesIO(data)) as img:
             if img.format != "JPEG" or img.mode not in ("RGB", "L"):
@@ -66,10 +71,19 @@ def probe_jpeg(path: str | os.PathLike[str], max_pixels: int = DEFAULT_MAX_PIXEL
             w, h = img.size
             if w * h > max_pixels:
                 return None  # the CPU path refuses it with the usual message
+            if prep is not None and not fits_gpu_resize(w, h, prep, max_pixels):
+                return None  # the CPU path has a bounded resize for it
             orientation = int(img.getexif().get(_EXIF_ORIENTATION, 1) or 1)
     except Exception:
         return None  # let the CPU path produce the recorded reason
     return RawJpeg(np.frombuffer(bytearray(data), dtype=np.uint8), orientation if 1 <= orientation <= 8 else 1)
+
+
+def fits_gpu_resize(w: int, h: int, prep: Preprocessing, max_pixels: int = DEFAULT_MAX_PIXELS) -> bool:
+    """Whether :func:`resize_crop` may take a ``w x h`` photo: the image its resize builds
+    (float32 on the device, 12 bytes a pixel) stays within the pixel limit. The same bound as the
+    CPU's plain road (``images.preprocess``), so both take the same photos the same way."""
+    return prep.work_pixels(w, h) <= max_pixels
 
 
 def apply_orientation(x: torch.Tensor, orientation: int) -> torch.Tensor:
@@ -94,7 +108,8 @@ def apply_orientation(x: torch.Tensor, orientation: int) -> torch.Tensor:
 def resize_crop(x: torch.Tensor, prep: Preprocessing) -> torch.Tensor:
     """uint8 (N, 3, H, W) or (3, H, W) -> uint8 (..., 3, crop, crop): the geometry of
     :func:`pipeline.data.images.preprocess` (short side to ``resize``, centre crop; or letterbox on
-    white), with torch's antialiased resampling. Same-sized photos resize in one call."""
+    white), with torch's antialiased resampling. Same-sized photos resize in one call. Only for
+    shapes :func:`fits_gpu_resize` accepts (``decode_batch`` sends the others to the CPU)."""
     single = x.dim() == 3
     x = x[None] if single else x
     mode = "bicubic" if prep.interpolation == "bicubic" else "bilinear"
@@ -140,9 +155,11 @@ def decode_batch(
     by_shape: dict[tuple[int, ...], list[int]] = {}
     upright: dict[int, torch.Tensor] = {}
     for k, (raw, img) in enumerate(zip(raws, decoded, strict=True)):
+        if img is not None and not fits_gpu_resize(img.shape[-1], img.shape[-2], prep, max_pixels):
+            img = None  # probe_jpeg checks the header; this checks what nvjpeg really decoded
         if img is None:
             try:
-                pixels = load_pixels(Image.open(io.BytesIO(raw.data.tobytes())), prep, max_pixels=max_pixels)
+                pixels = load_pixels(raw.data.tobytes(), prep, max_pixels=max_pixels)
                 out[k] = torch.from_numpy(pixels).to(device)
             except DecodeError as e:
                 out[k] = str(e)

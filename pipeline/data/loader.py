@@ -5,6 +5,9 @@ network under the chosen precision.
 A file that cannot be decoded does not stop the batch: its slot carries the error message and
 its pixels are dropped before the forward pass.
 
+With ``expected_hashes`` (extract) each file is read once: the worker hashes the very bytes it
+decodes, so a photo rewritten after it was hashed can never store new pixels under the old key.
+
 With ``decode="gpu"`` the workers only read JPEG bytes and parse headers; the main process
 decodes the whole batch with nvjpeg and resizes on the GPU (see ``gpu_decode.py``).
 """
@@ -21,44 +24,68 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from ..core import runtime
+from ..core.hashing import hash_bytes
 from ..errors import InputError
 from .gpu_decode import RawJpeg, decode_batch, probe_jpeg, require_cuda
-from .images import DEFAULT_MAX_PIXELS, DecodeError, load_pixels
+from .images import DEFAULT_MAX_PIXELS, DecodeError, FileReadError, load_pixels, read_image_bytes
 from .preprocessing import Preprocessing
 
 Source = str | os.PathLike[str] | Image.Image
 Decoded = np.ndarray | RawJpeg | None  # CPU pixels, JPEG bytes for the GPU, or failure
+# (position, pixels, error or "", retry): retry = the failure says nothing about the content.
+Item = tuple[int, Decoded, str, bool]
 DECODERS = ("cpu", "gpu")
+CHANGED = "changed while extract was reading it; run extract again"
 
 
-class PixelDataset(Dataset[tuple[int, Decoded, str]]):
+class PixelDataset(Dataset[Item]):
     def __init__(
         self,
         sources: Sequence[Source],
         prep: Preprocessing,
         max_pixels: int | None = None,
         decode: str = "cpu",
+        expected_hashes: Sequence[str] | None = None,
     ) -> None:
+        if expected_hashes is not None and len(expected_hashes) != len(sources):
+            raise ValueError(f"{len(expected_hashes)} expected hashes for {len(sources)} sources")
         self.sources = sources
         self.prep = prep
         self.max_pixels = max_pixels or DEFAULT_MAX_PIXELS
         self.decode = decode
+        self.expected_hashes = expected_hashes
 
     def __len__(self) -> int:
         return len(self.sources)
 
-    def __getitem__(self, i: int) -> tuple[int, Decoded, str]:
+    def __getitem__(self, i: int) -> Item:
         src = self.sources[i]
+        what: Source | bytes = src  # what is decoded: the source, or the bytes read from it
+        if self.expected_hashes is not None and not isinstance(src, Image.Image):
+            # Read once, hash that buffer, decode that buffer. Until the hash matches, a failure
+            # is about the file as it is now (swapped, removed, rewritten), not the content the
+            # caller keyed by that hash: retry, never remember.
+            try:
+                data = read_image_bytes(src, max_pixels=self.max_pixels)
+            except DecodeError as e:
+                return i, None, str(e), True
+            except Exception as e:
+                return i, None, f"cannot read file: {type(e).__name__}: {e}", True
+            if hash_bytes(data) != self.expected_hashes[i]:
+                return i, None, CHANGED, True
+            what = data
         try:
-            if self.decode == "gpu" and not isinstance(src, Image.Image):
-                raw = probe_jpeg(src, self.max_pixels)
+            if self.decode == "gpu" and not isinstance(what, Image.Image):
+                raw = probe_jpeg(what, self.max_pixels, self.prep)
                 if raw is not None:
-                    return i, raw, ""
-            return i, load_pixels(src, self.prep, max_pixels=self.max_pixels), ""
+                    return i, raw, "", False
+            return i, load_pixels(what, self.prep, max_pixels=self.max_pixels), "", False
+        except FileReadError as e:
+            return i, None, str(e), True
         except DecodeError as e:
-            return i, None, str(e)
-        except Exception as e:
-            return i, None, f"cannot decode: {type(e).__name__}: {e}"
+            return i, None, str(e), False
+        except Exception as e:  # not a recorded reason: an environment fault (memory) or a bug
+            return i, None, f"cannot decode: {type(e).__name__}: {e}", True
 
 
 @dataclass
@@ -67,6 +94,9 @@ class Batch:
     pixels: torch.Tensor  # uint8 (n_ok, 3, H, W), only the decodable items
     ok: torch.Tensor  # bool mask over ``index``
     errors: list[str]  # "" where ok
+    # True where the failure is not a property of the content (the file changed, vanished or
+    # became a FIFO while it was read; an unexpected exception): do not remember it as a skip.
+    retry: list[bool]
     # --decode gpu: items whose JPEG bytes still need decoding (position in the batch, bytes);
     # their slots in ``pixels`` are filled on the device by :func:`embed_batches`.
     raw: list[tuple[int, RawJpeg]] = field(default_factory=list)
@@ -78,13 +108,13 @@ class Batch:
         return self
 
 
-def _collate(items: list[tuple[int, Decoded, str]]) -> Batch:
-    index = torch.tensor([i for i, _, _ in items], dtype=torch.int64)
-    ok = torch.tensor([p is not None for _, p, _ in items], dtype=torch.bool)
-    good = [torch.from_numpy(p) for _, p, _ in items if isinstance(p, np.ndarray)]
-    raw = [(j, p) for j, (_, p, _) in enumerate(items) if isinstance(p, RawJpeg)]
+def _collate(items: list[Item]) -> Batch:
+    index = torch.tensor([it[0] for it in items], dtype=torch.int64)
+    ok = torch.tensor([it[1] is not None for it in items], dtype=torch.bool)
+    good = [torch.from_numpy(it[1]) for it in items if isinstance(it[1], np.ndarray)]
+    raw = [(j, it[1]) for j, it in enumerate(items) if isinstance(it[1], RawJpeg)]
     pixels = torch.stack(good) if good else torch.empty(0, dtype=torch.uint8)
-    return Batch(index, pixels, ok, [e for _, _, e in items], raw)
+    return Batch(index, pixels, ok, [it[2] for it in items], [it[3] for it in items], raw)
 
 
 def _gpu_pixels(batch: Batch, prep: Preprocessing, device: torch.device, max_pixels: int) -> torch.Tensor:
@@ -117,7 +147,11 @@ def make_loader(
     workers: int | None = None,
     max_pixels: int | None = None,
     decode: str = "cpu",
+    expected_hashes: Sequence[str] | None = None,
 ) -> DataLoader[Batch]:
+    """Batches of ``sources``. ``expected_hashes`` (one content hash per source, as
+    ``core.hashing.hash_file`` gives): read each file once and decode it only if its bytes still
+    have that hash; else the slot fails with :data:`CHANGED` and ``Batch.retry`` True."""
     if decode not in DECODERS:
         raise InputError(f"unknown --decode {decode!r}; choose cpu or gpu")
     if decode == "gpu":
@@ -131,7 +165,7 @@ def make_loader(
     runtime.prepare_worker_sharing(workers)
     # collate_fn turns the dataset's items into a Batch, which DataLoader's typing cannot express.
     return DataLoader(
-        PixelDataset(sources, prep, max_pixels, decode),  # type: ignore[arg-type]
+        PixelDataset(sources, prep, max_pixels, decode, expected_hashes),  # type: ignore[arg-type]
         batch_size=batch_size,
         shuffle=False,
         num_workers=workers,

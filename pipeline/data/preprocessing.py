@@ -26,6 +26,16 @@ class Preprocessing:
     # Pad to a square on white instead of centre-cropping (tall bottles keep their caps).
     letterbox: bool = False
 
+    def work_pixels(self, w: int, h: int) -> int:
+        """Pixels of the largest image the plain resize of a ``w x h`` photo builds: the photo
+        with its short side at ``resize`` (long side in proportion), or the letterbox's square
+        canvas. Only the aspect ratio makes it large (1 x 100,000 -> 256 x 25,600,000), so the
+        CPU and GPU resizes compare it with the pixel limit and take a bounded road beyond it."""
+        if self.letterbox:
+            return max(w, h) ** 2
+        short, long = min(w, h), max(w, h)
+        return self.resize * int(self.resize * long / max(short, 1))
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
