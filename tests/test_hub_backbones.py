@@ -286,3 +286,105 @@ def test_importing_pipeline_imports_no_model_library():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=os.environ)
     assert out.stdout.strip() == "[]"
+
+
+# --------------------------------------------------------------------------- Hugging Face transformers
+
+
+def save_hf(kind: str, folder: Path) -> tuple[Path, torch.nn.Module]:
+    """A small random transformers model and its image processor, saved with save_pretrained."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    if kind == "dinov2":
+        config = transformers.Dinov2Config(
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            image_size=56,
+            patch_size=14,
+        )
+        model = transformers.Dinov2Model(config)
+        processor = transformers.BitImageProcessor(size={"shortest_edge": 64}, crop_size={"height": 56, "width": 56})
+    elif kind == "vit":
+        config = transformers.ViTConfig(
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            image_size=64,
+            patch_size=16,
+        )
+        model = transformers.ViTModel(config)
+        processor = transformers.ViTImageProcessor(size={"height": 64, "width": 64})
+    else:
+        config = transformers.ConvNextConfig(hidden_sizes=[8, 16, 24, 32], depths=[1, 1, 1, 1], image_size=64)
+        model = transformers.ConvNextModel(config)
+        processor = transformers.ConvNextImageProcessor(size={"shortest_edge": 64}, crop_pct=0.875)
+    model.eval().save_pretrained(str(folder))
+    processor.save_pretrained(str(folder))
+    return folder, model
+
+
+@pytest.mark.parametrize(
+    "kind, dim, crop, pool", [("dinov2", 32, 56, "cls"), ("vit", 32, 64, "cls"), ("convnext", 32, 64, "mean")]
+)
+def test_hf_import_features_and_preprocessing_equal_the_library(kind, dim, crop, pool, tmp_path, run_cli):
+    transformers = pytest.importorskip("transformers")
+    from pipeline.models.backbones import load_backbone
+
+    folder, model = save_hf(kind, tmp_path / kind)
+    r = run_cli("backbones", "import", folder, "--as", kind)
+    assert r.exit_code == 0, r.output
+    assert f"imported {kind}: hf" in r.output and f"{dim}-d, {crop} px, pooling {pool}" in r.output
+    loaded = load_backbone(kind)
+    prep = loaded.spec.preprocessing
+    processor = transformers.AutoImageProcessor.from_pretrained(str(folder), backend="pil")
+    # ViTImageProcessor squashes to a square, headstart centre-crops: the same on square photos
+    photos = [p for p in REAL if kind != "vit" or open_rgb(p).width == open_rgb(p).height]
+    for photo in photos:
+        theirs = torch.as_tensor(np.asarray(processor(open_rgb(photo), return_tensors="np")["pixel_values"][0]))
+        ours = normalised(load_pixels(photo, Preprocessing.from_dict({**prep.to_dict(), "draft": False})), prep)
+        torch.testing.assert_close(ours, theirs, atol=2e-6, rtol=0)
+    pixels = np.stack([load_pixels(p, prep) for p in REAL])
+    with torch.no_grad():
+        out = model(pixel_values=torch.stack([normalised(p, prep) for p in pixels]))
+        theirs = out.pooler_output if kind == "convnext" else out.last_hidden_state[:, 0]
+        torch.testing.assert_close(loaded.net(torch.from_numpy(pixels)), theirs, atol=1e-5, rtol=1e-5)
+
+
+def test_hf_pooling_size_and_the_chain(small_catalog, tmp_path, run_cli):
+    pytest.importorskip("onnxruntime")
+    from pipeline.finetune.layers import backbone_units
+    from pipeline.models.backbones import load_backbone
+
+    folder, _ = save_hf("dinov2", tmp_path / "dinov2")
+    assert run_cli("backbones", "import", folder, "--as", "d2", "--pooling", "cls+mean").exit_code == 0
+    assert load_backbone("d2").spec.name == "d2@56:cls+mean" and load_backbone("d2").spec.feature_dim == 64
+    spec = load_backbone("d2@84:mean").spec
+    assert (spec.feature_dim, spec.preprocessing.crop, spec.preprocessing.resize) == (32, 84, 96)
+    units = [u.name for u in backbone_units(load_backbone("d2").net.body)]
+    layers = [u for u in units if u.startswith("model.encoder.layer.")]  # 2 layers: split finer, in order
+    assert layers[0].startswith("model.encoder.layer.0") and layers[-1].startswith("model.encoder.layer.1")
+    assert units.index(layers[0]) > max(i for i, u in enumerate(units) if u.startswith("model.embeddings"))
+    cache, head = tmp_path / "f.h5", tmp_path / "head"
+    r = run_cli("extract", small_catalog, "--out", cache, "--backbone", "d2", "--no-progress", "--workers", "0")
+    assert r.exit_code == 0, r.output
+    assert run_cli("fit-head", cache, "--out", head, "--c", "1", "--near-duplicate-threshold", "1").exit_code == 0
+    for fmt in ("native", "onnx"):
+        r = run_cli("export", head, "--out", tmp_path / fmt, "--format", fmt)
+        assert r.exit_code == 0, r.output
+        assert json.loads((tmp_path / fmt / "manifest.json").read_text())["parity"]["max_abs_diff"] < 1e-4
+    r = run_cli("extract", small_catalog, "--out", cache, "--backbone", "d2@56:cls", "--no-progress", "--workers", "0")
+    assert r.exit_code == 1 and "backbone" in r.output  # another pooling is another backbone: refused
+
+
+def test_hf_name_not_in_the_cache_fails_fast(tmp_path, monkeypatch, run_cli):
+    pytest.importorskip("transformers")
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    r = run_cli("extract", tmp_path, "--backbone", "hf/facebook/dinov2-small", "--out", tmp_path / "f.h5")
+    assert r.exit_code == 1
+    assert "facebook/dinov2-small is not in the Hugging Face cache on this machine" in r.output
+    assert "headstart backbones import DIR --as dinov2-small" in r.output

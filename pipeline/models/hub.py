@@ -144,7 +144,7 @@ def weights_in(folder: Path, names: tuple[str, ...]) -> Path | None:
 
 
 def centre_crop_prep(
-    crop: int, crop_pct: float, mean: Any, std: Any, interpolation: str, *, what: str
+    crop: int, crop_pct: float, mean: Any, std: Any, interpolation: str, *, what: str, resize: int | None = None
 ) -> Preprocessing:
     """Resize the short side to ``floor(crop / crop_pct)``, centre-crop ``crop``: the eval
     recipe of timm (``transforms_factory.transforms_imagenet_eval``) and open_clip."""
@@ -153,7 +153,7 @@ def centre_crop_prep(
     if interpolation not in ("bilinear", "bicubic"):
         raise BackboneError(f"{what} asks for {interpolation!r} resizing; headstart resizes bilinear or bicubic only")
     return Preprocessing(
-        resize=math.floor(crop / crop_pct),
+        resize=resize or math.floor(crop / crop_pct),
         crop=crop,
         mean=tuple(float(v) for v in mean),  # type: ignore[arg-type]
         std=tuple(float(v) for v in std),  # type: ignore[arg-type]

@@ -1,0 +1,217 @@
+"""Hugging Face transformers backbones: ``hf/<repo-id>`` from the Hugging Face cache, or a folder
+``save_pretrained`` (or ``snapshot_download``) wrote: ``config.json`` with a ``model_type``,
+``model.safetensors`` and ``preprocessor_config.json``.
+
+The network is ``AutoModel.from_config`` at random init; the weights are loaded by
+``AutoModel.from_pretrained(folder, local_files_only=True)``, the library's own loader, because
+checkpoint key names change between transformers versions and only it knows the renames. The
+sha256 recorded is still that of the folder's weights file. Preprocessing is the ``AutoImageProcessor``'s ``size``,
+``crop_size``, ``crop_pct``, ``resample``, ``image_mean`` and ``image_std``.
+
+Pooling: the model's ``last_hidden_state``: ``cls`` (token 0), ``mean`` of the patch tokens
+(after the class token and any register tokens) or ``cls+mean``; for a CNN (ConvNeXt) its
+``pooler_output`` (the normalised global average, ``mean``). An image-text model (CLIP,
+SigLIP) gives its projected image embedding (``default``), the space its text tower shares.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..data.preprocessing import Preprocessing
+from ..errors import BackboneError
+from . import hub
+from .backbones import BackboneSpec
+
+WEIGHTS = ("model.safetensors", "pytorch_model.bin")
+_RESAMPLE = {2: "bilinear", 3: "bicubic"}  # PIL's codes, as the image processors record them
+
+
+class HFBody(nn.Module):
+    def __init__(self, model: nn.Module, pool: str, prefix_tokens: int, image_text: bool, folder: Path) -> None:
+        super().__init__()
+        self.folder = str(folder)  # where the weights load from (load_original_state_dict)
+        self.model = model
+        self.pool = pool
+        self.prefix_tokens = prefix_tokens
+        self.image_text = image_text
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.image_text:
+            out = self.model.get_image_features(pixel_values=x)  # type: ignore[operator]
+            return out if isinstance(out, torch.Tensor) else out.pooler_output
+        kw = {"interpolate_pos_encoding": True} if self.prefix_tokens else {}  # any @SIZE (ViT needs asking)
+        out = self.model(pixel_values=x, **kw)
+        h = out.last_hidden_state
+        if h.ndim == 4 or self.pool == "default":
+            return out.pooler_output  # type: ignore[no-any-return]
+        parts = []
+        if self.pool.startswith("cls"):
+            parts.append(h[:, 0])
+        if self.pool.endswith("mean"):
+            parts.append(h[:, self.prefix_tokens :].mean(1))
+        return torch.cat(parts, 1)
+
+    def load_original_state_dict(self, state: dict[str, torch.Tensor], head: nn.Module | None) -> None:
+        """Through transformers' own loader, not ``state``: checkpoints keep the key names of the
+        transformers that wrote them and ``from_pretrained`` renames them (5.x stores DINOv2's
+        ``attention.attention.query`` and loads it as ``attention.q_proj``), drops the
+        ``base_model_prefix`` of a classification checkpoint and its classifier."""
+        from transformers import AutoModel
+        from transformers.utils import logging
+
+        logging.disable_progress_bar()  # extract has its own progress bar
+        try:
+            loaded = AutoModel.from_pretrained(str(self.folder), local_files_only=True)
+        except (OSError, ValueError) as e:
+            raise RuntimeError(str(e)) from None
+        self.model.load_state_dict(loaded.state_dict(), strict=True)
+
+
+def _processor(folder: Path) -> dict[str, Any]:
+    try:
+        return dict(json.loads((folder / "preprocessor_config.json").read_text(encoding="utf-8")))
+    except FileNotFoundError:
+        raise BackboneError(f"{folder} has no preprocessor_config.json (the image processor's settings)") from None
+    except (OSError, ValueError) as e:
+        raise BackboneError(f"cannot read {folder / 'preprocessor_config.json'}: {e}") from None
+
+
+def preprocessing(folder: Path, size: int | None, *, vit: bool) -> tuple[Preprocessing, int]:
+    """The image processor's recipe as a :class:`Preprocessing`, at ``size`` (default: its crop,
+    at most ``hub.VIT_DEFAULT_MAX`` for a ViT), keeping its resize-to-crop ratio.
+
+    Processors that resize to a fixed ``height x width`` without a crop (ViTImageProcessor,
+    ConvNeXt at 384+) squash the photo to a square; headstart keeps the aspect ratio and
+    centre-crops instead (its preprocessing has no squash), identical on square photos."""
+    p = _processor(folder)
+    what = f"the image processor in {folder}"
+    s = p.get("size") or {}
+    s = {"shortest_edge": s} if isinstance(s, int) else dict(s)
+    crop_size = p.get("crop_size")
+    if isinstance(crop_size, dict):
+        crop_size = crop_size.get("height")
+    if "crop_pct" in p and "shortest_edge" in s:  # ConvNextImageProcessor
+        edge = int(s["shortest_edge"])
+        resize, crop = (math.floor(edge / p["crop_pct"]), edge) if edge < 384 else (edge, edge)
+    elif "shortest_edge" in s:
+        resize = int(s["shortest_edge"])
+        crop = int(crop_size) if p.get("do_center_crop", True) and crop_size else resize
+    elif "height" in s:
+        resize = crop = int(s["height"])
+    else:
+        raise BackboneError(f"{what} has a size headstart does not read: {p.get('size')!r}")
+    chosen = size or (min(crop, hub.VIT_DEFAULT_MAX) if vit else crop)
+    interpolation = _RESAMPLE.get(int(p.get("resample", 3)), f"PIL code {p.get('resample')}")
+    mean, std = p.get("image_mean", (0.5,) * 3), p.get("image_std", (0.5,) * 3)
+    exact = resize if chosen == crop else round(chosen * resize / crop)  # no float floor at the native size
+    prep = hub.centre_crop_prep(chosen, crop / resize, mean, std, interpolation, what=what, resize=exact)
+    return prep, chosen
+
+
+def _build(folder: Path) -> nn.Module:
+    from transformers import AutoConfig, AutoModel
+
+    try:
+        config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
+        return AutoModel.from_config(config).eval()  # type: ignore[no-any-return]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise BackboneError(f"transformers cannot build the model in {folder}: {str(e).splitlines()[0]}") from None
+
+
+def _shape(model: nn.Module) -> tuple[bool, int, bool]:
+    """(image-text model, prefix tokens of a token model (0 for a CNN), ViT-like)."""
+    config: Any = model.config
+    if hasattr(model, "get_image_features") and getattr(config, "vision_config", None) is not None:
+        return True, 0, True
+    if getattr(config, "model_type", "") in ("convnext", "convnextv2", "resnet", "regnet", "efficientnet", "bit"):
+        return False, 0, False
+    return False, 1 + int(getattr(config, "num_register_tokens", 0) or 0), True
+
+
+def _spec(name: hub.Name, folder: Path, weights: Any, source: str, how_to_get: str) -> BackboneSpec:
+    model = _build(folder)
+    image_text, prefix, vit = _shape(model)
+    own = "default" if image_text else ("cls" if prefix else "mean")
+    pool = name.pool or own
+    if pool not in ("default", own) and not prefix:
+        raise BackboneError(f"pooling {pool!r} needs a token model (a ViT); the model in {folder} pools :{own}")
+    prep, size = preprocessing(folder, name.size, vit=vit)
+    first = HFBody(model, pool, prefix, image_text, folder).eval()
+    with torch.no_grad():
+        dim = int(first(torch.zeros(1, 3, size, size)).shape[1])
+    stash = [first]
+
+    def build() -> tuple[nn.Module, nn.Module | None]:
+        return (stash.pop() if stash else HFBody(_build(folder), pool, prefix, image_text, folder)), None
+
+    config: Any = model.config
+    arch = (getattr(config, "architectures", None) or [type(model).__name__])[0]
+    return BackboneSpec(
+        name=name.canonical(size, pool),
+        feature_dim=dim,
+        preprocessing=prep,
+        weights_name=f"transformers {config.model_type} {arch}",
+        source=source,
+        build=build,
+        find_weights=weights,
+        how_to_get=how_to_get,
+        read_state=lambda path: {},  # transformers reads the folder itself (HFBody.load_original_state_dict)
+    )
+
+
+def inspect_folder(folder: Path, *, size: int | None, pool: str | None) -> dict[str, Any]:
+    from .backbones import load_backbone
+
+    weights = hub.weights_in(folder, WEIGHTS)
+    if weights is None:
+        raise BackboneError(f"{folder} holds no {' or '.join(WEIGHTS)}")
+    spec = _spec(hub.Name(str(folder), size, pool), folder, lambda: weights, "", "")
+    load_backbone(spec)
+    parsed = hub.parse_name(spec.name)
+    cfg = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    arch = (cfg.get("architectures") or [cfg.get("model_type")])[0]
+    return {
+        "architecture": str(arch),
+        "image_size": parsed.size,
+        "pooling": parsed.pool,
+        "feature_dim": spec.feature_dim,
+        "weights_file": str(weights),
+    }
+
+
+def imported_spec(name: hub.Name, entry: dict[str, Any]) -> BackboneSpec:
+    folder, weights = Path(entry["path"]), Path(entry["weights_file"])
+    if not (folder / "config.json").is_file():
+        raise BackboneError(f"the folder imported as {name.base!r} is gone ({folder}); import it again")
+    name = hub.Name(name.base, name.size or entry.get("image_size"), name.pool or entry.get("pooling"))
+    return _spec(
+        name,
+        folder,
+        lambda: weights if weights.is_file() else None,
+        f"imported transformers {entry.get('architecture')} ({folder})",
+        f"the folder imported as {name.base!r} lost its weights; import it again",
+    )
+
+
+def library_spec(name: hub.Name) -> BackboneSpec:
+    """``hf/<repo-id>``: a snapshot already in the Hugging Face cache (never downloaded here)."""
+    repo_id = name.base.split("/", 1)[1]
+    snap = hub.cached_snapshot(repo_id, ("config.json",))
+    fetch = (
+        f"download it once on a machine with internet (`hf download {repo_id}`, or "
+        f"AutoModel.from_pretrained('{repo_id}')), or {hub.how_to_import(name.base)}"
+    )
+    if snap is None:
+        raise BackboneError(f"{repo_id} is not in the Hugging Face cache on this machine; {fetch}")
+
+    def find() -> Path | None:
+        return hub.weights_in(snap, WEIGHTS)
+
+    return _spec(name, snap, find, f"transformers (Hugging Face cache, {repo_id})", fetch)
