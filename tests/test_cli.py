@@ -122,7 +122,8 @@ def test_python_dash_m_works():
         ("extract", "pipeline.extract.extract", "finished batches are kept and the next run resumes"),
         ("fit-head", "pipeline.fit_head.fit_head", "the previous head, if any, is unchanged"),
         ("finetune", "pipeline.finetune.stage.finetune", "run again with --resume to continue"),
-        ("predict", "pipeline.predict.predict", "nothing was written"),
+        ("predict", "pipeline.predict.predict", "the previous output file, if any, is unchanged"),
+        ("similar", "pipeline.similar.similar", "nothing was written"),
     ],
 )
 def test_ctrl_c_says_what_each_command_leaves_behind(command, stage, says, monkeypatch, tmp_path, run_cli):
@@ -138,6 +139,7 @@ def test_ctrl_c_says_what_each_command_leaves_behind(command, stage, says, monke
         "fit-head": ["fit-head", tmp_path / "f.h5"],
         "finetune": ["finetune", tmp_path, "--head", tmp_path],
         "predict": ["predict", tmp_path, tmp_path],
+        "similar": ["similar", tmp_path / "f.h5", "--cache", tmp_path / "f.h5"],
     }[command]
     (tmp_path / "f.h5").write_bytes(b"")
     from click.testing import CliRunner
