@@ -276,6 +276,21 @@ def test_compact_if_needed_runs_above_the_threshold_only(tmp_path):
     assert info(out)["dead_rows"] == 0 and not verify(out)
 
 
+def test_scattered_deletions_are_compacted_before_the_index_fragments(tmp_path, monkeypatch):
+    """Few dead rows, but every other row: one virtual-dataset mapping per live row, which
+    every commit and reader pays for. Above MAX_MAPPINGS they are compacted whatever the share."""
+    monkeypatch.setattr(compact_mod, "MAX_MAPPINGS", 50)
+    out = tmp_path / "f.h5"
+    c = _synthetic(out, 400, 400)  # one segment
+    _delete(out, c, set(range(0, 80, 2)))  # 40 dead (10 %): 40 mappings (row 79 runs on into 80...)
+    assert compact_mod.mappings(out) == 40 and compact_mod.compact_if_needed(out, say=print) is None
+    c = _synthetic(tmp_path / "g.h5", 400, 400)
+    _delete(tmp_path / "g.h5", c, set(range(0, 200, 2)))  # 100 dead (25 %, not above it): 100 mappings
+    result = compact_mod.compact_if_needed(tmp_path / "g.h5", say=print)
+    assert result is not None and result.reclaimed_rows == 100
+    assert compact_mod.mappings(tmp_path / "g.h5") == 1 and not verify(tmp_path / "g.h5")
+
+
 def test_extract_compacts_on_its_own_above_the_threshold(tmp_path, monkeypatch, capsys):
     extract_mod, extract, cfg_type = _extract_api()
     monkeypatch.setattr(extract_mod, "SEGMENT_ROWS", 8)

@@ -54,6 +54,7 @@ from .store import Cache
 
 AUTO_DEAD_SHARE = 0.25  # extract compacts when more than this share of the segments' rows is dead
 SEGMENT_DEAD_SHARE = 0.25  # a segment is rewritten when at least this share of its rows is dead
+MAX_MAPPINGS = 1024  # more mappings than this (and than 4 a segment) make extract compact every dead row
 SUPERSEDED = "superseded_segments"  # index attribute: JSON list of the segments it replaced
 _READ_ROWS = 8192  # rows read from an old segment at a time (its chunks are 512 rows)
 
@@ -112,6 +113,24 @@ def dead_rows(path: str | Path) -> tuple[int, int]:
         return total - c.n_rows, total
 
 
+def mappings(path: str | Path) -> int:
+    """How many mappings the index's virtual ``/features`` has: one per run of rows that are
+    consecutive in one segment (0 for schema v1)."""
+    with h5py.File(path, "r") as f:
+        if "location" not in f:
+            return 0
+        seg = f["location/segment"][()]
+        row = f["location/row"][()]
+    if not len(seg):
+        return 0
+    return 1 + int(np.count_nonzero((np.diff(seg) != 0) | (np.diff(row) != 1)))
+
+
+def segments_used(path: str | Path) -> int:
+    with Cache(path) as c:
+        return len(c.segments)
+
+
 def compact(
     path: str | Path,
     *,
@@ -145,9 +164,14 @@ def compact_if_needed(
     ``extract`` calls after its commit, under its lock). ``say`` gets the summary line
     (default: standard error, beside extract's own output). None when below the threshold."""
     dead, total = dead_rows(path)
-    if not total or dead / total <= threshold:
+    fragmented = mappings(path) > max(MAX_MAPPINGS, 4 * segments_used(path))
+    if not fragmented and (not total or dead / total <= threshold):
         return None
-    result = compact(path, lock_held=lock_held)
+    # Scattered deletions leave few dead rows but many runs of live ones: every run is one
+    # mapping of the index's virtual dataset, which costs each commit and each reader (about
+    # 0.6 ms and 6.5 KB a mapping, measured at 1M rows). Rewriting every segment with a dead
+    # row makes the live rows contiguous again.
+    result = compact(path, lock_held=lock_held, min_dead_share=0.0 if fragmented else SEGMENT_DEAD_SHARE)
     (say or _stderr)(result.line())
     return result
 
