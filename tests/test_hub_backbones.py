@@ -388,3 +388,69 @@ def test_hf_name_not_in_the_cache_fails_fast(tmp_path, monkeypatch, run_cli):
     assert r.exit_code == 1
     assert "facebook/dinov2-small is not in the Hugging Face cache on this machine" in r.output
     assert "headstart backbones import DIR --as dinov2-small" in r.output
+
+
+# --------------------------------------------------------------------------- open_clip
+
+TINY_CLIP = {
+    "embed_dim": 16,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "patch_size": 8, "head_width": 16},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+
+
+def save_open_clip(folder: Path) -> Path:
+    """open_clip's hub layout (push_to_hf_hub.save_for_hf): open_clip_config.json + safetensors."""
+    open_clip = pytest.importorskip("open_clip")
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True)
+    preprocess = {
+        "size": 32,
+        "mean": [0.48145466, 0.4578275, 0.40821073],
+        "std": [0.26862954, 0.26130258, 0.27577711],
+        "interpolation": "bicubic",
+        "resize_mode": "shortest",
+    }
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_CLIP, "preprocess_cfg": preprocess}))
+    torch.manual_seed(0)
+    model = open_clip.create_model(f"local-dir:{folder}", load_weights=False)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "open_clip_model.safetensors"))
+    return folder
+
+
+def test_open_clip_image_tower_equals_the_library(tmp_path, run_cli):
+    open_clip = pytest.importorskip("open_clip")
+    from pipeline.models.backbones import load_backbone
+
+    folder = save_open_clip(tmp_path / "clip")
+    r = run_cli("backbones", "import", folder, "--as", "clip")
+    assert r.exit_code == 0, r.output
+    assert "imported clip: open_clip" in r.output and "16-d, 32 px, pooling default" in r.output
+    loaded = load_backbone("clip")
+    assert loaded.spec.name == "clip@32:default"
+    # open_clip's own loader of the same folder, and its own eval transform
+    model, _, transform = open_clip.create_model_and_transforms(f"local-dir:{folder}")
+    prep = loaded.spec.preprocessing
+    for photo in REAL:
+        ours = normalised(load_pixels(photo, Preprocessing.from_dict({**prep.to_dict(), "draft": False})), prep)
+        torch.testing.assert_close(ours, transform(open_rgb(photo)), atol=2e-6, rtol=0)
+    pixels = torch.from_numpy(np.stack([load_pixels(p, prep) for p in REAL]))
+    with torch.no_grad():
+        theirs = model.encode_image(torch.stack([normalised(p.numpy(), prep) for p in pixels]))
+        torch.testing.assert_close(loaded.net(pixels), theirs, atol=1e-5, rtol=1e-5)
+    r = run_cli("extract", tmp_path, "--backbone", "clip@64", "--out", tmp_path / "f.h5")
+    assert r.exit_code == 1 and "runs at 32 px" in r.output
+
+
+def test_open_clip_chain_exports_with_parity(small_catalog, tmp_path, run_cli):
+    pytest.importorskip("onnxruntime")
+    assert run_cli("backbones", "import", save_open_clip(tmp_path / "clip"), "--as", "clip").exit_code == 0
+    cache, head = tmp_path / "f.h5", tmp_path / "head"
+    r = run_cli("extract", small_catalog, "--out", cache, "--backbone", "clip", "--no-progress", "--workers", "0")
+    assert r.exit_code == 0, r.output
+    assert run_cli("fit-head", cache, "--out", head, "--c", "1", "--near-duplicate-threshold", "1").exit_code == 0
+    for fmt in ("native", "onnx"):
+        r = run_cli("export", head, "--out", tmp_path / fmt, "--format", fmt)
+        assert r.exit_code == 0, r.output
+        assert json.loads((tmp_path / fmt / "manifest.json").read_text())["parity"]["max_abs_diff"] < 1e-4

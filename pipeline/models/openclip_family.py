@@ -1,0 +1,165 @@
+"""open_clip image towers: ``open_clip/<arch>:<tag>`` from the Hugging Face cache, or a folder in
+open_clip's own hub layout (what ``open_clip.push_to_hf_hub.save_for_hf`` writes and
+``create_model('local-dir:...')`` reads): ``open_clip_config.json`` (``model_cfg`` +
+``preprocess_cfg``) and ``open_clip_model.safetensors``.
+
+The network is ``open_clip.create_model(..., load_weights=False)``; the body is its image tower
+(``model.visual``), whose output is the projected image embedding, the space the text tower
+shares (what a zero-shot head needs); its pooling is the tower's own (``default``). The
+preprocessing is ``open_clip.get_model_preprocess_cfg``'s (size, mean, std, interpolation,
+``resize_mode``), what ``open_clip.image_transform(is_train=False)`` builds. The tower runs at
+its own size (its position embedding is fixed), so ``@SIZE`` must equal it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import BackboneError
+from . import hub
+from .backbones import BackboneSpec
+
+WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin", "model.safetensors", "pytorch_model.bin")
+
+
+class OpenClipBody(nn.Module):
+    def __init__(self, visual: nn.Module) -> None:
+        super().__init__()
+        self.visual = visual
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.onnx.is_in_onnx_export():
+            return self.visual(x)  # type: ignore[no-any-return]
+        # nn.MultiheadAttention's inference fast path (aten::_native_multi_head_attention) has no
+        # ONNX export; the plain path computes the same function.
+        was = torch.backends.mha.get_fastpath_enabled()
+        torch.backends.mha.set_fastpath_enabled(False)
+        try:
+            return self.visual(x)  # type: ignore[no-any-return]
+        finally:
+            torch.backends.mha.set_fastpath_enabled(was)
+
+    def load_original_state_dict(self, state: dict[str, torch.Tensor], head: nn.Module | None) -> None:
+        visual = {k[len("visual.") :]: v for k, v in state.items() if k.startswith("visual.")}
+        self.visual.load_state_dict(visual, strict=True)
+
+
+def create(model_name: str, **kw: Any) -> nn.Module:
+    """The whole CLIP model at random init (the zero-shot head needs its text tower too)."""
+    import open_clip
+
+    try:
+        return open_clip.create_model(model_name, pretrained=None, load_weights=False, **kw).eval()  # type: ignore[no-any-return]
+    except (RuntimeError, ValueError, KeyError, FileNotFoundError) as e:
+        raise BackboneError(f"open_clip cannot build {model_name}: {e}") from None
+
+
+def _spec(name: hub.Name, model_name: str, weights: Any, source: str, how_to_get: str, **kw: Any) -> BackboneSpec:
+    import open_clip
+
+    model = create(model_name, **kw)
+    cfg = open_clip.get_model_preprocess_cfg(model)
+    size = cfg["size"] if isinstance(cfg["size"], int) else cfg["size"][0]
+    if name.size not in (None, size):
+        raise BackboneError(f"{model_name} runs at {size} px (its position embedding is fixed); drop @{name.size}")
+    if name.pool not in (None, "default"):
+        raise BackboneError("an open_clip image tower has its own pooling (its projected embedding); use :default")
+    if cfg.get("resize_mode", "shortest") != "shortest":
+        raise BackboneError(f"{model_name} resizes with {cfg['resize_mode']!r}; headstart reads 'shortest' only")
+    prep = hub.centre_crop_prep(
+        size, 1.0, cfg["mean"], cfg["std"], cfg.get("interpolation", "bicubic"), what=model_name
+    )
+    visual: Any = model.visual
+    stash = [OpenClipBody(visual).eval()]
+    with torch.no_grad():
+        dim = int(stash[0](torch.zeros(1, 3, size, size)).shape[1])
+
+    def build() -> tuple[nn.Module, nn.Module | None]:
+        return (stash.pop() if stash else OpenClipBody(create(model_name, **kw).visual)), None  # type: ignore[arg-type]
+
+    return BackboneSpec(
+        name=name.canonical(size, "default"),
+        feature_dim=dim,
+        preprocessing=prep,
+        weights_name=f"open_clip {model_name}",
+        source=source,
+        build=build,
+        find_weights=weights,
+        how_to_get=how_to_get,
+        read_state=hub.read_safetensors,
+    )
+
+
+def inspect_folder(folder: Path, *, size: int | None, pool: str | None) -> dict[str, Any]:
+    from .backbones import load_backbone
+
+    weights = hub.weights_in(folder, WEIGHTS)
+    if weights is None:
+        raise BackboneError(f"{folder} holds no {' or '.join(WEIGHTS)}")
+    spec = _spec(hub.Name(str(folder), size, pool), f"local-dir:{folder}", lambda: weights, "", "")
+    load_backbone(spec)
+    cfg = json.loads((folder / "open_clip_config.json").read_text(encoding="utf-8"))
+    parsed = hub.parse_name(spec.name)
+    return {
+        "architecture": str(
+            cfg.get("model_name") or cfg["model_cfg"].get("vision_cfg", {}).get("timm_model_name") or "CLIP"
+        ),
+        "image_size": parsed.size,
+        "pooling": parsed.pool,
+        "feature_dim": spec.feature_dim,
+        "weights_file": str(weights),
+    }
+
+
+def imported_spec(name: hub.Name, entry: dict[str, Any]) -> BackboneSpec:
+    folder, weights = Path(entry["path"]), Path(entry["weights_file"])
+    if not (folder / "open_clip_config.json").is_file():
+        raise BackboneError(f"the folder imported as {name.base!r} is gone ({folder}); import it again")
+    return _spec(
+        name,
+        f"local-dir:{folder}",
+        lambda: weights if weights.is_file() else None,
+        f"imported open_clip ({folder})",
+        f"the folder imported as {name.base!r} lost its weights; import it again",
+    )
+
+
+def library_spec(name: hub.Name) -> BackboneSpec:
+    """``open_clip/<arch>:<tag>``: the architecture from open_clip's configs, the weights from
+    the snapshot open_clip's own download left in the Hugging Face cache."""
+    import open_clip
+
+    arch, _, tag = name.base.split("/", 1)[1].partition(":")
+    if arch not in open_clip.list_models():
+        raise BackboneError(
+            f'open_clip has no model {arch!r}; `python -c "import open_clip; print(open_clip.list_models())"`'
+        )
+    cfg = open_clip.get_pretrained_cfg(arch, tag) if tag else {}
+    hub_id = str(cfg.get("hf_hub", "")).strip("/")
+    fetch = (
+        f'download it once on a machine with internet (python -c "import open_clip; '
+        f"open_clip.create_model('{arch}', pretrained='{tag}')\"), or {hub.how_to_import(name.base)}"
+    )
+    if not hub_id:
+        raise BackboneError(f"open_clip has no Hugging Face copy of {arch}:{tag}; {fetch}")
+
+    def find() -> Path | None:
+        snap = hub.cached_snapshot(hub_id, WEIGHTS)
+        return hub.weights_in(snap, WEIGHTS) if snap is not None else None
+
+    # what the tag was trained with: OpenAI's weights use QuickGELU, and their mean/std
+    prep = {k: cfg[k] for k in ("mean", "std", "interpolation", "resize_mode") if k in cfg}
+    return _spec(
+        name,
+        arch,
+        find,
+        f"open_clip (Hugging Face cache, {hub_id})",
+        fetch,
+        force_quick_gelu=bool(cfg.get("quick_gelu", False)),
+        force_preprocess_cfg=prep,
+    )
