@@ -141,3 +141,27 @@ def test_auto_keeps_the_precision_a_cache_was_made_in(tmp_path):
     s = extract(ExtractConfig(**kw))  # precision auto
     with Cache(out) as c:
         assert c.fingerprint.precision == "bf16" and (s.rows, s.extracted) == (7, 1)
+
+
+class _Body(torch.nn.Module):
+    """Singular values: an operation opset 17 has no translation for."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.linalg.svdvals(x.mean(dim=3))
+
+
+def test_a_network_onnx_cannot_express_runs_in_pytorch_and_cannot_be_exported_as_onnx(graph_cache, capfd, tmp_path):
+    from pipeline.data.preprocessing import Preprocessing
+    from pipeline.models.network import FeatureNet
+
+    prep = Preprocessing(resize=40, crop=32, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    net = FeatureNet(_Body(), None, prep, 3).eval()
+    embed = engine.make_embedder(net, 32, engine="onnxruntime", device=torch.device("cpu"), precision="fp32")
+    x = torch.randint(0, 255, (2, 3, 32, 32), dtype=torch.uint8)
+    want = torch.linalg.svdvals(((x.float() / 255 - 0.5) / 0.25).mean(dim=3)).numpy()
+    assert np.allclose(embed(x), want, atol=1e-4)
+    err = capfd.readouterr().err
+    assert "cannot be exported to ONNX opset 17 (UnsupportedOperatorError" in err
+    assert "running the backbone in PyTorch instead" in err and "Torch IR graph" not in err
+    with pytest.raises(engine.GraphExportError, match="aten::linalg_svdvals"):
+        engine.export_graph(net, 32, tmp_path / "x.onnx", ["features"])

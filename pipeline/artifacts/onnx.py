@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from ..errors import ArtifactError, InputError
-from ..models.engine import INPUT, OPSET, export_graph, ort_session
+from ..models.engine import INPUT, OPSET, GraphExportError, export_graph, ort_session
 from ..models.heads import Classifier, ExportGraph
 
 OUTPUTS = ("probabilities", "features")
@@ -38,7 +38,10 @@ def export_onnx(model: Classifier, path: Path, crop: int, metadata: dict[str, st
     """Write ``path``; return the outputs' description for the manifest."""
     onnx = _require("onnx")
     _require("onnxruntime")
-    export_graph(ExportGraph(model).eval(), crop, path, OUTPUTS)
+    try:
+        export_graph(ExportGraph(model).eval(), crop, path, OUTPUTS)
+    except GraphExportError as e:
+        raise ArtifactError(f"{e}; export it with --format native instead") from None
     proto = onnx.load(str(path))
     for key, value in metadata.items():
         entry = proto.metadata_props.add()

@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -37,7 +38,7 @@ from ..config import ENGINES
 from ..core import runtime
 from ..core.atomic import atomic_file
 from ..core.hashing import sha256_file
-from ..errors import InputError
+from ..errors import BackboneError, InputError
 
 OPSET = 17  # onnxruntime >= 1.14 runs it; old enough for most deployment runtimes
 INPUT = "pixels"  # uint8 [N, 3, crop, crop]: the input of every graph headstart writes
@@ -83,7 +84,13 @@ def make_embedder(net: nn.Module, crop: int, *, engine: str, device: torch.devic
     ``net`` is a ``models.network.FeatureNet``; ``crop`` the side of its input."""
     frozen = net.for_inference()  # type: ignore[operator]
     if engine == "onnxruntime":
-        session = _session(frozen, network_identity(frozen), crop)
+        try:
+            session = _session(frozen, network_identity(frozen), crop)
+        except GraphExportError as e:
+            # Same features within 1e-4 either way (the engine is not in the fingerprint): run
+            # it in PyTorch and say so, rather than stop a run over a speed-up.
+            print(f"note: {e}; running the backbone in PyTorch instead (--engine torch)", file=sys.stderr)
+            return make_embedder(net, crop, engine="torch", device=device, precision="fp32")
 
         def run_onnx(x: torch.Tensor) -> np.ndarray:
             return np.asarray(session.run(["features"], {INPUT: x.cpu().numpy()})[0], np.float32)
@@ -152,18 +159,29 @@ def export_graph(module: nn.Module, crop: int, path: Path, outputs: Sequence[str
     (``dynamo=False``): it needs no extra package, and EfficientNet-Lite (static SAME padding,
     ReLU6) and the torchvision CNNs trace cleanly."""
     example = torch.zeros(1, 3, crop, crop, dtype=torch.uint8)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer notes
-        torch.onnx.export(
-            module,
-            (example,),
-            str(path),
-            input_names=[INPUT],
-            output_names=list(outputs),
-            dynamic_axes={name: {0: "N"} for name in (INPUT, *outputs)},
-            opset_version=OPSET,
-            dynamo=False,
-        )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer notes
+            torch.onnx.export(
+                module,
+                (example,),
+                str(path),
+                input_names=[INPUT],
+                output_names=list(outputs),
+                dynamic_axes={name: {0: "N"} for name in (INPUT, *outputs)},
+                opset_version=OPSET,
+                dynamo=False,
+            )
+    except OSError:
+        raise  # a full disk is the CLI's to report
+    except Exception as e:  # the exporter's own types (an operator ONNX has no equivalent for, ...)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        why = f"{type(e).__name__}: {first}"
+        raise GraphExportError(f"this network cannot be exported to ONNX opset {OPSET} ({why})") from e
+
+
+class GraphExportError(BackboneError):
+    """The network has an operation the ONNX exporter cannot express."""
 
 
 def _intact(path: Path, sidecar: Path) -> bool:
