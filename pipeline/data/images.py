@@ -194,8 +194,6 @@ def max_file_bytes(max_pixels: int = DEFAULT_MAX_PIXELS) -> int:
 def _read_reason(e: OSError) -> str:
     if e.errno == errno.EINVAL and e.strerror == NOT_REGULAR:
         return f"{NOT_REGULAR} (a FIFO, device or folder in a photo's place)"
-    if isinstance(e, FileNotFoundError):
-        return "file not found (removed after the folder was scanned?)"
     if isinstance(e, PermissionError):
         return "permission denied"
     return f"cannot read file: {e.strerror or e}"
