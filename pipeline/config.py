@@ -217,6 +217,42 @@ class DemoConfig:
     progress: bool = _opt(True, PROGRESS_HELP)
 
 
+@dataclass(frozen=True)
+class AuditConfig:
+    cache: str = field(metadata={"help": "Feature cache from extract.", "path": "file"})
+    out: str = _opt(str(ARTIFACTS / "audit"), "Report directory to write.", output="dir")
+    head: str | None = _opt(
+        None,
+        "HEAD_DIR from fit-head: cross-fit its kind, C and label map (default: what fit-head would fit).",
+        path="any",
+    )
+    classes: str | None = _opt(None, "Label map TOML (as for fit-head; default: the head's).", path="file")
+    folds: int = _opt(5, "Cross-fitting folds: each photo is scored by a head fitted without it.", min=2, max=50)
+    budget: int = _opt(50, "Unlabelled photos to suggest in label_next.csv.", min=0, max=1_000_000)
+    # Why 0.96 (docs/benchmarks.md "Audit"): distinct photos of one class reach 0.952; above 0.96
+    # are 78% of re-encoded, resized, cropped and brightened copies (all resized ones).
+    duplicate_threshold: float = _opt(
+        0.96, "Photos with feature cosine above this are near duplicates (duplicates.csv).", min=0, max=1
+    )
+    near_duplicate_threshold: float | None = _opt(
+        0.97, "Near duplicates stay in one fold (1 = off; default: as fit-head).", min=0, max=1
+    )
+    outlier_threshold: float = _opt(  # robust z-score; why 5: probe/neighbours.py, docs/benchmarks.md
+        5.0, "A photo further than this many robust deviations from every class is an outlier.", min=0
+    )
+    class_weight: str | None = _opt(None, "Re-weight classes (as for fit-head).", choices=CLASS_WEIGHTS)
+    seed: int = _opt(0, "Seed of the folds and of fit-head's validation split.", min=0)
+    device: str = _opt("auto", "cuda: torch L-BFGS on the GPU; cpu: scikit-learn.")
+    apply: str | None = _opt(
+        None,
+        "CSV of accepted rows of label_issues.csv: write OUT/relabelled.csv (a manifest for extract).",
+        path="file",
+    )
+    examples: int = _opt(24, "Thumbnails per section of report.html.", min=0, max=10_000)
+    raw_csv: bool = _opt(False, RAW_CSV_HELP)
+    progress: bool = _opt(True, PROGRESS_HELP)
+
+
 # The commands that read a table of a --config file, in the order of the pipeline.
 COMMANDS: dict[str, type] = {
     "extract": ExtractConfig,
@@ -226,6 +262,7 @@ COMMANDS: dict[str, type] = {
     "predict": PredictConfig,
     "evaluate": EvaluateConfig,
     "similar": SimilarConfig,
+    "audit": AuditConfig,
     "demo": DemoConfig,
 }
 

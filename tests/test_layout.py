@@ -1,6 +1,6 @@
 """The package's architecture, enforced: each folder is a layer, imports flow one way.
 
-    stages (cli, extract, fit_head, finetune/, export, predict, evaluate, similar, demo)
+    stages (cli, extract, fit_head, finetune/, export, predict, evaluate, similar, audit, demo)
       -> artifacts/ -> cache/, probe/ -> models/ -> data/ -> core/   (errors, config: anywhere)
 
 Every import counts, also the lazy ones inside functions: a lazy import is still a dependency.
@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 PKG = Path(__file__).resolve().parent.parent / "pipeline"
-STAGES = {"cli", "extract", "fit_head", "finetune", "export", "predict", "evaluate", "similar", "demo"}
+STAGES = {"cli", "extract", "fit_head", "finetune", "export", "predict", "evaluate", "similar", "audit", "demo"}
 # What each layer may import from the package (besides itself, and ``errors``, ``config`` and
 # ``__version__``, which import nothing else of the package and may be imported anywhere).
 LAYERS = {

@@ -3,7 +3,7 @@ imports click). ``app`` holds the group and the machinery every command shares (
 config dataclasses, ``--config``, errors -> ``Error:``); each further module registers one family
 of commands on it."""
 
-from . import backbones, cache, stages  # noqa: F401  (importing them registers their commands)
+from . import audit, backbones, cache, stages  # noqa: F401  (importing them registers their commands)
 from .app import cli, main
 
 __all__ = ["cli", "main"]

@@ -1,0 +1,246 @@
+"""Stage: feature cache -> catalog audit report. ``audit(cfg) -> AuditSummary``.
+
+Everything comes from the cached features; no photo is decoded again (thumbnails aside).
+
+1. Labels through the label map (``--classes``, or the one of ``--head``), as fit-head does.
+2. The head fit-head would fit: its kind and options, C swept on fit-head's validation split
+   (the same grouped split and sweep), or kind, C and options read from ``--head HEAD_DIR``.
+3. Out-of-fold probabilities: ``--folds`` heads on stratified folds grouped by near duplicate
+   (:mod:`pipeline.probe.crossfit`).
+4. ``label_issues.csv`` (confident learning, :mod:`pipeline.probe.label_issues`),
+   ``overlaps.csv`` (pairs photos move between out of fold, with a ``[rename]`` line),
+   ``duplicates.csv``, ``outliers.csv`` and ``label_next.csv`` (:mod:`pipeline.probe.neighbours`),
+   and ``report.html`` (:mod:`pipeline.artifacts.audit_report`, which says what each file holds).
+
+``--apply FILE`` does none of that: it reads the rows of ``label_issues.csv`` a person kept and
+writes ``OUT/relabelled.csv``, a manifest for ``headstart extract`` with their new labels.
+
+Memory: the labelled rows' features as float32 for the heads (as fit-head in memory, about
+``12 * N * D`` bytes) plus every row's unit features as float16 (``2 * N * D``: 2.6 GB for a
+million 1280-d rows) for the neighbour searches.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from .artifacts.audit_report import AuditTables, summarise, write_audit
+from .artifacts.relabel import apply_accepted
+from .cache.store import Cache, require_finite
+from .config import AuditConfig, FitHeadConfig, save_resolved
+from .data.labels import LabelMap, apply_label_map
+from .errors import CacheError, InputError
+from .probe import neighbours
+from .probe.crossfit import cross_fit, grouped_folds
+from .probe.kinds import head_kind
+from .probe.label_issues import find_label_issues, overlapping_pairs
+from .probe.rows import blas_threads_for
+from .probe.splits import grouped_split, near_duplicate_groups
+
+POOL_ROWS = 100_000  # unlabelled rows label-next chooses from (a random sample above)
+MERGE_SHARE = 1 / 3  # a pair of classes swapping this share of photos out of fold: suggest a merge
+
+
+@dataclass(frozen=True)
+class HeadOptions:
+    """What a head kind is built from (a :class:`~pipeline.probe.kinds.ProbeOptions`)."""
+
+    class_weight: str | None
+    max_iter: int
+    hidden: int
+    seed: int
+
+
+@dataclass
+class AuditSummary:
+    path: Path
+    counts: dict[str, Any]
+    seconds: float
+    warnings: list[str] = field(default_factory=list)
+
+    def line(self) -> str:
+        c = self.counts
+        if "relabelled" in c:
+            return f"{self.path}: {c['relabelled']} photos relabelled, {c['rows']} rows listed ({self.seconds:.1f}s)"
+        return (
+            f"{self.path / 'report.html'}: {c['label_issues']} label issues, {c['overlaps']} overlapping pairs "
+            f"({c['merge_suggestions']} to merge), {c['duplicate_clusters']} duplicate clusters "
+            f"({c['spanning_clusters']} across categories), {c['outliers']} outliers, {c['label_next']} to label "
+            f"next; out-of-fold accuracy {c['oof_accuracy']:.3f} on {c['labelled']} photos ({self.seconds:.1f}s)"
+        ) + "".join(f"\nwarning: {w}" for w in self.warnings)
+
+    def to_json(self) -> str:
+        body = {"path": str(self.path), **self.counts, "seconds": round(self.seconds, 3), "warnings": self.warnings}
+        return json.dumps(body, indent=2, ensure_ascii=False)
+
+
+def _head_choice(cfg: AuditConfig, fit: FitHeadConfig) -> tuple[str, HeadOptions, float | None, LabelMap | None, Any]:
+    """(kind, options, C or None = sweep, label map, near-duplicate threshold)."""
+    label_map = LabelMap.load(cfg.classes) if cfg.classes else None
+    options = HeadOptions(cfg.class_weight, fit.max_iter, fit.hidden, cfg.seed)
+    if cfg.head is None:
+        return fit.head, options, None, label_map, cfg.near_duplicate_threshold
+    from .artifacts.head_dir import read_head_meta
+
+    head = Path(cfg.head)
+    meta = read_head_meta(head)
+    try:
+        used = json.loads((head / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        used = {}
+    options = HeadOptions(
+        used.get("class_weight", cfg.class_weight), int(used.get("max_iter", fit.max_iter)),
+        int(used.get("hidden", fit.hidden)), cfg.seed,
+    )  # fmt: skip
+    if label_map is None:
+        label_map = LabelMap.from_record(meta.get("label_map"))
+    threshold = (meta.get("split") or {}).get("near_duplicate_threshold", cfg.near_duplicate_threshold)
+    return str(meta.get("kind", "logreg")), options, meta.get("C"), label_map, threshold
+
+
+def _solver(device: str) -> tuple[str, str]:
+    if device == "cpu":
+        return "sklearn", "cpu"  # no torch import on the common path
+    from .core.runtime import resolve_device
+
+    dev = resolve_device(device)
+    return ("torch", str(dev)) if dev.type == "cuda" else ("sklearn", "cpu")
+
+
+def _bar(cfg: AuditConfig, desc: str) -> Any:
+    return lambda it: tqdm(it, desc=desc, disable=not cfg.progress, leave=False)
+
+
+def audit(cfg: AuditConfig) -> AuditSummary:
+    t0 = time.perf_counter()
+    if cfg.apply:
+        path, counts = apply_accepted(Path(cfg.cache), Path(cfg.apply), Path(cfg.out))
+        return AuditSummary(path, counts, time.perf_counter() - t0)
+    fit = FitHeadConfig(cache=cfg.cache)  # fit-head's defaults: what it would fit
+    kind_name, options, chosen_c, label_map, nd_threshold = _head_choice(cfg, fit)
+    kind = head_kind(kind_name)
+    solver, device = _solver(cfg.device)
+    warnings: list[str] = []
+    with Cache(cfg.cache) as cache:
+        if cfg.head is not None:
+            _check_same_features(cache, Path(cfg.head))
+        mapped = apply_label_map(label_map, cache.class_names, cache.labels)
+        lab = np.flatnonzero(mapped.y >= 0)
+        unl = np.flatnonzero(cache.labels < 0)
+        names = mapped.class_names
+        if len(names) < 2:
+            raise InputError(
+                f"{cfg.cache} has labelled photos of {len(names)} class(es); an audit cross-fits a classifier "
+                "and needs at least two (extract a folder of class folders, images/<class>/*.jpg)"
+            )
+        paths, hashes = cache.paths, cache.content_hash
+        root = Path(str(cache.attrs.get("image_root", "")))
+        y = mapped.y[lab]
+        X = cache.features(lab)
+        require_finite(cfg.cache, X, lab, [paths[int(r)] for r in lab])
+        U = np.empty((cache.n_rows, cache.feature_dim), np.float16)
+        for start, chunk in cache.iter_features():
+            if not np.isfinite(chunk).all():
+                rows = np.arange(start, start + len(chunk))
+                require_finite(cfg.cache, chunk, rows, [paths[int(r)] for r in rows])
+            U[start : start + len(chunk)] = neighbours.unit(chunk)
+        rng = np.random.default_rng(cfg.seed)
+        pool = unl if len(unl) <= POOL_ROWS else np.sort(rng.choice(unl, POOL_ROWS, replace=False))
+        X_pool = cache.features(pool)
+
+    with blas_threads_for(len(lab) * X.shape[1]):
+        groups = near_duplicate_groups(lambda idx: X[idx], y, nd_threshold)
+        c_value, swept = chosen_c, False
+        if kind.uses_c and c_value is None:
+            from .probe.selection import sweep_c
+
+            split = grouped_split(y, groups, fit.val_fraction, cfg.seed)
+            if len(split.val) and len(np.unique(y[split.train])) >= 2:
+                c_value, _ = sweep_c(
+                    X[split.train], y[split.train], X[split.val], y[split.val], class_weight=options.class_weight,
+                    max_iter=options.max_iter, solver=solver, device=device,
+                )  # fmt: skip
+                swept = True
+        c_used = float(c_value) if c_value is not None else 1.0
+        folds = grouped_folds(y, groups, cfg.folds, cfg.seed)
+        cf = cross_fit(
+            X, y, folds, lambda: kind.estimator(options, C=c_used, solver=solver, device=device),
+            extra=X_pool, progress=_bar(cfg, "cross-fit"),
+        )  # fmt: skip
+    if folds.ungrouped_classes:
+        listed = ", ".join(names[c] for c in folds.ungrouped_classes[:5])
+        warnings.append(
+            f"photos of {len(folds.ungrouped_classes)} class(es) were too alike to fold by near-duplicate group "
+            f"({listed}{', ...' if len(folds.ungrouped_classes) > 5 else ''}): twins may vouch for each other there"
+        )
+    unscored = int((~cf.scored).sum())
+    if unscored:
+        warnings.append(f"{unscored} photo(s) of classes with a single photo were not scored; add photos")
+
+    issues = find_label_issues(cf.oof, y, scored=cf.scored)
+    predicted = cf.oof.argmax(1)
+    ok = cf.scored
+    pairs = overlapping_pairs(y[ok], predicted[ok], len(names))
+    dup_pairs, dup_method = neighbours.near_duplicate_pairs(U, cfg.duplicate_threshold, seed=cfg.seed)
+    dup_clusters = neighbours.clusters(len(U), dup_pairs)
+    geometry = neighbours.class_geometry(U, lab, y, len(names))
+    out_score, out_nearest = neighbours.outlier_scores(U, geometry)
+    picks, gains = neighbours.label_next(
+        U[pool], neighbours.margin_uncertainty(cf.extra) if cf.extra is not None else np.ones(0),
+        U, lab, cfg.budget if len(pool) else 0, seed=cfg.seed, progress=_bar(cfg, "label next"),
+    )  # fmt: skip
+
+    label_of = np.full(len(U), -1, np.int64)
+    label_of[lab] = y
+    tables = AuditTables(
+        paths=paths, files=[root / p for p in paths], hashes=hashes, class_names=names, label_of=label_of,
+        labelled=lab, issues=issues, oof=cf.oof, pairs=pairs, merge_share=MERGE_SHARE, dup_pairs=dup_pairs,
+        dup_clusters=dup_clusters, outlier_score=out_score, outlier_nearest=out_nearest,
+        outlier_threshold=cfg.outlier_threshold, pool=pool, picks=picks, gains=gains,
+        pool_proba=cf.extra if cf.extra is not None else np.zeros((0, len(names))),
+    )  # fmt: skip
+    oof_accuracy = float((predicted[ok] == y[ok]).mean()) if ok.any() else 0.0
+    facts = {
+        "cache": str(Path(cfg.cache).resolve()),
+        "rows": len(U),
+        "labelled": len(lab),
+        "unlabelled": len(unl),
+        "classes": len(names),
+        "head": kind.name,
+        "C": c_used if kind.uses_c else None,
+        "C_swept": swept,
+        "folds": folds.k,
+        "oof_accuracy": oof_accuracy,
+        "duplicate_search": dup_method,
+        "label_map": label_map.source if label_map else None,
+    }
+    summary = AuditSummary(Path(cfg.out), {**facts, **summarise(tables)}, 0.0, warnings)
+
+    def more(stage: Path) -> None:  # the last files, once everything else is written
+        summary.seconds = time.perf_counter() - t0
+        save_resolved(cfg, stage / "config.json", C=facts["C"], solver=solver, head_kind=kind.name)
+        (stage / "summary.json").write_text(summary.to_json() + "\n", encoding="utf-8")
+
+    write_audit(Path(cfg.out), tables, facts, warnings, examples=cfg.examples, raw_csv=cfg.raw_csv, write_more=more)
+    return summary
+
+
+def _check_same_features(cache: Cache, head: Path) -> None:
+    from .artifacts.head_dir import read_head_meta
+    from .models.fingerprint import Fingerprint
+
+    want = Fingerprint.from_record(read_head_meta(head)["fingerprint"], source=str(head / "head.json"))
+    fp = cache.fingerprint
+    if not fp.same_function(want):
+        raise CacheError(
+            f"{cache.path} was extracted with {fp.backbone} (weights {fp.weights_sha256[:12]}) but {head} was "
+            f"fitted on {want.backbone} (weights {want.weights_sha256[:12]}) features; audit the cache the head "
+            "was fitted on, or leave out --head"
+        )
