@@ -356,6 +356,10 @@ def _run_backbone(
         workers=cfg.workers,
         max_pixels=cfg.max_pixels,
         decode=cfg.decode,
+        # Each worker reads a file once, checks those bytes against the key it was hashed
+        # under and decodes the same bytes: a photo rewritten mid-run is never stored under
+        # its old key (it fails this run, unremembered, and the next run picks it up).
+        expected_hashes=keys,
     )
     crop = spec.preprocessing.crop
     embed = engines.make_embedder(loaded.net, crop, engine=engine, device=device, precision=precision)
@@ -368,7 +372,7 @@ def _run_backbone(
             good = [keys[i] for j, i in enumerate(idx) if ok[j]]
             for j, i in enumerate(idx):
                 if not ok[j]:
-                    writer.add_bad(keys[i], batch.errors[j])
+                    writer.add_bad(keys[i], batch.errors[j], remember=not batch.retry[j])
             before = len(writer.segments)
             if good:
                 writer.add(good, feats)

@@ -26,15 +26,15 @@ def catalog(tmp_path):
 
 @pytest.fixture
 def decodes(monkeypatch):
-    """The files the loader decodes, in this process (--workers 0)."""
+    """The files the loader reads to decode, in this process (--workers 0)."""
     seen: list[str] = []
-    real = loader_mod.load_pixels
+    real = loader_mod.read_image_bytes
 
     def spy(src, *a, **kw):
         seen.append(str(src))
         return real(src, *a, **kw)
 
-    monkeypatch.setattr(loader_mod, "load_pixels", spy)
+    monkeypatch.setattr(loader_mod, "read_image_bytes", spy)
     return seen
 
 
