@@ -89,8 +89,25 @@ def _crop_box(g: torch.Generator, h: int, w: int) -> tuple[int, int, int, int]:
     return (h - side) // 2, (w - side) // 2, side, side
 
 
+def _work_limit(prep: Preprocessing) -> int:
+    """The largest image augmentation builds: 64 crops' worth (3.2 M pixels at 224 px, an aspect
+    ratio up to about 49:1 untouched). The rotation works in float on the whole resized photo,
+    so the decode limit (179 M pixels) would still let one strip take gigabytes."""
+    return 64 * prep.crop * prep.crop
+
+
 def _resize_short(img: Image.Image, prep: Preprocessing) -> Image.Image:
     w, h = img.size
+    limit = _work_limit(prep)
+    if prep.work_pixels(w, h) > limit:
+        # Only an extreme aspect ratio gets here (a 1 x 100,000 strip would resize to 256 x
+        # 25,600,000): keep the centre of the long side, as long as the limit allows. The
+        # random crop then samples within it, as it would have around the centre anyway.
+        short, long = min(w, h), max(w, h)
+        keep = max(short, limit * short // (prep.resize * prep.resize))
+        off = (long - keep) // 2
+        img = img.crop((off, 0, off + keep, h) if w > h else (0, off, w, off + keep))
+        w, h = img.size
     s = prep.resize / min(w, h)
     size = (max(1, round(w * s)), max(1, round(h * s)))
     return img if size == img.size else img.resize(size, _PIL[prep.interpolation])
@@ -99,9 +116,15 @@ def _resize_short(img: Image.Image, prep: Preprocessing) -> Image.Image:
 def _letterbox_square(img: Image.Image, prep: Preprocessing) -> Image.Image:
     w, h = img.size
     big = max(w, h)
+    c = prep.crop
+    if prep.work_pixels(w, h) > _work_limit(prep):  # no big x big canvas: shrink first, then paste
+        small = img.resize((max(1, round(w * c / big)), max(1, round(h * c / big))), _PIL[prep.interpolation])
+        canvas = Image.new("RGB", (c, c), (255, 255, 255))
+        canvas.paste(small, ((c - small.width) // 2, (c - small.height) // 2))
+        return canvas
     canvas = Image.new("RGB", (big, big), (255, 255, 255))
     canvas.paste(img, ((big - w) // 2, (big - h) // 2))
-    return canvas.resize((prep.crop, prep.crop), _PIL[prep.interpolation])
+    return canvas.resize((c, c), _PIL[prep.interpolation])
 
 
 def _on_white(transform: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
