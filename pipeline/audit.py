@@ -22,6 +22,7 @@ million 1280-d rows) for the neighbour searches.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import dataclass, field
@@ -48,16 +49,6 @@ POOL_ROWS = 100_000  # unlabelled rows label-next chooses from (a random sample 
 MERGE_SHARE = 1 / 3  # a pair of classes swapping this share of photos out of fold: suggest a merge
 
 
-@dataclass(frozen=True)
-class HeadOptions:
-    """What a head kind is built from (a :class:`~pipeline.probe.kinds.ProbeOptions`)."""
-
-    class_weight: str | None
-    max_iter: int
-    hidden: int
-    seed: int
-
-
 @dataclass
 class AuditSummary:
     path: Path
@@ -81,12 +72,14 @@ class AuditSummary:
         return json.dumps(body, indent=2, ensure_ascii=False)
 
 
-def _head_choice(cfg: AuditConfig, fit: FitHeadConfig) -> tuple[str, HeadOptions, float | None, LabelMap | None, Any]:
-    """(kind, options, C or None = sweep, label map, near-duplicate threshold)."""
+def _head_choice(cfg: AuditConfig) -> tuple[str, FitHeadConfig, float | None, LabelMap | None, Any]:
+    """(kind, fit-head options, C or None = sweep, label map, near-duplicate threshold). The
+    options are a FitHeadConfig - fit-head's defaults, or the head's - so the heads are built
+    from exactly what fit-head builds them from."""
     label_map = LabelMap.load(cfg.classes) if cfg.classes else None
-    options = HeadOptions(cfg.class_weight, fit.max_iter, fit.hidden, cfg.seed)
+    fit = dataclasses.replace(FitHeadConfig(cache=cfg.cache), class_weight=cfg.class_weight, seed=cfg.seed)
     if cfg.head is None:
-        return fit.head, options, None, label_map, cfg.near_duplicate_threshold
+        return fit.head, fit, None, label_map, cfg.near_duplicate_threshold
     from .artifacts.head_dir import read_head_meta
 
     head = Path(cfg.head)
@@ -95,9 +88,9 @@ def _head_choice(cfg: AuditConfig, fit: FitHeadConfig) -> tuple[str, HeadOptions
         used = json.loads((head / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         used = {}
-    options = HeadOptions(
-        used.get("class_weight", cfg.class_weight), int(used.get("max_iter", fit.max_iter)),
-        int(used.get("hidden", fit.hidden)), cfg.seed,
+    options = dataclasses.replace(
+        fit, class_weight=used.get("class_weight", cfg.class_weight), max_iter=int(used.get("max_iter", fit.max_iter)),
+        hidden=int(used.get("hidden", fit.hidden)),
     )  # fmt: skip
     if label_map is None:
         label_map = LabelMap.from_record(meta.get("label_map"))
@@ -123,9 +116,13 @@ def audit(cfg: AuditConfig) -> AuditSummary:
     if cfg.apply:
         path, counts = apply_accepted(Path(cfg.cache), Path(cfg.apply), Path(cfg.out))
         return AuditSummary(path, counts, time.perf_counter() - t0)
-    fit = FitHeadConfig(cache=cfg.cache)  # fit-head's defaults: what it would fit
-    kind_name, options, chosen_c, label_map, nd_threshold = _head_choice(cfg, fit)
+    kind_name, options, chosen_c, label_map, nd_threshold = _head_choice(cfg)
     kind = head_kind(kind_name)
+    if getattr(kind, "needs_text", False):
+        raise InputError(
+            f"{cfg.head} is a {kind.name} head, built from class prompts, not fitted on photos: there is nothing "
+            "to cross-fit; leave out --head to audit with the head fit-head fits by default"
+        )
     solver, device = _solver(cfg.device)
     warnings: list[str] = []
     with Cache(cfg.cache) as cache:
@@ -161,7 +158,7 @@ def audit(cfg: AuditConfig) -> AuditSummary:
         if kind.uses_c and c_value is None:
             from .probe.selection import sweep_c
 
-            split = grouped_split(y, groups, fit.val_fraction, cfg.seed)
+            split = grouped_split(y, groups, options.val_fraction, cfg.seed)
             if len(split.val) and len(np.unique(y[split.train])) >= 2:
                 c_value, _ = sweep_c(
                     X[split.train], y[split.train], X[split.val], y[split.val], class_weight=options.class_weight,

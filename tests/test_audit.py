@@ -361,3 +361,16 @@ def test_head_dir_gives_the_kind_and_c(run_cli, tmp_path):
     assert r.exit_code == 0, r.output
     s = json.loads(r.output)
     assert s["C"] == 0.05 and not s["C_swept"] and s["head"] == "logreg"
+
+
+def test_auto_switches_to_faiss_above_the_measured_size_and_warns_without_it(monkeypatch):
+    from pipeline.probe import neighbours
+
+    monkeypatch.setattr(neighbours, "BRUTE_FORCE_ROWS", 500)
+    U = unit(np.random.default_rng(1).normal(size=(2000, 32)).astype(np.float32))
+    assert neighbours.near_duplicate_pairs(U[:400], 0.99)[1] == "exact"
+    if faiss_available():
+        assert neighbours.near_duplicate_pairs(U, 0.99)[1] == "faiss"
+    monkeypatch.setattr(neighbours, "faiss_available", lambda: False)
+    with pytest.warns(UserWarning, match=r"pip install '\.\[faiss\]'"):
+        assert neighbours.near_duplicate_pairs(U, 0.99)[1] == "exact"

@@ -1,0 +1,110 @@
+"""Does labelling what `headstart audit` suggests (label_next.csv) beat labelling at random?
+
+Real photos: the Fashion-MNIST photos of ``bench/audit_label_issues.py`` (its ``clean.h5``;
+``--per-class`` of each class from the official train file, EfficientNet-Lite0), split once
+into a test set (``--test-per-class`` per class) and a pool. Start: 5 labelled photos per
+class, drawn at random from the pool; the rest of the pool is unlabelled. Each round labels
+``--round`` more photos:
+
+* **suggested**: the cache gets the current labels (`headstart extract MANIFEST`, labels only,
+  no photo through the backbone again), the real `headstart audit --budget ROUND` runs, and
+  the photos of its ``label_next.csv`` get their true labels;
+* **random**: the same number, drawn at random from the unlabelled pool.
+
+After each round both labelled sets train the same head (logistic regression, C swept on a
+validation split as fit-head does) and are scored on the test photos. Mean over ``--seeds``.
+
+    python bench/audit_label_next.py [--rounds 5] [--round 50] [--seeds 0,1,2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.audit import audit
+from pipeline.cache.store import Cache
+from pipeline.config import AuditConfig
+from pipeline.probe.estimators import LogisticHead
+from pipeline.probe.selection import sweep_c
+from pipeline.probe.splits import grouped_split
+
+
+def accuracy(X: np.ndarray, y: np.ndarray, Xt: np.ndarray, yt: np.ndarray) -> float:
+    split = grouped_split(y, np.arange(len(y)), 0.2, 0)
+    c, _ = sweep_c(X[split.train], y[split.train], X[split.val], y[split.val])
+    return float((LogisticHead(C=c).fit(X, y).predict(Xt) == yt).mean())
+
+
+def suggested(
+    base: Path, work: Path, labels: dict[int, str], pool: np.ndarray, paths: list[str], root: Path, n: int
+) -> list[int]:
+    """The photos label_next.csv names, as base-cache rows. The manifest lists the pool only, so
+    the copy's index leaves the test photos out (extract drops rows a manifest does not list)."""
+    work.mkdir(parents=True, exist_ok=True)
+    manifest = work / "labels.csv"
+    with open(manifest, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "label"])
+        w.writerows([str(root / paths[i]), labels.get(int(i), "")] for i in pool)
+    cache = work / "features.h5"
+    shutil.rmtree(str(cache) + ".segments", ignore_errors=True)
+    shutil.copy(base, cache)
+    shutil.copytree(str(base) + ".segments", str(cache) + ".segments")
+    subprocess.run([sys.executable, "-m", "pipeline", "extract", str(manifest), "--out", str(cache), "--no-progress",
+                    "--workers", "0"], check=True, capture_output=True)  # fmt: skip
+    audit(AuditConfig(cache=str(cache), out=str(work / "audit"), budget=n, progress=False, device="cpu", examples=0))
+    base_row = {str(root / p): i for i, p in enumerate(paths)}  # the manifest's paths are absolute
+    with open(work / "audit" / "label_next.csv", encoding="utf-8") as f:
+        return [base_row[r["path"]] for r in csv.DictReader(f)]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--base", default="artifacts/bench/audit/clean.h5", help="from bench/audit_label_issues.py")
+    ap.add_argument("--test-per-class", type=int, default=50)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--round", type=int, default=50)
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--out", default="artifacts/bench/label_next")
+    args = ap.parse_args()
+    base = Path(args.base)
+    with Cache(base) as c:
+        X, y_all, names, paths = c.features(), c.labels, c.class_names, c.paths
+        root = Path(str(c.attrs["image_root"]))
+    curves: dict[str, list[list[float]]] = {"suggested": [], "random": []}
+    for seed in [int(s) for s in args.seeds.split(",")]:
+        rng = np.random.default_rng(seed)
+        test = np.concatenate([rng.choice(np.flatnonzero(y_all == k), args.test_per_class, replace=False)
+                               for k in range(len(names))])  # fmt: skip
+        pool = np.setdiff1d(np.arange(len(y_all)), test)
+        start = np.concatenate([rng.choice(np.intersect1d(pool, np.flatnonzero(y_all == k)), 5, replace=False)
+                                for k in range(len(names))])  # fmt: skip
+        for strategy in curves:
+            labelled = list(start)
+            accs = [accuracy(X[labelled], y_all[labelled], X[test], y_all[test])]
+            for r in range(args.rounds):
+                if strategy == "random":
+                    free = np.setdiff1d(pool, labelled)
+                    labelled += rng.choice(free, args.round, replace=False).tolist()
+                else:
+                    given = {int(i): names[int(y_all[i])] for i in labelled}
+                    work = Path(args.out) / f"s{seed}-r{r}"
+                    labelled += suggested(base, work, given, pool, paths, root, args.round)
+                accs.append(accuracy(X[labelled], y_all[labelled], X[test], y_all[test]))
+            curves[strategy].append(accs)
+            print(f"seed {seed} {strategy}: " + " ".join(f"{a:.3f}" for a in accs), flush=True)
+    n = [10 * 5 + r * args.round for r in range(args.rounds + 1)]
+    print("labelled photos:  " + " ".join(f"{k:>6}" for k in n))
+    for strategy, runs in curves.items():
+        print(f"{strategy:>9} (mean): " + " ".join(f"{a:.3f}" for a in np.mean(runs, 0)))
+
+
+if __name__ == "__main__":
+    main()
