@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +47,7 @@ from .probe.rows import blas_threads_for
 from .probe.splits import grouped_split, near_duplicate_groups
 
 POOL_ROWS = 100_000  # unlabelled rows label-next chooses from (a random sample above)
+BYTES_PER_LABELLED = 12  # float32 features + a fold's train copy + the head's standardised copy
 MERGE_SHARE = 1 / 3  # a pair of classes swapping this share of photos out of fold: suggest a merge
 
 
@@ -98,6 +100,14 @@ def _head_choice(cfg: AuditConfig) -> tuple[str, FitHeadConfig, float | None, La
     return str(meta.get("kind", "logreg")), options, meta.get("C"), label_map, threshold
 
 
+def _available_memory() -> float:
+    """Half the available RAM, as fit-head's default budget."""
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2
+    except (ValueError, OSError):
+        return 8e9
+
+
 def _solver(device: str) -> tuple[str, str]:
     if device == "cpu":
         return "sklearn", "cpu"  # no torch import on the common path
@@ -140,6 +150,18 @@ def audit(cfg: AuditConfig) -> AuditSummary:
         paths, hashes = cache.paths, cache.content_hash
         root = Path(str(cache.attrs.get("image_root", "")))
         y = mapped.y[lab]
+        if int((np.bincount(y) >= 2).sum()) < 2:
+            raise InputError(
+                f"{cfg.cache} has too few labelled photos to cross-fit ({len(lab)} in {len(names)} classes): "
+                "give at least two classes two or more photos each"
+            )
+        need = float(cache.feature_dim) * (BYTES_PER_LABELLED * len(lab) + 2 * cache.n_rows)
+        if need > _available_memory():
+            raise InputError(
+                f"auditing {cache.n_rows} rows ({len(lab)} labelled) x {cache.feature_dim} features needs about "
+                f"{need / 1e9:.1f} GB of memory, more than half of what is available "
+                f"({_available_memory() / 1e9:.1f} GB); run it on a machine with more memory"
+            )
         X = cache.features(lab)
         require_finite(cfg.cache, X, lab, [paths[int(r)] for r in lab])
         U = np.empty((cache.n_rows, cache.feature_dim), np.float16)

@@ -334,6 +334,10 @@ def test_errors_name_the_fix(run_cli, tmp_path, tiny_head):
     extract(ExtractConfig(images=str(one), out=str(tmp_path / "one.h5"), backbone="tiny", workers=0, progress=False))
     r = run_cli("audit", tmp_path / "one.h5", "--out", tmp_path / "rep", "--device", "cpu")
     assert r.exit_code == 1 and "needs at least two" in r.output
+    few = copy_sample_photos(tmp_path / "few", per_class=1, classes=("bag", "sneaker", "trouser"))
+    extract(ExtractConfig(images=str(few), out=str(tmp_path / "few.h5"), backbone="tiny", workers=0, progress=False))
+    r = run_cli("audit", tmp_path / "few.h5", "--out", tmp_path / "rep", "--device", "cpu")
+    assert r.exit_code == 1 and "two or more photos each" in r.output
     lite = copy_sample_photos(tmp_path / "lite", per_class=2, classes=("bag", "sneaker"))
     extract(ExtractConfig(images=str(lite), out=str(tmp_path / "lite.h5"), workers=0, progress=False))
     r = run_cli("audit", tmp_path / "lite.h5", "--head", tiny_head, "--out", tmp_path / "rep", "--device", "cpu")
