@@ -27,6 +27,10 @@ class ArtifactError(HeadstartError):
     """A head or exported model that is missing, tampered with, or from a newer version."""
 
 
+class WorkerError(HeadstartError):
+    """A decoding worker process died (killed, usually by the kernel's out-of-memory killer)."""
+
+
 # What an operating-system error while reading or writing means for the user, by errno.
 _OS_HINTS = {
     "ENOSPC": "the disk is full: free space or write elsewhere",

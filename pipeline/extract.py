@@ -51,7 +51,7 @@ from .core.distributed import Dist, merge_shards
 from .data.gpu_decode import require_cuda
 from .data.images import DEFAULT_MAX_PIXELS, Catalog, discover
 from .data.loader import DECODERS, Source, embed_batches, make_loader
-from .errors import CacheError, HeadstartError, InputError
+from .errors import CacheError, HeadstartError, InputError, WorkerError
 from .models import engine as engines
 from .models.backbones import LoadedBackbone, get_spec, load_backbone, with_preprocessing
 from .models.fingerprint import Fingerprint
@@ -383,6 +383,9 @@ def _run_backbone(
                 writer.flush()
                 last = time.monotonic()
         writer.flush()
+    except WorkerError as e:
+        writer.flush()  # what the live workers finished is kept too
+        raise WorkerError(f"{e}; the rows finished so far are kept and the next run resumes from them") from None
     finally:
         bar.close()
 

@@ -137,7 +137,7 @@ def write_report(
     Written into a staging folder beside ``out`` and renamed into place (``core.atomic``), so a
     failure or a kill while plotting leaves the previous report whole, never a ``metrics.json``
     without its ``report.html``. Other files in an existing report folder are kept."""
-    from ..cache.h5io import crash_point
+    from ..core.faults import crash_point
 
     out = Path(out)
     # A folder with other contents is refused, not replaced: replace_dir moves it aside for a

@@ -9,7 +9,6 @@ from __future__ import annotations
 import errno
 import os
 import shutil
-import signal
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +18,7 @@ import h5py
 import numpy as np
 
 from ..core.atomic import fsync_dir
+from ..core.faults import crash_point
 from ..errors import CacheError
 
 SCHEMA_VERSION = 2
@@ -53,25 +53,6 @@ class StatTable:
 
 def _decode(arr: Any) -> list[str]:
     return [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in arr[()]]
-
-
-def crash_point(name: str) -> None:
-    """Fault injection for the crash tests: ``HEADSTART_CRASH_AT=name[:n]`` makes the process
-    SIGKILL itself the n-th time (default 1st) it reaches ``name``. A real kill -9 at a chosen
-    instant, which a timer from outside cannot hit reliably (e.g. between writing a segment and
-    writing the index). Costs one dict lookup when unset."""
-    spec = os.environ.get("HEADSTART_CRASH_AT")
-    if not spec:
-        return
-    want, _, nth = spec.partition(":")
-    if want != name:
-        return
-    _CRASH_COUNTS[name] = _CRASH_COUNTS.get(name, 0) + 1
-    if _CRASH_COUNTS[name] >= int(nth or 1):
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-_CRASH_COUNTS: dict[str, int] = {}
 
 
 # Files up to this size are built in memory and written with plain file I/O. Why: when the disk

@@ -24,8 +24,9 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from ..core import runtime
+from ..core.faults import crash_point
 from ..core.hashing import hash_bytes
-from ..errors import InputError
+from ..errors import InputError, WorkerError
 from .gpu_decode import RawJpeg, decode_batch, probe_jpeg, require_cuda
 from .images import DEFAULT_MAX_PIXELS, DecodeError, FileReadError, load_pixels, read_image_bytes
 from .preprocessing import Preprocessing
@@ -59,6 +60,7 @@ class PixelDataset(Dataset[Item]):
         return len(self.sources)
 
     def __getitem__(self, i: int) -> Item:
+        crash_point("decode")  # the crash tests kill a worker here
         src = self.sources[i]
         what: Source | bytes = src  # what is decoded: the source, or the bytes read from it
         if self.expected_hashes is not None and not isinstance(src, Image.Image):
@@ -188,7 +190,7 @@ def embed_batches(
     ``embed`` maps uint8 pixels on ``device`` to features: a ``models.engine`` embedder (the
     engine, precision and memory format are chosen there; data/ stays below models/)."""
     dataset = loader.dataset
-    for batch in loader:
+    for batch in _batches(loader):
         if batch.raw:
             assert isinstance(dataset, PixelDataset)
             x = _gpu_pixels(batch, dataset.prep, device, dataset.max_pixels)
@@ -198,3 +200,22 @@ def embed_batches(
             yield batch, np.zeros((0, 0), dtype=np.float32)
             continue
         yield batch, embed(x)
+
+
+def _batches(loader: DataLoader[Batch]) -> Iterator[Batch]:
+    """The loader's batches; a worker that died is a :class:`WorkerError`, not the
+    DataLoader's RuntimeError traceback."""
+    it = iter(loader)
+    while True:
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        except RuntimeError as e:
+            if "DataLoader worker" not in str(e):
+                raise
+            raise WorkerError(
+                f"a decoding worker process died ({e}); usually the machine ran out of memory (see `dmesg`): "
+                "run again with fewer --workers or a smaller --batch-size"
+            ) from None
+        yield batch

@@ -162,3 +162,24 @@ def test_an_unwritable_out_is_a_usage_error_in_every_writing_command(command, ou
     r = run_cli(command, *inputs, "--out", out)
     assert r.exit_code == 2 and "Traceback" not in r.output, r.output
     assert "cannot create files in /proc" in r.output, r.output
+
+
+def test_a_killed_decoding_worker_is_an_error_and_the_next_run_resumes(tmp_path):
+    from conftest import copy_sample_photos
+
+    from pipeline.cache.store import Cache
+
+    images = copy_sample_photos(tmp_path / "images")
+    out = tmp_path / "f.h5"
+    args = ("extract", images, "--out", out, "--backbone", "tiny", "--workers", "1", "--batch-size", "2",
+            "--no-progress")  # fmt: skip
+    r = _headstart(*args, env={"HEADSTART_CRASH_AT": "decode:15", "HEADSTART_COMMIT_ROWS": "2"})
+    _failed_cleanly(r, "Error: a decoding worker process died", "the next run resumes")
+    from pipeline.cache.store import segment_dir
+
+    kept = 2 * len(list(segment_dir(out).glob("seg-*.h5")))  # rows finished before the worker died
+    r = _headstart(*args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"18 rows, 3 classes; extracted {18 - kept} " in r.stdout and f"reused {kept}," in r.stdout, r.stdout
+    with Cache(out) as c:
+        assert c.n_rows == 18
