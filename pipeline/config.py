@@ -102,6 +102,10 @@ class FitHeadConfig:
     unknown_threshold: float | None = _opt(None, "Recorded in the head: below it, evaluate says unknown.", min=0, max=1)
     hidden: int = _opt(512, "MLP hidden width.", min=1, max=65536)
     max_memory_gb: float | None = _opt(None, "Above: stream features from the cache (logreg).", min=0)  # None: RAM/2
+    text_prior: float | None = _opt(  # probe/zeroshot.py: the method, why, and why 0.1
+        None, "Keep the logreg head near the zero-shot head from class prompts (CLIP/SigLIP); try 0.1.",
+        min=0, min_open=True,
+    )  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,11 @@
    validation and carries that temperature. (Why not calibrate the final head directly: it has
    seen every labelled photo, so nothing is left to calibrate it on honestly.)
 
+Heads from text (image-text backbones only: :mod:`pipeline.models.text`): ``--head zeroshot``
+is built from the class prompts of ``--classes`` (``[prompts]``; needs no photo: every labelled
+one is a validation photo, only its temperature is fitted), and ``--text-prior WEIGHT`` keeps the
+logistic head near that zero-shot head (:mod:`pipeline.probe.zeroshot`).
+
 Writes ``HEAD_DIR/`` (``head.joblib``, ``head.npz``, ``head.json``, ``split.json``,
 ``config.json``; what each holds: :mod:`pipeline.artifacts.head_dir`, which writes it atomically).
 The kinds (``--head``) and what each exports as: :mod:`pipeline.probe.kinds`.
@@ -38,10 +43,10 @@ from . import __version__
 from .artifacts.head_dir import write_head
 from .cache.store import Cache, require_finite
 from .config import FitHeadConfig, save_resolved
-from .data.labels import LabelMap, apply_label_map
+from .data.labels import LabelMap, Mapped, apply_label_map, default_prompts
 from .errors import InputError
 from .probe.calibration import calibration_error, fit_temperature, mean_log_loss, softmax
-from .probe.kinds import KINDS, head_kind
+from .probe.kinds import KINDS, HeadKind, head_kind
 from .probe.metrics import at_threshold, classification_metrics
 from .probe.rows import blas_threads_for
 from .probe.selection import sweep_c
@@ -64,6 +69,8 @@ class FitSummary:
 
     def line(self) -> str:
         m = self.metrics
+        if not m:  # a zero-shot head with no labelled photo to validate on
+            return f"{self.path}: zero-shot head from prompts, no labelled photos to validate or calibrate on"
         what = f"C={self.C:.3g}" if self.C is not None else self.kind
         return (
             f"{self.path}: validation accuracy {m['accuracy']:.3f}, macro-F1 {m['macro_f1']:.3f} "
@@ -114,10 +121,15 @@ def fit_head(cfg: FitHeadConfig) -> FitSummary:
     kind = head_kind(cfg.head)
     if cfg.unknown_threshold is not None and not 0.0 <= cfg.unknown_threshold <= 1.0:
         raise InputError(f"--unknown-threshold is a probability between 0 and 1, not {cfg.unknown_threshold}")
+    if cfg.text_prior is not None and kind.name != "logreg":
+        raise InputError(f"--text-prior applies to --head logreg, not {kind.name} (a zero-shot head: --head zeroshot)")
     label_map = LabelMap.load(cfg.classes) if cfg.classes else None
     solver, device = resolve_solver(cfg.device)
+    text: dict[str, Any] | None = None
     with Cache(cfg.cache) as cache, contextlib.ExitStack() as stack:
         mapped = apply_label_map(label_map, cache.class_names, cache.labels)
+        if kind.needs_text:
+            return _fit_zeroshot(cfg, kind, cache, mapped, label_map, t0)
         rows = np.flatnonzero(mapped.y >= 0)
         if len(rows) == 0:
             raise InputError(
@@ -138,8 +150,10 @@ def fit_head(cfg: FitHeadConfig) -> FitSummary:
         streamed = need > memory_budget(cfg)
         stack.enter_context(blas_threads_for(len(rows) * cache.feature_dim))
         X: Any
+        if cfg.text_prior is not None:
+            text = _text(cache, class_names, label_map)
         if streamed:
-            if not kind.streams:
+            if not kind.streams or text is not None:
                 streaming = " or ".join(k.name for k in KINDS.values() if k.streams)
                 raise InputError(
                     f"{len(rows)} x {cache.feature_dim} features need about {need / 1e9:.1f} GB, more than "
@@ -182,21 +196,32 @@ def fit_head(cfg: FitHeadConfig) -> FitSummary:
             )
         curve: list[dict[str, float]] = []
         best_c: float | None = None
-        if kind.uses_c and cfg.c is None:
+
+        def make() -> Any:
+            if text is None:
+                return kind.estimator(cfg, C=best_c or 1.0, solver=solver, device=device)
+            from .probe.zeroshot import TextPriorHead
+
+            return TextPriorHead(
+                text["embeddings"], text["logit_scale"], float(cfg.text_prior or 0), cfg.class_weight, cfg.max_iter
+            )
+
+        uses_c = kind.uses_c and text is None  # with a text prior, its weight is the one knob
+        if uses_c and cfg.c is None:
             best_c, curve = sweep_c(
                 X[tr], y[tr], X[va], y[va], class_weight=cfg.class_weight, max_iter=cfg.max_iter, solver=solver,
                 device=device,
             )  # fmt: skip
-        elif kind.uses_c:
+        elif uses_c:
             best_c = float(cfg.c)  # type: ignore[arg-type]
-        probe = kind.estimator(cfg, C=best_c or 1.0, solver=solver, device=device).fit(X[tr], y[tr])
+        probe = make().fit(X[tr], y[tr])
         val_logits = probe.logits(X[va])
         metrics = classification_metrics(y[va], val_logits.argmax(1), class_names)
         metrics["split"] = "validation"
         temperature = fit_temperature(val_logits, y[va]) if cfg.calibrate else 1.0
         calibration = _calibration(val_logits, y[va], temperature, cfg.unknown_threshold)
         # Final head: same hyper-parameters, refit on train + validation, the probe's temperature.
-        head = kind.estimator(cfg, C=best_c or 1.0, solver=solver, device=device).fit(X, y)
+        head = make().fit(X, y)
         head.temperature_ = temperature
         fingerprint = cache.fingerprint.to_record()
         cache_attrs = cache.attrs
@@ -234,6 +259,7 @@ def fit_head(cfg: FitHeadConfig) -> FitSummary:
             "ungrouped_classes": ungrouped,
         },
         "warnings": warnings,
+        **({"text_prior": {"weight": cfg.text_prior, **text["record"]}} if text is not None else {}),
         "fingerprint": fingerprint,
         "cache": str(Path(cfg.cache).resolve()),
         "cache_updated": cache_attrs.get("updated"),
@@ -249,6 +275,85 @@ def fit_head(cfg: FitHeadConfig) -> FitSummary:
         write_config=lambda path: save_resolved(cfg, path, C=best_c, solver=solver, temperature=temperature),
     )
     return FitSummary(out, metrics, best_c, len(tr), len(va), time.perf_counter() - t0, cfg.head, temperature, warnings)
+
+
+def _text(cache: Cache, class_names: list[str], label_map: LabelMap | None) -> dict[str, Any]:
+    """The class embeddings of the cache's backbone's text tower (same weights, sha256 checked)."""
+    from .models.text import text_tower
+    from .probe.zeroshot import class_text_embeddings
+
+    tower = text_tower(cache.fingerprint)
+    prompts = [label_map.prompts_for(n) if label_map else default_prompts(n) for n in class_names]
+    record = {
+        "logit_scale": tower.logit_scale,
+        "tokenizer": tower.tokenizer,
+        "prompts": dict(zip(class_names, prompts, strict=True)),
+    }
+    return {"embeddings": class_text_embeddings(tower.encode, prompts), "logit_scale": tower.logit_scale,
+            "record": record}  # fmt: skip
+
+
+def _fit_zeroshot(
+    cfg: FitHeadConfig, kind: HeadKind, cache: Cache, mapped: Mapped, label_map: LabelMap | None, t0: float
+) -> FitSummary:
+    """The zero-shot head: classes from the label map (all of them: no photo is needed) or the
+    cache's labelled categories; every labelled photo validates and calibrates it."""
+    if label_map is not None:
+        names = sorted(label_map.classes, key=lambda n: label_map.classes[n])
+        ids = [label_map.classes[n] for n in names]
+    else:
+        names, ids = mapped.class_names, mapped.class_ids
+    if len(names) < 2:
+        raise InputError(
+            f"a zero-shot head needs two or more class names, and {cfg.cache} "
+            + (f"has labelled photos of {len(names)} class(es)" if names else "has no labelled photos")
+            + "; pass --classes classes.toml with a [classes] table (lipstick = 0, ...) and, optionally, [prompts]"
+        )
+    text = _text(cache, names, label_map)
+    rows = np.flatnonzero(mapped.y >= 0)
+    full = np.array([names.index(n) for n in mapped.class_names], np.int64)
+    y = full[mapped.y[rows]] if len(rows) else np.zeros(0, np.int64)
+    head = kind.estimator(cfg, C=1.0, solver="sklearn", device="cpu")
+    head.set_params(text_embeddings=text["embeddings"], logit_scale=text["logit_scale"]).fit()
+    metrics: dict[str, Any] = {}
+    temperature, calibration = 1.0, {}
+    hashes = [cache.content_hash[int(i)] for i in rows]
+    if len(rows):
+        X = CacheRows(cache, rows)  # read in chunks: a zero-shot head may meet a whole catalog
+        logits = head.logits(X)
+        if not np.isfinite(logits).all():
+            require_finite(cfg.cache, cache.features(rows), rows, [cache.paths[int(r)] for r in rows])
+        metrics = {**classification_metrics(y, logits.argmax(1), names), "split": "all labelled photos"}
+        temperature = fit_temperature(logits, y) if cfg.calibrate else 1.0
+        calibration = _calibration(logits, y, temperature, cfg.unknown_threshold)
+    head.temperature_ = temperature
+    meta = {
+        "class_names": names,
+        "class_ids": ids,
+        "absent_classes": [],
+        "label_map": label_map.record() if label_map else None,
+        "C": None,
+        "temperature": temperature,
+        "unknown_threshold": cfg.unknown_threshold,
+        "calibration": calibration,
+        "metrics": metrics,
+        "n_train": 0,
+        "n_val": len(rows),
+        "zeroshot": text["record"],
+        "warnings": [],
+        "fingerprint": cache.fingerprint.to_record(),
+        "cache": str(Path(cfg.cache).resolve()),
+        "cache_updated": cache.attrs.get("updated"),
+        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "headstart_version": __version__,
+    }
+    # the weights saw no photo, the temperature saw every labelled one: all are "fitted on"
+    split = {"seed": cfg.seed, "val_content_hash": hashes, "fit_content_hash": hashes, "near_duplicate_groups": []}
+    out = write_head(
+        cfg.out, head, kind=kind.name, meta=meta, split=split,
+        write_config=lambda path: save_resolved(cfg, path, C=None, solver="none", temperature=temperature),
+    )  # fmt: skip
+    return FitSummary(out, metrics, None, 0, len(rows), time.perf_counter() - t0, kind.name, temperature)
 
 
 def _calibration(logits: np.ndarray, y: np.ndarray, temperature: float, threshold: float | None) -> dict[str, Any]:

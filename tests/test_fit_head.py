@@ -50,14 +50,17 @@ def test_every_kind_exports_as_a_torch_module_that_computes_its_probabilities():
     opts = FitHeadConfig(cache="unused", hidden=16, max_iter=200)
     for name, kind in KINDS.items():
         assert kind.torch_kind in HEAD_BUILDERS, name
-        est = kind.estimator(opts, C=0.1, solver="sklearn", device="cpu").fit(X, y)
+        est = kind.estimator(opts, C=0.1, solver="sklearn", device="cpu")
+        if kind.needs_text:  # zero-shot: one class embedding per digit (the stage's text tower)
+            est.set_params(text_embeddings=np.random.default_rng(0).normal(size=(10, 64)), logit_scale=30.0)
+        est = est.fit(X, y)
         est.temperature_ = 1.7
         tensors = {k: torch.from_numpy(v) for k, v in est.torch_state().items()}
         module = build_head(kind.torch_kind, tensors).eval()
         with torch.no_grad():
             p = module(torch.from_numpy(X.astype(np.float32))).softmax(1).numpy()
         np.testing.assert_allclose(p, est.predict_proba(X), atol=1e-5, err_msg=name)
-    assert HEAD_KINDS == ("logreg", "mlp", "centroid")
+    assert HEAD_KINDS == ("logreg", "mlp", "centroid", "zeroshot")
     assert not issubclass(MLPProbe, torch.nn.Module) and issubclass(MLPHead, torch.nn.Module)
 
 
@@ -69,7 +72,7 @@ def test_the_cli_offers_the_registry_kinds():
 
 
 def test_unknown_kind_is_an_input_error(cache, tmp_path):
-    with pytest.raises(InputError, match="available: logreg, mlp, centroid"):
+    with pytest.raises(InputError, match="available: logreg, mlp, centroid, zeroshot"):
         fit_head(_cfg(cache, tmp_path / "h", head="svm"))
 
 

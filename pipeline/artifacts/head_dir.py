@@ -133,7 +133,9 @@ def write_head(
     out = given.absolute()  # "--out ." has no name to stage beside
     if out.exists() and not (out.is_dir() and (not any(out.iterdir()) or (out / "head.json").is_file())):
         raise InputError(f"{given} exists and is not a headstart head directory; choose another --out")
-    torch_kind = KINDS[kind].torch_kind
+    # an estimator may say which module it exports as (a logistic head with a text prior acts on
+    # unit features: "cosine"); otherwise its kind's
+    torch_kind = str(getattr(estimator, "torch_kind", None) or KINDS[kind].torch_kind)
     stage = stage_dir(out)
     try:
         import joblib

@@ -52,7 +52,8 @@ def extract(**kw: Any) -> None:
     type=click.Choice(HEAD_KINDS),
     default=FitHeadConfig.head,
     show_default=True,
-    help="logreg (swept C), mlp (one hidden layer), centroid (few-shot: five photos make a class).",
+    help="logreg (swept C), mlp (one hidden layer), centroid (few-shot: five photos make a class), "
+    "zeroshot (from the class prompts of --classes; CLIP/SigLIP backbones, no photo needed).",
 )
 def fit_head(**kw: Any) -> None:
     """Train a classification head on a feature cache, in seconds."""

@@ -18,6 +18,11 @@ A label map is a small TOML file (``fit-head --classes classes.toml``)::
     lip_liner = "lipstick"
     "粉底" = "foundation"
 
+    # Zero-shot prompts per output class (``fit-head --head zeroshot``, ``--text-prior``): a
+    # class without an entry gets DEFAULT_TEMPLATE with its name ("lip_liner" -> "lip liner").
+    [prompts]
+    lipstick = ["a product photo of a lipstick", "a close-up photo of a lipstick"]
+
 Every labelled category in the cache must be accounted for (a class, a rename source or
 dropped): a new folder that nobody mentioned is an error, not a silent new class id; so is a
 ``drop`` entry that names no category of the photos (a typo would drop nothing). The head's
@@ -42,6 +47,11 @@ import numpy as np
 from ..errors import InputError
 
 IDENTITY = "(none: cache categories as they are)"
+DEFAULT_TEMPLATE = "a product photo of a {name}"  # the zero-shot prompt of a class with no [prompts] entry
+
+
+def default_prompts(name: str) -> list[str]:
+    return [DEFAULT_TEMPLATE.format(name=name.replace("_", " "))]
 
 
 @dataclass(frozen=True)
@@ -51,6 +61,7 @@ class LabelMap:
     drop: frozenset[str] = frozenset()
     source: str = IDENTITY  # path of the file
     text: str = ""  # the file's text, recorded in head.json
+    prompts: dict[str, tuple[str, ...]] = field(default_factory=dict)  # output class -> zero-shot prompts
 
     # ------------------------------------------------------------------ reading
 
@@ -70,9 +81,11 @@ class LabelMap:
     @classmethod
     def from_dict(cls, data: dict[str, Any], *, source: str = "", text: str = "") -> LabelMap:
         where = f"label map {source}" if source else "label map"
-        unknown = set(data) - {"classes", "rename", "drop"}
+        unknown = set(data) - {"classes", "rename", "drop", "prompts"}
         if unknown:
-            raise InputError(f"{where}: unknown key(s) {sorted(unknown)}; use [classes], [rename] and drop = [...]")
+            raise InputError(
+                f"{where}: unknown key(s) {sorted(unknown)}; use [classes], [rename], [prompts] and drop = [...]"
+            )
         classes = data.get("classes")
         if not isinstance(classes, dict) or not classes:
             raise InputError(
@@ -101,7 +114,12 @@ class LabelMap:
         both = set(drop) & (set(rename) | set(classes))
         if both:
             raise InputError(f"{where}: {sorted(both)} are both dropped and used; remove them from one place")
-        return cls(dict(classes), dict(rename), frozenset(drop), source, text)
+        prompts = _prompts(data.get("prompts", {}), classes, where)
+        return cls(dict(classes), dict(rename), frozenset(drop), source, text, prompts)
+
+    def prompts_for(self, name: str) -> list[str]:
+        """The zero-shot prompts of output class ``name``: its [prompts] entry or the default."""
+        return list(self.prompts.get(name, ())) or default_prompts(name)
 
     @classmethod
     def from_record(cls, record: dict[str, Any] | None) -> LabelMap | None:
@@ -132,6 +150,29 @@ class LabelMap:
             "sha256": hashlib.sha256(self.text.encode()).hexdigest() if self.text else None,
             "text": self.text,
         }
+
+
+def _prompts(table: Any, classes: dict[str, int], where: str) -> dict[str, tuple[str, ...]]:
+    """``[prompts]``: output class -> a non-empty list of non-empty strings. A class that is not
+    under [classes] is refused (a typo would silently fall back to the default prompt)."""
+    example = 'lipstick = ["a product photo of a lipstick"]'
+    if not isinstance(table, dict):
+        raise InputError(f"{where}: [prompts] must be a table of class = [prompts], e.g. {example}")
+    out = {}
+    for name, value in table.items():
+        if name not in classes:
+            close = difflib.get_close_matches(name, list(classes), n=1)
+            raise InputError(
+                f"{where}: [prompts] names {name!r}, which is not under [classes]"
+                + (f" (did you mean {close[0]!r}?)" if close else "")
+                + "; prompts are per output class"
+            )
+        if isinstance(value, str):
+            raise InputError(f"{where}: [prompts] {name} is one string; write a list: {name} = [{value!r}]")
+        if not isinstance(value, list) or not value or not all(isinstance(p, str) and p.strip() for p in value):
+            raise InputError(f"{where}: [prompts] {name} must be a non-empty list of non-empty strings, e.g. {example}")
+        out[name] = tuple(value)
+    return out
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,9 @@ arrays a fitted probe's ``torch_state()`` gives; ``head.npz``). Kinds, one build
 :data:`HEAD_BUILDERS`:
 
 * ``linear``: ``weight [C, D]``, ``bias [C]`` - logistic regression, nearest centroid;
+* ``cosine``: the same tensors applied to the L2-normalised features - zero-shot heads from
+  text prompts and logistic heads with a text prior (:mod:`pipeline.probe.zeroshot`), whose
+  logits are ``scale * cos(image, text)``;
 * ``mlp``: ``layers.0.weight [H, D]``, ``layers.0.bias [H]``, ..., ``layers.L.weight [C, H]``,
   ``layers.L.bias [C]``, ReLU between layers.
 
@@ -32,6 +35,15 @@ class LinearHead(nn.Linear):
         return self.out_features
 
 
+class CosineHead(LinearHead):
+    """``weight @ (x / |x|) + bias``: CLIP-style logits (the logit scale is folded into the weight).
+    Unit features make the cosine a linear map, so the head stays one matrix; the norm is
+    clamped at 1e-12 exactly as :func:`pipeline.probe.zeroshot.unit_rows` does."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(torch.nn.functional.normalize(x, dim=1, eps=1e-12))
+
+
 class MLPHead(nn.Module):
     def __init__(self, layers: list[nn.Linear]) -> None:
         super().__init__()
@@ -54,6 +66,13 @@ def _linear(t: dict[str, torch.Tensor]) -> nn.Module:
     return head
 
 
+def _cosine(t: dict[str, torch.Tensor]) -> nn.Module:
+    w, b = t["weight"], t["bias"]
+    head = CosineHead(w.shape[1], w.shape[0])
+    head.load_state_dict({"weight": w, "bias": b})
+    return head
+
+
 def _mlp(t: dict[str, torch.Tensor]) -> nn.Module:
     n = len([k for k in t if k.startswith("layers.") and k.endswith(".weight")])
     if n == 0:
@@ -64,7 +83,11 @@ def _mlp(t: dict[str, torch.Tensor]) -> nn.Module:
     return head
 
 
-HEAD_BUILDERS: dict[str, Callable[[dict[str, torch.Tensor]], nn.Module]] = {"linear": _linear, "mlp": _mlp}
+HEAD_BUILDERS: dict[str, Callable[[dict[str, torch.Tensor]], nn.Module]] = {
+    "linear": _linear,
+    "cosine": _cosine,
+    "mlp": _mlp,
+}
 
 
 def build_head(kind: str, tensors: Mapping[str, torch.Tensor]) -> nn.Module:

@@ -1,9 +1,9 @@
 """Head kinds: the one place a kind is defined.
 
 Each entry names the kind as ``--head`` / ``FitHeadConfig.head`` / head.json ``"kind"`` spell it
-(``logreg``, ``mlp``, ``centroid``), builds its unfitted scikit-learn estimator from the
+(``logreg``, ``mlp``, ``centroid``, ``zeroshot``), builds its unfitted scikit-learn estimator from the
 fit-head options, and says which torch module its ``torch_state()`` tensors load into
-(:data:`pipeline.models.heads.HEAD_BUILDERS`: ``linear``, ``mlp``; head.json ``"torch_kind"``,
+(:data:`pipeline.models.heads.HEAD_BUILDERS`: ``linear``, ``cosine``, ``mlp``; head.json ``"torch_kind"``,
 head.npz ``"kind"``). A new kind is one entry here and, if it needs a new module, one builder
 there.
 
@@ -46,6 +46,9 @@ class HeadKind:
     make: Callable[[ProbeOptions, float, str, str], _Head]  # (options, C, solver, device)
     uses_c: bool = False  # logistic: C swept on validation log-loss (selection.sweep_c) or --c
     streams: bool = False  # can fit from rows read off the cache in chunks (above --max-memory-gb)
+    # built from class prompts, not photos: the caller passes the text tower's class embeddings
+    # with set_params(text_embeddings=..., logit_scale=...) (probe/zeroshot.py) before fit
+    needs_text: bool = False
 
     def estimator(self, opts: ProbeOptions, *, C: float, solver: str, device: str) -> _Head:
         """The unfitted estimator. ``solver``/``device`` are fit-head's resolved choice
@@ -71,12 +74,19 @@ def _centroid(o: ProbeOptions, C: float, solver: str, device: str) -> _Head:
     return NearestCentroidHead()
 
 
+def _zeroshot(o: ProbeOptions, C: float, solver: str, device: str) -> _Head:
+    from .zeroshot import ZeroShotHead
+
+    return ZeroShotHead()
+
+
 KINDS: dict[str, HeadKind] = {
     k.name: k
     for k in (
         HeadKind("logreg", "linear", _logreg, uses_c=True, streams=True),
         HeadKind("mlp", "mlp", _mlp),
         HeadKind("centroid", "linear", _centroid),
+        HeadKind("zeroshot", "cosine", _zeroshot, needs_text=True),
     )
 }
 HEAD_KINDS = tuple(KINDS)  # the --head choices
