@@ -157,8 +157,9 @@ def fit_head(cfg: FitHeadConfig) -> FitSummary:
                 streaming = " or ".join(k.name for k in KINDS.values() if k.streams)
                 raise InputError(
                     f"{len(rows)} x {cache.feature_dim} features need about {need / 1e9:.1f} GB, more than "
-                    f"--max-memory-gb allows; use --head {streaming} (it streams from the cache) "
-                    "or raise --max-memory-gb"
+                    f"--max-memory-gb allows; use --head {streaming}"
+                    + (" without --text-prior" if text is not None else "")
+                    + " (it streams from the cache) or raise --max-memory-gb"
                 )
             solver, device = "torch", device if solver == "torch" else "cpu"
             X = CacheRows(cache, rows)
