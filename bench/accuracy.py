@@ -36,7 +36,8 @@ from build_sample_catalog import CLASSES, SRC, pick, read_idx
 from pipeline.config import ExportConfig, ExtractConfig, FinetuneConfig, FitHeadConfig
 from pipeline.core import runtime
 from pipeline.core.hashing import hash_file
-from pipeline.data.images import discover, open_rgb
+from pipeline.data.catalog import discover
+from pipeline.data.images import open_rgb
 from pipeline.export import export
 from pipeline.extract import extract
 from pipeline.finetune.stage import finetune

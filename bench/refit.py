@@ -31,7 +31,8 @@ from torch import nn
 
 from pipeline.config import ExtractConfig, FitHeadConfig
 from pipeline.data import SAMPLE_CATALOG
-from pipeline.data.images import discover, load_pixels
+from pipeline.data.catalog import discover
+from pipeline.data.images import load_pixels
 from pipeline.extract import extract
 from pipeline.fit_head import fit_head
 from pipeline.models.backbones import get_spec, load_backbone

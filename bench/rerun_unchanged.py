@@ -25,7 +25,7 @@ from pathlib import Path
 from pipeline.cache import statcache
 from pipeline.cache.store import Cache
 from pipeline.config import ExtractConfig
-from pipeline.data.images import discover
+from pipeline.data.catalog import discover
 from pipeline.extract import extract
 
 

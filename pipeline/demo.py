@@ -15,7 +15,8 @@ import numpy as np
 
 from .config import ExportConfig, ExtractConfig, FitHeadConfig, PredictConfig
 from .data import SAMPLE_CATALOG
-from .data.images import discover, open_rgb
+from .data.catalog import discover
+from .data.images import open_rgb
 from .errors import InputError
 from .export import export
 from .extract import extract

@@ -152,7 +152,7 @@ def _from_cache(scorer: Scorer, path: Path) -> Rows:
 def _from_images(scorer: Scorer, cfg: EvaluateConfig) -> Rows:
     from .core import runtime
     from .core.hashing import hash_file
-    from .data.images import discover
+    from .data.catalog import discover
     from .data.loader import make_loader
 
     cat = discover(cfg.data, labelled=True)

@@ -48,8 +48,9 @@ from .cache.store import Cache, writer_lock
 from .config import ExtractConfig, save_resolved
 from .core import distributed, runtime
 from .core.distributed import Dist, merge_shards
+from .data.catalog import Catalog, discover
 from .data.gpu_decode import require_cuda
-from .data.images import DEFAULT_MAX_PIXELS, Catalog, discover
+from .data.images import DEFAULT_MAX_PIXELS
 from .data.loader import DECODERS, Source, embed_batches, make_loader
 from .errors import CacheError, HeadstartError, InputError, WorkerError
 from .models import engine as engines
@@ -247,7 +248,7 @@ def _extract_share(run: _Run, old: _Old | None) -> Scan:
     share = Scan([(s.rel, s.reason) for s in catalog.skipped])
     orphans = [] if run.cfg.rebuild else unindexed_segments(run.out, set(old.segment_rows) if old else set())
     share.scan_ns = time.time_ns()
-    mine = [(i, it.path, it.rel) for i, it in enumerate(catalog.items) if run.dist.owns_index(i)]
+    mine = [(i, it.file, it.rel) for i, it in enumerate(catalog.items) if run.dist.owns_index(i)]
     values = statcache.hash_files(mine, old.stat if old else {}, rehash=run.cfg.rehash, progress=run.cfg.progress)
     merged = merge_shards(run.dist.gather(values), len(catalog.items))  # and the other ranks' slices
     share.stat = [k for _, k in merged]
@@ -273,7 +274,7 @@ def _extract_share(run: _Run, old: _Old | None) -> Scan:
     if share.mine:
         dtype = _cache_dtype(run.cfg, old)
         writer = SegmentWriter(run.out, run.fp, dtype, run.fp.feature_dim, SEGMENT_ROWS, run.limits)
-        sources = [catalog.items[by_hash[h][0]].path for h in share.mine]
+        sources = [catalog.items[by_hash[h][0]].file for h in share.mine]
         _run_backbone(run.cfg, run.loaded, run.device, run.engine, run.precision, sources, share.mine, writer)
         share.location.update(writer.locations)
         share.bad.update(writer.bad)

@@ -13,7 +13,8 @@ import pytest
 from PIL import Image
 
 from pipeline.config import ExtractConfig
-from pipeline.data.images import DecodeError, discover, load_pixels, open_rgb
+from pipeline.data.catalog import discover
+from pipeline.data.images import DecodeError, load_pixels, open_rgb
 from pipeline.errors import InputError
 from pipeline.extract import extract
 from pipeline.models.backbones import get_spec

@@ -26,12 +26,12 @@ Result = tuple[str | OSError, StatKey | None]
 
 
 def hash_files(
-    files: Sequence[tuple[int, Path, str]], known: Known, *, rehash: bool, progress: bool
+    files: Sequence[tuple[int, str | Path, str]], known: Known, *, rehash: bool, progress: bool
 ) -> dict[int, Result]:
     """``{i: (content hash or why it cannot be read, stat)}`` for ``(i, path, rel)`` files.
     Files the stat cache knows unchanged are not read (unless ``rehash``)."""
     values: dict[int, Result] = {}
-    misses: list[tuple[int, Path, StatKey]] = []
+    misses: list[tuple[int, str | Path, StatKey]] = []
     for i, path, rel in files:  # stat in this thread: far cheaper than a task per file
         try:
             st = os.stat(path)
@@ -45,7 +45,7 @@ def hash_files(
         else:
             misses.append((i, path, key))
 
-    def one(job: tuple[int, Path, StatKey]) -> Result:
+    def one(job: tuple[int, str | Path, StatKey]) -> Result:
         _, path, key = job
         try:
             return hash_file(path), key  # stat first: a change after it shows on the next run

@@ -1,4 +1,4 @@
-"""Finding images, hashing them, and decoding them safely into network-ready pixels.
+"""Reading photo files safely and decoding them into network-ready pixels (``catalog.py`` finds them).
 
 Decoding is the one place that sees hostile input (truncated files, CMYK, 16-bit, EXIF
 rotation, animations, decompression bombs, FIFOs, absurd aspect ratios), so every image in
@@ -13,19 +13,14 @@ import errno
 import io
 import os
 import warnings
-from dataclasses import dataclass
-from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from ..core.hashing import NOT_REGULAR, open_regular
-from ..errors import InputError
-from .manifest import read_manifest
 from .preprocessing import Preprocessing
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
 # PIL raises DecompressionBombError above 2x its MAX_IMAGE_PIXELS; we refuse at our own limit
 # before decoding a byte of pixel data, and say which limit to raise.
 DEFAULT_MAX_PIXELS = 2 * 89_478_485
@@ -40,143 +35,6 @@ class DecodeError(Exception):
 class FileReadError(DecodeError):
     """The file could not be read as a regular file (swapped for a FIFO, removed, unreadable):
     not a property of its bytes, so a caller must not remember it against their content hash."""
-
-
-@dataclass(frozen=True)
-class Item:
-    path: Path  # absolute
-    rel: str  # relative to the image root, POSIX separators (what the cache stores)
-    label: str | None  # None = unlabelled
-
-
-@dataclass(frozen=True)
-class Skip:
-    rel: str
-    reason: str
-
-
-@dataclass
-class Catalog:
-    root: Path
-    items: list[Item]
-    skipped: list[Skip]
-    layout: str  # "folders" | "manifest" | "unlabelled" | "files"
-
-    @property
-    def class_names(self) -> list[str]:
-        return sorted({i.label for i in self.items if i.label is not None})
-
-
-def _is_image_name(name: str) -> bool:
-    return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
-
-
-def _walk(folder: Path) -> list[Path]:
-    out: list[Path] = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=False):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        out.extend(Path(dirpath) / f for f in sorted(filenames) if _is_image_name(f))
-    return out
-
-
-def escape_name(name: str) -> str:
-    """``name`` as text that is always valid UTF-8, reversibly: each byte of the file name that
-    is not UTF-8 (``os.walk`` hands those over as surrogate escapes) becomes ``\\xNN``, and a NUL
-    becomes ``\\x00`` (docs/formats.md says how to get the bytes back)."""
-    return os.fsencode(name).decode("utf-8", "backslashreplace").replace("\0", "\\x00")
-
-
-def _name_problem(text: str) -> str | None:
-    """Why ``text`` cannot be stored as a path or label (HDF5, CSV and JSON need UTF-8)."""
-    if "\0" in text:
-        return "contains a NUL character"
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return "is not valid UTF-8"
-    return None
-
-
-def _bad_name(rel: str, what: str, fix: str) -> Skip | None:
-    why = _name_problem(rel)
-    return None if why is None else Skip(escape_name(rel), f"{what} {why} (shown escaped as \\xNN); {fix}")
-
-
-def _check_file(path: Path, rel: str) -> Skip | None:
-    if path.is_symlink() and not path.exists():
-        return Skip(rel, "broken symlink")
-    if not path.is_file():
-        # A FIFO or device named .jpg would block or never end when hashed.
-        return Skip(rel, "not a regular file")
-    if not os.access(path, os.R_OK):
-        # Note: root passes access() for any mode bits; then the read itself decides.
-        return Skip(rel, "permission denied")
-    return None
-
-
-def discover(source: str | os.PathLike[str], *, labelled: bool | None = None) -> Catalog:
-    """Find the images under ``source``.
-
-    * a folder of class folders (``root/口红/a.jpg``) -> labelled by folder name;
-    * a folder of images with no sub-folders -> unlabelled;
-    * a ``.csv`` manifest with columns ``path,label`` (label may be empty; paths relative to
-      the manifest's folder).
-
-    ``labelled=False`` treats a folder tree as unlabelled (for ``predict``).
-    """
-    src = Path(source)
-    if not src.exists():
-        raise InputError(f"{src} does not exist; pass a folder of images or a CSV manifest")
-    if src.is_file() and src.suffix.lower() == ".csv":
-        return _from_manifest(src)
-    if not src.is_dir():
-        raise InputError(f"{src} is not a folder or a .csv manifest")
-    root = src.resolve()
-    subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    items: list[Item] = []
-    skipped: list[Skip] = []
-    by_folder = bool(subdirs) if labelled is None else labelled
-    for path in _walk(root):
-        rel = path.relative_to(root).as_posix()
-        # A stray file beside the class folders is unlabelled.
-        label = rel.split("/", 1)[0] if by_folder and "/" in rel else None
-        bad = _bad_name(rel, "file name", "rename it") or _check_file(path, rel)
-        if bad:
-            skipped.append(bad)
-        else:
-            items.append(Item(path, rel, label))
-    if not items and not skipped:
-        raise InputError(
-            f"no images found in {root} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))}); "
-            "expected class folders such as images/lipstick/*.jpg"
-        )
-    return Catalog(root, items, skipped, "folders" if by_folder else "unlabelled")
-
-
-def _from_manifest(manifest: Path) -> Catalog:
-    root = manifest.resolve().parent
-    items: list[Item] = []
-    skipped: list[Skip] = []
-    for raw, label in read_manifest(manifest):
-        rel = Path(raw).as_posix()
-        bad = _bad_name(raw, "path", "fix the manifest")
-        if bad is None and label is not None:
-            why = _name_problem(label)
-            bad = Skip(rel, f"label {escape_name(label)!r} {why}; fix the manifest") if why else None
-        if bad is None:
-            path = Path(raw) if os.path.isabs(raw) else root / raw
-            try:
-                found = path.exists() or path.is_symlink()
-                bad = _check_file(path, rel) if found else Skip(rel, "file not found")
-            except OSError as e:  # a name too long for the filesystem, say
-                bad = Skip(rel, f"cannot use this path: {e.strerror or e}")
-        if bad:
-            skipped.append(bad)
-        else:
-            items.append(Item(path, rel, label))
-    if not items and not skipped:
-        raise InputError(f"{manifest} lists no images")
-    return Catalog(root, items, skipped, "manifest")
 
 
 _RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import IO
 
 from ..errors import InputError
-from .images import IMAGE_EXTENSIONS
+from .catalog import IMAGE_EXTENSIONS
 
 LIST_EXTENSIONS = frozenset({".txt", ".lst", ".csv"})
 

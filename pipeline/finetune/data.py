@@ -18,7 +18,8 @@ from torch.utils.data import Dataset, DistributedSampler, Sampler
 
 from ..core.hashing import hash_file
 from ..data.augment import augment, sample_generator
-from ..data.images import DEFAULT_MAX_PIXELS, DecodeError, discover, open_rgb
+from ..data.catalog import discover
+from ..data.images import DEFAULT_MAX_PIXELS, DecodeError, open_rgb
 from ..data.labels import LabelMap
 from ..data.preprocessing import Preprocessing
 from ..errors import ArtifactError, InputError

@@ -201,7 +201,7 @@ def test_decode_batch_checks_what_nvjpeg_decoded(tmp_path):
 # --------------------------------------------------------------------------- item 3: FIFOs
 
 SWAP_THEN_READ = r"""
-from pipeline.data.images import discover
+from pipeline.data.catalog import discover
 from pipeline.data.preprocessing import Preprocessing
 root, reader = sys.argv[1], sys.argv[2]
 catalog = discover(root)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.data.images import discover, escape_name
+from pipeline.data.catalog import discover, escape_name
 from pipeline.errors import InputError
 
 REPO = Path(__file__).resolve().parents[2]

@@ -1,0 +1,179 @@
+"""Finding the photos of a catalog: a folder of class folders, a folder of unlabelled photos,
+or a CSV manifest -> a :class:`Catalog` of items (absolute file, relative path, label) and the
+files skipped with why. Only names; no byte of a photo is read here (``images.py`` decodes).
+
+Bad names are skips, never fatal: a file name that is not UTF-8, a NUL in a manifest, a
+broken symlink, a FIFO named ``x.jpg``, an unreadable file.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import InputError
+from .manifest import read_manifest
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
+
+
+@dataclass(frozen=True, slots=True)
+class Item:
+    file: str  # absolute path, as a string: a million Path objects cost seconds per run
+    rel: str  # relative to the image root, POSIX separators (what the cache stores)
+    label: str | None  # None = unlabelled
+
+    @property
+    def path(self) -> Path:
+        return Path(self.file)
+
+
+@dataclass(frozen=True)
+class Skip:
+    rel: str
+    reason: str
+
+
+@dataclass
+class Catalog:
+    root: Path
+    items: list[Item]
+    skipped: list[Skip]
+    layout: str  # "folders" | "manifest" | "unlabelled" | "files"
+
+    @property
+    def class_names(self) -> list[str]:
+        return sorted({i.label for i in self.items if i.label is not None})
+
+
+def _is_image_name(name: str) -> bool:
+    return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+def _walk(folder: Path) -> Iterator[tuple[os.DirEntry[str], str]]:
+    """Image files under ``folder`` as (directory entry, path relative to ``folder``), each
+    folder's files in name order before its sub-folders (``os.walk``'s order). ``scandir``
+    entries carry the file type from the directory listing, so a plain file costs no ``stat``
+    and no ``pathlib`` object here: at a million files that is most of an unchanged re-run."""
+    stack: list[tuple[str, str]] = [(os.fspath(folder), "")]
+    while stack:
+        where, prefix = stack.pop()
+        with os.scandir(where) as listing:
+            entries = sorted(listing, key=lambda e: e.name)
+        subdirs = []
+        for e in entries:
+            if e.name.startswith("."):
+                continue
+            if e.is_dir(follow_symlinks=False):
+                subdirs.append(e)
+            elif _is_image_name(e.name):
+                yield e, prefix + e.name
+        stack.extend((d.path, f"{prefix}{d.name}/") for d in reversed(subdirs))
+
+
+def escape_name(name: str) -> str:
+    """``name`` as text that is always valid UTF-8, reversibly: each byte of the file name that
+    is not UTF-8 (``os.walk`` hands those over as surrogate escapes) becomes ``\\xNN``, and a NUL
+    becomes ``\\x00`` (docs/formats.md says how to get the bytes back)."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace").replace("\0", "\\x00")
+
+
+def _name_problem(text: str) -> str | None:
+    """Why ``text`` cannot be stored as a path or label (HDF5, CSV and JSON need UTF-8)."""
+    if "\0" in text:
+        return "contains a NUL character"
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return "is not valid UTF-8"
+    return None
+
+
+def _bad_name(rel: str, what: str, fix: str) -> Skip | None:
+    why = _name_problem(rel)
+    return None if why is None else Skip(escape_name(rel), f"{what} {why} (shown escaped as \\xNN); {fix}")
+
+
+def _check_file(path: Path | str, rel: str, entry: os.DirEntry[str] | None = None) -> Skip | None:
+    """Why the file at ``path`` cannot be read as a photo, or None. ``entry`` (from a folder
+    scan) answers the type questions from the directory listing, without a ``stat``."""
+    if entry is not None and not entry.is_symlink():
+        regular = entry.is_file(follow_symlinks=False)
+    else:
+        p = Path(path)
+        if p.is_symlink() and not p.exists():
+            return Skip(rel, "broken symlink")
+        regular = p.is_file()
+    if not regular:
+        # A FIFO or device named .jpg would block or never end when hashed.
+        return Skip(rel, "not a regular file")
+    if not os.access(path, os.R_OK):
+        # Note: root passes access() for any mode bits; then the read itself decides.
+        return Skip(rel, "permission denied")
+    return None
+
+
+def discover(source: str | os.PathLike[str], *, labelled: bool | None = None) -> Catalog:
+    """Find the images under ``source``.
+
+    * a folder of class folders (``root/口红/a.jpg``) -> labelled by folder name;
+    * a folder of images with no sub-folders -> unlabelled;
+    * a ``.csv`` manifest with columns ``path,label`` (label may be empty; paths relative to
+      the manifest's folder).
+
+    ``labelled=False`` treats a folder tree as unlabelled (for ``predict``).
+    """
+    src = Path(source)
+    if not src.exists():
+        raise InputError(f"{src} does not exist; pass a folder of images or a CSV manifest")
+    if src.is_file() and src.suffix.lower() == ".csv":
+        return _from_manifest(src)
+    if not src.is_dir():
+        raise InputError(f"{src} is not a folder or a .csv manifest")
+    root = src.resolve()
+    subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    items: list[Item] = []
+    skipped: list[Skip] = []
+    by_folder = bool(subdirs) if labelled is None else labelled
+    for entry, rel in _walk(root):
+        # A stray file beside the class folders is unlabelled.
+        label = rel.split("/", 1)[0] if by_folder and "/" in rel else None
+        bad = _bad_name(rel, "file name", "rename it") or _check_file(entry.path, rel, entry)
+        if bad:
+            skipped.append(bad)
+        else:
+            items.append(Item(entry.path, rel, label))
+    if not items and not skipped:
+        raise InputError(
+            f"no images found in {root} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))}); "
+            "expected class folders such as images/lipstick/*.jpg"
+        )
+    return Catalog(root, items, skipped, "folders" if by_folder else "unlabelled")
+
+
+def _from_manifest(manifest: Path) -> Catalog:
+    root = manifest.resolve().parent
+    items: list[Item] = []
+    skipped: list[Skip] = []
+    for raw, label in read_manifest(manifest):
+        rel = Path(raw).as_posix()
+        bad = _bad_name(raw, "path", "fix the manifest")
+        if bad is None and label is not None:
+            why = _name_problem(label)
+            bad = Skip(rel, f"label {escape_name(label)!r} {why}; fix the manifest") if why else None
+        if bad is None:
+            path = Path(raw) if os.path.isabs(raw) else root / raw
+            try:
+                found = path.exists() or path.is_symlink()
+                bad = _check_file(path, rel) if found else Skip(rel, "file not found")
+            except OSError as e:  # a name too long for the filesystem, say
+                bad = Skip(rel, f"cannot use this path: {e.strerror or e}")
+        if bad:
+            skipped.append(bad)
+        else:
+            items.append(Item(os.fspath(path), rel, label))
+    if not items and not skipped:
+        raise InputError(f"{manifest} lists no images")
+    return Catalog(root, items, skipped, "manifest")
