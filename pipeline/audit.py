@@ -155,7 +155,9 @@ def audit(cfg: AuditConfig) -> AuditSummary:
                 f"{cfg.cache} has too few labelled photos to cross-fit ({len(lab)} in {len(names)} classes): "
                 "give at least two classes two or more photos each"
             )
-        need = float(cache.feature_dim) * (BYTES_PER_LABELLED * len(lab) + 2 * cache.n_rows)
+        need = float(cache.feature_dim) * (
+            BYTES_PER_LABELLED * len(lab) + 2 * cache.n_rows + 4 * min(len(unl), POOL_ROWS)
+        )
         if need > _available_memory():
             raise InputError(
                 f"auditing {cache.n_rows} rows ({len(lab)} labelled) x {cache.feature_dim} features needs about "

@@ -132,6 +132,8 @@ def test_reencoded_copies_cluster_with_their_original(planted):
     catalog = {p for p in cluster_of if "fmnist" in p}
     assert catalog <= set(planted["copies"].values()), rows
     assert rows[0]["spans_categories"] == "yes"  # clusters across categories are listed first
+    html = (planted["out"] / "report.html").read_text(encoding="utf-8")
+    assert html.index("cluster 1 - across categories") < html.index("cluster 2 (")
 
 
 def test_a_photo_that_is_not_a_product_is_the_top_outlier(planted):
@@ -206,6 +208,13 @@ def test_summary_json_and_line(planted, run_cli, tmp_path):
     assert {k: again[k] for k in ("label_issues", "outliers", "duplicate_clusters", "C")} == {
         k: counts[k] for k in ("label_issues", "outliers", "duplicate_clusters", "C")
     }
+
+
+def test_the_cross_fitted_head_is_the_one_fit_head_chooses(planted, tmp_path):
+    fit_head(FitHeadConfig(cache=str(planted["cache"]), out=str(tmp_path / "head"), device="cpu"))
+    chosen = json.loads((tmp_path / "head" / "head.json").read_text(encoding="utf-8"))
+    assert chosen["kind"] == planted["summary"].counts["head"] == "logreg"
+    assert chosen["C"] == planted["summary"].counts["C"]  # same split, same sweep, same C
 
 
 def test_apply_writes_a_manifest_extract_relabels_from(planted, run_cli, tmp_path):

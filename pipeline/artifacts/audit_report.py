@@ -334,17 +334,15 @@ def _html(
     )
     merges = [r["rename"] for r in tables["overlaps.csv"] if r["merge"]]
     snippet = f'<pre id="rename">[rename]\n{e(chr(10).join(merges))}</pre>' if merges else "<p>No pair to merge.</p>"
-    dup_rows = [r for r in tables["duplicates.csv"] if r["cluster"] <= n]
+    by_cluster: dict[int, list[dict[str, Any]]] = {}  # the first n rows (as thumbnailed), in cluster order
+    for r in tables["duplicates.csv"][:n]:
+        by_cluster.setdefault(r["cluster"], []).append(r)
     dups = "".join(
-        f'<div class="cluster{" spans" if r0["spans_categories"] else ""}"><h3>cluster {c}'
-        f"{' - across categories' if r0['spans_categories'] else ''}</h3>"
-        + "".join(
-            _card(t, thumbs, r["row"], f"{e(r['label'] or 'unlabelled')} ({r['similarity']:.3f})")
-            for r in dup_rows
-            if r["cluster"] == c
-        )
+        f'<div class="cluster{" spans" if rows[0]["spans_categories"] else ""}"><h3>cluster {c}'
+        f"{' - across categories' if rows[0]['spans_categories'] else ''} ({rows[0]['size']} photos)</h3>"
+        + "".join(_card(t, thumbs, r["row"], f"{e(r['label'] or 'unlabelled')} ({r['similarity']:.3f})") for r in rows)
         + "</div>"
-        for c, r0 in {r["cluster"]: r for r in reversed(dup_rows)}.items()
+        for c, rows in by_cluster.items()
     )
     outliers = "".join(
         _card(
