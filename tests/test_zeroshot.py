@@ -228,12 +228,25 @@ def test_open_clip_zeroshot_head_needs_no_photo(clip_folder, small_catalog, tmp_
 # --------------------------------------------------------------------------- Hugging Face CLIP
 
 
+def write_clip_tokenizer(folder: Path) -> None:
+    """A CLIPTokenizer whose vocabulary and merges are OpenAI's (open_clip ships them)."""
+    import transformers
+    from open_clip.tokenizer import SimpleTokenizer
+
+    bpe = SimpleTokenizer()
+    # the same 49408 ids; HF spells the two special tokens as OpenAI's release did
+    special = {"<start_of_text>": "<|startoftext|>", "<end_of_text>": "<|endoftext|>"}
+    (folder / "vocab.json").write_text(json.dumps({special.get(k, k): v for k, v in bpe.encoder.items()}))
+    merges = sorted(bpe.bpe_ranks, key=bpe.bpe_ranks.get)
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
+    tok = transformers.CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"))
+    tok.save_pretrained(str(folder))
+
+
 def save_hf_clip(folder: Path) -> Path:
     """A tiny random CLIPModel, its image processor, and a CLIPTokenizer whose vocabulary and
     merges are OpenAI's (open_clip ships them), all written with save_pretrained."""
     transformers = pytest.importorskip("transformers")
-    from open_clip.tokenizer import SimpleTokenizer
-
     torch.manual_seed(0)
     config = transformers.CLIPConfig(
         text_config={"vocab_size": 49408, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
@@ -246,14 +259,7 @@ def save_hf_clip(folder: Path) -> Path:
     transformers.CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(
         str(folder)
     )
-    bpe = SimpleTokenizer()
-    # the same 49408 ids; HF spells the two special tokens as OpenAI's release did
-    special = {"<start_of_text>": "<|startoftext|>", "<end_of_text>": "<|endoftext|>"}
-    (folder / "vocab.json").write_text(json.dumps({special.get(k, k): v for k, v in bpe.encoder.items()}))
-    merges = sorted(bpe.bpe_ranks, key=bpe.bpe_ranks.get)
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
-    tok = transformers.CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"))
-    tok.save_pretrained(str(folder))
+    write_clip_tokenizer(folder)
     return folder
 
 
@@ -294,6 +300,47 @@ def test_hf_clip_zeroshot_calibrates_on_labelled_photos(small_catalog, tmp_path,
     export_both(run_cli, head, tmp_path, small_catalog)
     r = run_cli("evaluate", tmp_path / "onnx", small_catalog, "--out", tmp_path / "eval", "--workers", "0")
     assert r.exit_code == 0, r.output
+
+
+def test_hf_siglip_pads_prompts_to_max_length(small_catalog, tmp_path, run_cli):
+    """SigLIP pools its last token and was trained on text padded to max_length: the tower pads
+    so (which changes the embedding), and SigLIP's image features feed the same head."""
+    transformers = pytest.importorskip("transformers")
+    from pipeline.cache.store import Cache
+    from pipeline.models.text import text_tower
+
+    folder = tmp_path / "siglip"
+    torch.manual_seed(0)
+    config = transformers.SiglipConfig(
+        text_config={"vocab_size": 49408, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                     "num_attention_heads": 2, "max_position_embeddings": 16, "projection_size": 32},
+        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+                       "image_size": 32, "patch_size": 8},
+    )  # fmt: skip
+    model = transformers.SiglipModel(config).eval()
+    model.save_pretrained(str(folder))
+    transformers.SiglipImageProcessor(size={"height": 32, "width": 32}).save_pretrained(str(folder))
+    write_clip_tokenizer(folder)  # any tokenizer the folder holds is the one used
+    assert run_cli("backbones", "import", folder, "--as", "sig").exit_code == 0
+    cache, head = tmp_path / "f.h5", tmp_path / "head"
+    r = run_cli("extract", small_catalog, "--out", cache, "--backbone", "sig", "--no-progress", "--workers", "0")
+    assert r.exit_code == 0, r.output
+    with Cache(cache) as c:
+        tower = text_tower(c.fingerprint)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder))
+    prompts = ["a product photo of a bag", "a sneaker"]
+    with torch.no_grad():
+        emb = {
+            pad: model.get_text_features(input_ids=tokenizer(prompts, padding=pad, max_length=16,
+                                                             return_tensors="pt")["input_ids"]).pooler_output.numpy()
+            for pad in ("max_length", "longest")
+        }  # fmt: skip
+    np.testing.assert_allclose(tower.encode(prompts), emb["max_length"], atol=1e-5, rtol=1e-5)
+    assert np.abs(emb["max_length"] - emb["longest"]).max() > 0.1
+    assert run_cli("fit-head", cache, "--out", head, "--head", "zeroshot").exit_code == 0
+    r = run_cli("export", head, "--out", tmp_path / "onnx", "--format", "onnx")
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "onnx" / "manifest.json").read_text())["parity"]["max_abs_diff"] < 1e-4
 
 
 # --------------------------------------------------------------------------- the text prior
