@@ -389,6 +389,9 @@ def test_text_prior_limits():
 
     text, photos = world(0)
     x, y = photos(2)
+    for head in (ZeroShotHead(), TextPriorHead()):  # no text: an Error for the CLI, not a traceback
+        with pytest.raises(InputError, match="which only `headstart fit-head --head zeroshot`"):
+            head.fit(x, y)
     keep = y != 3
     prior = TextPriorHead(text, 100.0, weight=0.1).fit(x[keep], y[keep])
     zs = ZeroShotHead(text, 100.0).fit()

@@ -47,6 +47,7 @@ from typing import Any
 import numpy as np
 from sklearn.utils.validation import validate_data
 
+from ..errors import InputError
 from .estimators import _class_weights, _Head
 
 
@@ -80,8 +81,12 @@ class _CosineHead(_Head):
 
     def _text(self) -> np.ndarray:
         if self.text_embeddings is None:  # type: ignore[attr-defined]
-            raise ValueError(
-                f"{type(self).__name__} needs the class text embeddings: set_params(text_embeddings=[K, D] array)"
+            # an InputError, not a ValueError: a command that fits heads of a recorded kind
+            # (audit's cross-fitting) then says why instead of a traceback
+            raise InputError(
+                f"a {type(self).__name__} is built from the class prompts' text embeddings, which only "
+                "`headstart fit-head --head zeroshot` / `--text-prior` supply (set_params(text_embeddings=...) "
+                "from Python); it cannot be fitted from photos alone"
             )
         return unit_rows(np.asarray(self.text_embeddings, np.float64))  # type: ignore[attr-defined]
 
