@@ -288,6 +288,7 @@ def test_hf_clip_zeroshot_calibrates_on_labelled_photos(small_catalog, tmp_path,
         theirs = (theirs if isinstance(theirs, torch.Tensor) else theirs.pooler_output).numpy()
     with Cache(cache) as c:
         tower = text_tower(c.fingerprint)
+        assert c.feature_dim == 16  # projection_dim, not the vision width 32: get_image_features
     np.testing.assert_allclose(tower.encode(prompts), theirs, atol=1e-5, rtol=1e-5)
     assert tower.logit_scale == pytest.approx(float(model.logit_scale.exp()))
 
