@@ -219,6 +219,22 @@ def test_unchanged_rerun_reads_no_photo_bytes(catalog, tmp_path, monkeypatch):
     assert len(calls) == 30 and s.extracted == 0
 
 
+def test_an_unchanged_rerun_writes_no_index_and_a_relabel_does(catalog, tmp_path):
+    _age(catalog)
+    out = tmp_path / "f.h5"
+    extract(_cfg(catalog, out))
+    before = out.stat()
+    extract(_cfg(catalog, out))  # nothing changed: the index is left as it is
+    after = out.stat()
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+    moved = sorted((catalog / "bag").glob("*.png"))[0]
+    moved.rename(catalog / "sneaker" / moved.name)
+    s = extract(_cfg(catalog, out))
+    assert s.relabelled == 1 and out.stat().st_ino != before.st_ino  # a new index, renamed into place
+    with Cache(out) as c:
+        assert c.labels[c.paths.index(f"sneaker/{moved.name}")] == c.class_names.index("sneaker")
+
+
 def test_in_place_rewrite_with_same_size_and_mtime_needs_rehash(catalog, tmp_path):
     """The documented trade-off (as in git and rsync): same size, mtime and inode = unchanged."""
     _age(catalog)

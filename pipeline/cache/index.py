@@ -6,6 +6,8 @@ cache, never feature bytes. Also the conversion of a schema-v1 cache. No torch h
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -115,9 +117,60 @@ def write_index(path: Path, c: IndexContents) -> int:
     return written
 
 
+DIGEST_ATTR = "contents_digest"
+# Attributes that describe the run rather than the contents: a re-run that changes nothing
+# else leaves the index as it is (its ``updated`` and ``config`` are those of the last change).
+_RUN_ATTRS = frozenset({"created", "updated", "config", "headstart_version", "torch_version", DIGEST_ATTR})
+
+
+def contents_digest(c: IndexContents) -> str:
+    """blake2b of everything the index would hold but the run's own attributes: equal digests,
+    equal index. A few milliseconds per 10,000 rows, far less than writing the index."""
+    h = hashlib.blake2b(digest_size=16)
+
+    def strings(values: list[str]) -> None:
+        h.update("\0".join(values).encode("utf-8", "surrogateescape"))
+        h.update(b"\1")
+
+    names = list(dict.fromkeys(s for s, _ in c.location))
+    seg_id = {s: i for i, s in enumerate(names)}
+    strings(c.content_hash)
+    strings(c.paths)
+    h.update(np.asarray(c.labels, dtype=np.int32).tobytes())
+    strings(c.class_names)
+    strings(names)
+    h.update(np.array([seg_id[s] for s, _ in c.location], dtype=np.int64).tobytes())
+    h.update(np.array([r for _, r in c.location], dtype=np.int64).tobytes())
+    h.update(np.array([c.segment_rows[s] for s in names], dtype=np.int64).tobytes())
+    for pairs in (c.duplicates, c.skipped):
+        strings([a for a, _ in pairs])
+        strings([b for _, b in pairs])
+    strings([f"{a}\0{b}\0{lim}" for a, b, lim in c.rejected])
+    t = c.stat
+    strings(t.path)
+    strings(t.content_hash)
+    h.update(np.array([t.size, t.mtime_ns, t.inode, t.device], dtype=np.int64).tobytes())
+    kept = {k: v for k, v in c.attrs.items() if k not in _RUN_ATTRS}
+    h.update(json.dumps([kept, c.dtype, c.feature_dim], sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
+def _committed_digest(path: Path) -> str | None:
+    try:
+        with h5py.File(path, "r") as f:
+            v = f.attrs.get(DIGEST_ATTR)
+    except (OSError, KeyError):
+        return None
+    return v.decode() if isinstance(v, bytes) else (str(v) if v is not None else None)
+
+
 def commit(path: Path, c: IndexContents) -> int:
-    """Write the index, then delete the segment files it no longer uses. Returns bytes written."""
-    written = write_index(path, c)
+    """Write the index, then delete the segment files it no longer uses. Returns bytes written:
+    0 when the index already holds exactly these contents (an unchanged re-run writes nothing)."""
+    digest = contents_digest(c)
+    written = 0
+    if _committed_digest(path) != digest:
+        written = write_index(path, IndexContents(**{**vars(c), "attrs": {**c.attrs, DIGEST_ATTR: digest}}))
     remove_unindexed_segments(path, {s for s, _ in c.location})
     return written
 
