@@ -29,6 +29,7 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from .calibration import softmax
+from .path import fit_in_row_space
 from .rows import CHUNK_ROWS, blas_threads_for, iter_chunks, small_problem_threads, standardisation
 
 
@@ -131,7 +132,9 @@ class LogisticHead(_LinearHead):
     ``solver="sklearn"`` uses scikit-learn; ``solver="torch"`` minimises the same objective
     (``C * sum_i w_i * CE_i + ||W||^2 / 2``, intercept unpenalised, one logit for two classes)
     with full-batch L-BFGS in torch on ``device`` - the GPU path for large caches, and the path
-    that accepts an on-disk row source read in ``chunk_rows`` chunks.
+    that accepts an on-disk row source read in ``chunk_rows`` chunks. With fewer rows than
+    features (a catalog's few hundred photos) ``"sklearn"`` minimises scikit-learn's objective
+    in the rows' span (:func:`.path.fit_in_row_space`): the same optimum, several times faster.
     """
 
     def __init__(
@@ -169,16 +172,21 @@ class LogisticHead(_LinearHead):
         return self
 
     def _fit_sklearn(self, X: np.ndarray, y_idx: np.ndarray) -> None:
-        lr = LogisticRegression(C=self.C, class_weight=self.class_weight, max_iter=self.max_iter)
+        k = len(self.classes_)
         with warnings.catch_warnings(), blas_threads_for(X.size):
             warnings.simplefilter("ignore", ConvergenceWarning)
-            lr.fit((X - self.mean_) / self.scale_, y_idx)
-        coef, intercept = lr.coef_, lr.intercept_
+            if X.shape[0] < X.shape[1]:  # the same optimum in the rows' span, d/n times fewer unknowns
+                Z = (X.astype(np.float64) - self.mean_) / self.scale_
+                sw = _class_weights(y_idx, k, self.class_weight)[y_idx]
+                coef, intercept, self.n_iter_ = fit_in_row_space(Z, y_idx, k, sw, self.C, self.max_iter)
+            else:
+                lr = LogisticRegression(C=self.C, class_weight=self.class_weight, max_iter=self.max_iter)
+                lr.fit((X - self.mean_) / self.scale_, y_idx)
+                coef, intercept, self.n_iter_ = lr.coef_, lr.intercept_, int(np.max(lr.n_iter_))
         if coef.shape[0] == 1:  # binary: one logit z; softmax([-z/2, z/2]) = sigmoid(z)
             coef = np.concatenate([-coef / 2, coef / 2])
             intercept = np.concatenate([-intercept / 2, intercept / 2])
         self.coef_, self.intercept_ = coef.astype(np.float32), intercept.astype(np.float32)
-        self.n_iter_ = int(np.max(lr.n_iter_))
 
     def _fit_torch(self, X: Any, y_idx: np.ndarray) -> None:
         import torch
