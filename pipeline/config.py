@@ -176,6 +176,9 @@ class PredictConfig:
     unknown_threshold: float | None = _opt(
         None, "Label a photo 'unknown' when its best probability is below this.", min=0, max=1
     )
+    min_confidence: float = _opt(
+        0.5, "With a category tree: answer the deepest node whose probability is at least this.", min=0, max=1
+    )
     embeddings: str | None = _opt(None, "Also write the features, one row per input (.npy or .h5).", output="file")
     raw_csv: bool = _opt(False, RAW_CSV_HELP)
     device: str = _opt("auto", DEVICE_HELP)
@@ -196,6 +199,7 @@ class EvaluateConfig:
     )
     out: str = _opt(str(ARTIFACTS / "report"), "Report directory to write.", output="dir")
     unknown_threshold: float | None = _opt(None, "Report coverage/accuracy at it (default: the head's).", min=0, max=1)
+    min_confidence: float = _opt(0.5, "With a category tree: the roll-up's threshold to report on.", min=0, max=1)
     worst: int = _opt(24, "Mistakes shown as thumbnails.", min=0, max=10_000)
     raw_csv: bool = _opt(False, RAW_CSV_HELP)
     device: str = _opt("auto", DEVICE_HELP)

@@ -23,9 +23,11 @@ from torch import nn
 from .artifacts.report import Scored, write_report
 from .config import EvaluateConfig, save_resolved
 from .data.labels import LabelMap
+from .data.tree import Tree
 from .errors import ArtifactError, CacheError, InputError
 from .models.fingerprint import Fingerprint
 from .probe.calibration import softmax
+from .probe.hierarchy import TreeIndex
 
 
 @dataclass
@@ -43,6 +45,7 @@ class Scorer:
     fitted: frozenset[str] | None = None  # content hashes the head was fitted on, when known
     fitted_on: str | None = None  # the cache the head was fitted on (heads without ``fitted``)
     session: Any = None  # onnxruntime session of an ONNX model: pixels -> probabilities
+    tree: Tree | None = None  # the category tree (classes.toml [parents]) the head carries
 
     def logits(self, feats: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
@@ -75,11 +78,12 @@ def load_scorer(path: str | Path) -> Scorer:
                 "model", p, loaded.class_names, nn.Identity(), loaded.fingerprint,
                 LabelMap.from_record(m["head"].get("label_map")), m["head"].get("unknown_threshold"),
                 fitted=fitted, fitted_on=prov.get("cache"), session=onnx_session(loaded.weights_path),
+                tree=loaded.tree,
             )  # fmt: skip
         return Scorer(
             "model", p, loaded.class_names, loaded.model.head, loaded.fingerprint,
             LabelMap.from_record(m["head"].get("label_map")),
-            m["head"].get("unknown_threshold"), loaded.model.net, fitted, prov.get("cache"),
+            m["head"].get("unknown_threshold"), loaded.model.net, fitted, prov.get("cache"), tree=loaded.tree,
         )  # fmt: skip
     if (p / "head.json").is_file():
         from .artifacts.head_dir import fitted_content_hashes, read_head
@@ -91,6 +95,7 @@ def load_scorer(path: str | Path) -> Scorer:
             "head", p, list(meta["class_names"]), build_head(spec.kind, spec.torch_tensors()).eval(), fp,
             LabelMap.from_record(meta.get("label_map")), meta.get("unknown_threshold"),
             fitted=fitted_content_hashes(p), fitted_on=meta.get("cache"),
+            tree=Tree.from_record(meta.get("tree"), meta["class_names"], what=str(p), fix="re-run fit-head"),
         )  # fmt: skip
     raise InputError(
         f"{p} is neither an exported model (manifest.json) nor a head directory (head.json); "
@@ -274,8 +279,10 @@ def evaluate(cfg: EvaluateConfig) -> EvaluateSummary:
         "photos_the_head_was_fitted_on": seen,
     }
     out = Path(cfg.out)
+    tree = TreeIndex.build(scorer.tree, scorer.class_names) if scorer.tree else None
     metrics = write_report(
-        out, scored, meta, unknown_threshold=threshold, worst=cfg.worst, warnings=warnings, raw_csv=cfg.raw_csv
-    )
+        out, scored, meta, unknown_threshold=threshold, worst=cfg.worst, warnings=warnings, raw_csv=cfg.raw_csv,
+        tree=tree, min_confidence=cfg.min_confidence,
+    )  # fmt: skip
     save_resolved(cfg, out / "config.json")
     return EvaluateSummary(out, metrics, int(len(cats) - len(keep)), warnings)

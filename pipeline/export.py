@@ -61,6 +61,8 @@ def source_from_head(head_dir: str | Path, weights_file: str | None = None) -> M
             "cache": meta.get("cache"),
         },
         sample_images=_cache_images(meta.get("cache")),
+        # the tree rides at the top of the manifest; the graph keeps leaf probabilities and predict rolls up
+        extra={"tree": meta["tree"]} if meta.get("tree") else {},
     )
 
 

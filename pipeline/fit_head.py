@@ -128,6 +128,7 @@ def fit_head(cfg: FitHeadConfig) -> FitSummary:
     text: dict[str, Any] | None = None
     with Cache(cfg.cache) as cache, contextlib.ExitStack() as stack:
         mapped = apply_label_map(label_map, cache.class_names, cache.labels)
+        tree = label_map.head_tree(mapped.class_names, cache.class_names) if label_map else None
         if kind.needs_text:
             return _fit_zeroshot(cfg, kind, cache, mapped, label_map, t0)
         rows = np.flatnonzero(mapped.y >= 0)
@@ -241,6 +242,7 @@ def fit_head(cfg: FitHeadConfig) -> FitSummary:
         "class_ids": mapped.class_ids,
         "absent_classes": mapped.absent,
         "label_map": label_map.record() if label_map else None,
+        "tree": tree.record() if tree else None,  # [parents] over these classes (data/tree.py)
         "C": best_c,
         "c_sweep": curve,
         "solver": solver,
@@ -299,7 +301,7 @@ def _fit_zeroshot(
 ) -> FitSummary:
     """The zero-shot head: classes from the label map (all of them: no photo is needed) or the
     cache's labelled categories; every labelled photo validates and calibrates it."""
-    if label_map is not None:
+    if label_map is not None and label_map.classes:
         names = sorted(label_map.classes, key=lambda n: label_map.classes[n])
         ids = [label_map.classes[n] for n in names]
     else:
@@ -310,6 +312,7 @@ def _fit_zeroshot(
             + (f"has labelled photos of {len(names)} class(es)" if names else "has no labelled photos")
             + "; pass --classes classes.toml with a [classes] table (lipstick = 0, ...) and, optionally, [prompts]"
         )
+    tree = label_map.head_tree(names, cache.class_names) if label_map else None
     text = _text(cache, names, label_map)
     rows = np.flatnonzero(mapped.y >= 0)
     full = np.array([names.index(n) for n in mapped.class_names], np.int64)
@@ -333,6 +336,7 @@ def _fit_zeroshot(
         "class_ids": ids,
         "absent_classes": [],
         "label_map": label_map.record() if label_map else None,
+        "tree": tree.record() if tree else None,
         "C": None,
         "temperature": temperature,
         "unknown_threshold": cfg.unknown_threshold,

@@ -35,6 +35,7 @@ from .data.inputs import expand_inputs
 from .data.loader import Batch, Source, embed_batches, make_loader
 from .errors import InputError
 from .models import engine as engines
+from .probe.hierarchy import TreeIndex, path_text
 
 UNKNOWN = "unknown"
 OUTPUT_FORMATS = ("csv", "jsonl")
@@ -57,6 +58,7 @@ class Predictor:
     session: Any = None  # onnxruntime.InferenceSession for ONNX models
     engine: str = "torch"  # how a native model's backbone runs (models.engine)
     _embed: Any = None  # built on first use: exporting or loading an engine costs seconds, once
+    _tree: Any = None  # the manifest's category tree as a TreeIndex (False: the model has none)
 
     @classmethod
     def load(
@@ -83,6 +85,14 @@ class Predictor:
     @property
     def class_names(self) -> list[str]:
         return self.loaded.class_names
+
+    @property
+    def tree(self) -> TreeIndex | None:
+        """The category tree the model was exported with (``classes.toml`` [parents]), or None."""
+        if self._tree is None:
+            tree = self.loaded.tree
+            self._tree = TreeIndex.build(tree, self.class_names) if tree else False
+        return self._tree or None
 
     @property
     def feature_dim(self) -> int:
@@ -146,25 +156,38 @@ class Predictor:
         return float(t) if isinstance(t, int | float) else None
 
     def predict(
-        self, sources: Sequence[Source], *, top_k: int = 3, unknown_threshold: float | None = None, **kw: Any
+        self,
+        sources: Sequence[Source],
+        *,
+        top_k: int = 3,
+        unknown_threshold: float | None = None,
+        min_confidence: float = 0.5,
+        **kw: Any,
     ) -> list[dict[str, Any]]:
         """One dict per input: ``label``, ``probability``, ``top_k`` [(label, p), ...], ``error``.
 
         A photo whose best probability is below ``unknown_threshold`` (default: the model's own,
         if fit-head set one; 0 turns it off) gets the label ``"unknown"``; ``top_k`` still lists
-        the classes."""
+        the classes. A model with a category tree adds ``node`` (the deepest node whose
+        probability - the sum of its leaves' - is at least ``min_confidence``; None when not even
+        a top-level node is), ``node_probability`` and ``node_path`` [(node, p), ...], top level first."""
         threshold = self.unknown_threshold if unknown_threshold is None else unknown_threshold
         probs, errors = self.predict_proba(sources, **kw)
-        return [self._row(p, e, top_k, threshold) for p, e in zip(probs, errors, strict=True)]
+        return [self._row(p, e, top_k, threshold, min_confidence) for p, e in zip(probs, errors, strict=True)]
 
-    def _row(self, p: np.ndarray, err: str, top_k: int, threshold: float | None) -> dict[str, Any]:
+    def _row(
+        self, p: np.ndarray, err: str, top_k: int, threshold: float | None, min_confidence: float = 0.5
+    ) -> dict[str, Any]:
+        tree = self.tree
         if err:
-            return {"label": None, "probability": None, "top_k": [], "error": err}
+            nodes: dict[str, Any] = {"node": None, "node_probability": None, "node_path": []} if tree else {}
+            return {"label": None, "probability": None, "top_k": [], **nodes, "error": err}
         names = self.class_names
         order = np.argsort(-p, kind="stable")[: max(1, min(top_k, len(names)))]
         top = [(names[i], float(p[i])) for i in order]
         label = UNKNOWN if threshold is not None and top[0][1] < threshold else top[0][0]
-        return {"label": label, "probability": top[0][1], "top_k": top, "error": ""}
+        nodes = tree.describe(p, min_confidence) if tree else {}
+        return {"label": label, "probability": top[0][1], "top_k": top, **nodes, "error": ""}
 
 
 # --------------------------------------------------------------------------- outputs
@@ -180,17 +203,19 @@ def output_format(cfg: PredictConfig) -> str:
 class _RowWriter:
     """CSV (path, label, best_guess, probability, label_2, probability_2, ..., error) or JSON
     Lines. ``label`` is the answer (``unknown`` below the threshold), ``best_guess`` the top
-    class whatever the threshold, ``probability`` its probability. CSV text cells are guarded
-    against formula injection unless ``raw`` (:mod:`pipeline.core.csvcells`)."""
+    class whatever the threshold, ``probability`` its probability. A model with a category tree
+    adds ``node``, ``node_probability`` and ``node_path`` ("makeup > lips"; ``path`` is the photo's)
+    - in JSONL one object ``tree``: ``node``, ``probability``, ``path`` [{node, probability}, ...].
+    CSV text cells are guarded against formula injection unless ``raw`` (:mod:`pipeline.core.csvcells`)."""
 
-    def __init__(self, f: IO[str], fmt: str, k: int, raw: bool = False) -> None:
-        self.f, self.fmt, self.k, self.raw = f, fmt, k, raw
+    def __init__(self, f: IO[str], fmt: str, k: int, raw: bool = False, tree: bool = False) -> None:
+        self.f, self.fmt, self.k, self.raw, self.tree = f, fmt, k, raw, tree
         if fmt == "csv":
             self.csv = csv.writer(f)
             header = ["path", "label", "best_guess", "probability"]
             for r in range(2, k + 1):
                 header += [f"label_{r}", f"probability_{r}"]
-            self.csv.writerow([*header, "error"])
+            self.csv.writerow([*header, *(["node", "node_probability", "node_path"] if tree else []), "error"])
 
     def write(self, path: Path, row: dict[str, Any]) -> None:
         if self.fmt == "jsonl":
@@ -200,6 +225,7 @@ class _RowWriter:
                 "best_guess": row["top_k"][0][0] if row["top_k"] else None,
                 "probability": row["probability"],
                 "top_k": [{"label": n, "probability": p} for n, p in row["top_k"]],
+                **({"tree": _tree_object(row)} if self.tree else {}),
                 "error": row["error"] or None,
             }
             text = json.dumps(body, ensure_ascii=False)
@@ -213,7 +239,15 @@ class _RowWriter:
         for r in range(1, self.k):
             name, p = row["top_k"][r] if r < len(row["top_k"]) else ("", None)
             line += [cell(name), "" if p is None else f"{p:.6f}"]
+        if self.tree:
+            q = row["node_probability"]
+            line += [cell(row["node"] or ""), "" if q is None else f"{q:.6f}", cell(path_text(row["node_path"]))]
         self.csv.writerow([*line, cell(row["error"])])
+
+
+def _tree_object(row: dict[str, Any]) -> dict[str, Any]:
+    path = [{"node": n, "probability": p} for n, p in row["node_path"]]
+    return {"node": row["node"], "probability": row["node_probability"], "path": path}
 
 
 def _has_surrogates(text: str) -> bool:
@@ -340,13 +374,14 @@ def predict(cfg: PredictConfig, stdin: IO[str] | None = None) -> tuple[Path, Pre
         _output(None if to_stdout else out) as f,
         tqdm(total=len(paths), desc="predict", unit="img", disable=not cfg.progress) as bar,
     ):
-        writer = _RowWriter(f, fmt, k, raw=cfg.raw_csv)
+        writer = _RowWriter(f, fmt, k, raw=cfg.raw_csv, tree=predictor.tree is not None)
         complete = False
         try:
             for r in predictor.iter_batches(paths, batch_size=cfg.batch_size, workers=cfg.workers):
                 probs = iter(r.probabilities)
                 for j, i in enumerate(r.index):
-                    row = predictor._row(next(probs) if r.ok[j] else np.empty(0), r.errors[j], k, threshold)
+                    p = next(probs) if r.ok[j] else np.empty(0)
+                    row = predictor._row(p, r.errors[j], k, threshold, cfg.min_confidence)
                     failed += bool(row["error"])
                     unknown += row["label"] == UNKNOWN
                     writer.write(paths[int(i)], row)

@@ -6,7 +6,7 @@
 * ``head.npz`` - the same head as plain tensors (its ``torch_state()``, plus its torch kind as
   the string entry ``kind``), which export and evaluate use (no unpickling);
 * ``head.json`` - schema version, kind and torch kind, fingerprint, class names and ids, the
-  label map, chosen C and the validation curve, temperature, metrics, split facts, and the
+  label map and category tree (``tree``), chosen C and the validation curve, temperature, metrics, split facts, and the
   sha256 of the two files above;
 * ``split.json`` - which rows (by content hash) were validation, and the near-duplicate groups,
   so fine-tuning can be compared with the linear probe on identical photos; and every photo the
@@ -46,6 +46,7 @@ import torch
 
 from ..core.atomic import replace_dir, stage_dir
 from ..core.hashing import sha256_file
+from ..data.tree import Tree
 from ..errors import ArtifactError, BackboneError, InputError
 from ..models.fingerprint import Fingerprint
 from ..models.heads import build_head
@@ -230,6 +231,7 @@ def _check_head_meta(head_dir: Path, meta: dict[str, Any]) -> None:
     ids = meta.get("class_ids")
     if ids is not None and not (isinstance(ids, list) and len(ids) == len(names) and all(type(i) is int for i in ids)):
         raise ArtifactError(f"{what} 'class_ids' is not one whole number per class name; {_HEAD_FIX}")
+    Tree.from_record(meta.get("tree"), names, what=what, fix=_HEAD_FIX)  # absent in heads before the tree
 
 
 def read_head(head_dir: str | Path) -> tuple[dict[str, Any], HeadSpec]:

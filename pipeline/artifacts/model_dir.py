@@ -6,8 +6,9 @@ into place; and read back safely (``load_model``) by predict and evaluate.
 * ``model.pt`` (``--format native``) - tensors only, loaded with ``torch.load(weights_only=True)``;
   or ``model.onnx`` (``--format onnx``) - a graph that needs neither headstart nor PyTorch;
 * ``manifest.json`` - format and schema version, which runtime, backbone identity and weights
-  sha256, preprocessing, precision, class names, head spec, the parity check's result,
-  provenance, and the sha256 of every file, checked before anything is loaded;
+  sha256, preprocessing, precision, class names, category tree (``tree``, when the head has one),
+  head spec, the parity check's result, provenance, and the sha256 of every file, checked before
+  anything is loaded;
 * ``config.json`` - the configuration used.
 
 Both networks take uint8 RGB pixels ``[N, 3, crop, crop]`` and normalise inside. Resizing and
@@ -49,6 +50,7 @@ from ..core.torchio import atomic_torch_save
 from ..data import SAMPLE_CATALOG
 from ..data.images import DecodeError, load_pixels
 from ..data.preprocessing import Preprocessing
+from ..data.tree import Tree
 from ..errors import ArtifactError, BackboneError, InputError
 from ..models.backbones import get_spec, load_backbone, with_preprocessing
 from ..models.fingerprint import Fingerprint
@@ -242,6 +244,11 @@ class LoadedModel:
     def fingerprint(self) -> Fingerprint:
         return Fingerprint.from_manifest(self.manifest)
 
+    @property
+    def tree(self) -> Tree | None:
+        """The category tree over the classes (checked on reading); None for a model without one."""
+        return Tree.from_record(self.manifest.get("tree"), self.class_names, what="manifest.json", fix=_REEXPORT)
+
 
 _REEXPORT = "re-export it with `headstart export`"
 
@@ -300,6 +307,7 @@ def _check_manifest(root: Path, manifest: dict[str, Any]) -> None:
     if n != len(names):
         raise ArtifactError(f"{what}: the head has {n!r} classes but 'class_names' lists {len(names)}; {_REEXPORT}")
     checked_files(root, manifest["files"], what=what, fix=_REEXPORT)
+    Tree.from_record(manifest.get("tree"), names, what=what, fix=_REEXPORT)  # models before the tree have none
 
 
 def build_classifier(manifest: dict[str, Any], state: dict[str, torch.Tensor]) -> Classifier:

@@ -21,6 +21,7 @@ from ..core.atomic import replace_dir, stage_dir
 from ..core.csvcells import safe_cell
 from ..errors import InputError
 from ..probe.calibration import calibration_error, mean_log_loss
+from ..probe.hierarchy import TreeIndex, tree_metrics
 from ..probe.metrics import at_threshold, classification_metrics
 
 # What a report directory consists of: replaced by the next report, while other files a user
@@ -130,9 +131,13 @@ def write_report(
     worst: int,
     warnings: list[str] | tuple[str, ...] = (),
     raw_csv: bool = False,
+    tree: TreeIndex | None = None,
+    min_confidence: float = 0.5,
 ) -> dict:
     """``warnings`` are shown at the top of the report and kept in ``metrics.json``; ``raw_csv``
     turns off the formula-injection guard of ``per_class.csv`` (:mod:`pipeline.core.csvcells`).
+    With a category ``tree``, ``metrics["tree"]`` holds accuracy per level and the roll-up's
+    accuracy and coverage at ``min_confidence`` (:func:`pipeline.probe.hierarchy.tree_metrics`).
 
     Written into a staging folder beside ``out`` and renamed into place (``core.atomic``), so a
     failure or a kill while plotting leaves the previous report whole, never a ``metrics.json``
@@ -146,6 +151,8 @@ def write_report(
     if out.exists() and not (out.is_dir() and (marker or not any(out.iterdir()))):
         raise InputError(f"{out} exists and is not a headstart report directory; choose another --out")
     metrics = compute_metrics(s, unknown_threshold)
+    if tree is not None:
+        metrics["tree"] = tree_metrics(tree, s.proba, s.y, min_confidence)
     mistakes = worst_mistakes(s, worst)
     metrics["worst_mistakes"] = mistakes
     metrics["warnings"] = list(warnings)
@@ -281,6 +288,30 @@ def _thumbnails(folder: Path, s: Scored, mistakes: list[dict[str, Any]]) -> dict
     return out
 
 
+def _tree_html(t: dict[str, Any] | None) -> str:
+    if not t:
+        return ""
+    levels = "".join(
+        f"<tr><td>level {lv['level']}{' (leaves)' if lv['level'] == t['depth'] else ''}</td>"
+        f"<td>{lv['n_nodes']}</td><td>{lv['accuracy']:.3f}</td></tr>"
+        for lv in t["levels"]
+    )
+    r, u = t["rollup"], t["unsure"]
+
+    def num(v: float | None, pct: bool = False) -> str:
+        return "-" if v is None else f"{v:.1%}" if pct else f"{v:.3f}"
+
+    return (
+        '<h2>Category tree</h2><table id="tree-levels"><thead><tr><th>level</th><th>nodes</th>'
+        f"<th>accuracy</th></tr></thead><tbody>{levels}</tbody></table>"
+        f"<p>Roll-up at <code>--min-confidence {t['min_confidence']:g}</code> (the deepest node at least that "
+        f"sure): coverage {r['coverage']:.1%}, accuracy {num(r['accuracy'])} (right = the node is on the true "
+        f"path), {r['at_leaf']:.1%} answered with a leaf. On the {u['n']} photos whose leaf is below the "
+        f"threshold: leaf accuracy {num(u['leaf_accuracy'])}, roll-up accuracy {num(u['rollup_accuracy'])} "
+        f"at coverage {num(u['rollup_coverage'], pct=True)}.</p>"
+    )
+
+
 def _html(m: dict[str, Any], figs: dict[str, str], mistakes: list[dict], thumbs: dict[int, str], meta: dict) -> str:
     e = html.escape
     rows = "\n".join(
@@ -326,6 +357,7 @@ code {{ word-break: break-all; }} .warning {{ color: #a40; }}
 ECE {m["ece"]:.3f} on {m["n"]} photos, {len(m["per_class"])} classes.</p>
 {warnings}
 {unknown}
+{_tree_html(m.get("tree"))}
 <ul>{facts}</ul>
 <h2>Per class</h2>
 <table><thead><tr><th>class</th><th>precision</th><th>recall</th><th>F1</th><th>support</th></tr></thead>

@@ -23,6 +23,13 @@ A label map is a small TOML file (``fit-head --classes classes.toml``)::
     [prompts]
     lipstick = ["a product photo of a lipstick", "a close-up photo of a lipstick"]
 
+    # A category tree over the output classes (class -> parent, any depth): predict also answers
+    # with the deepest node it is sure of ("lips" when it cannot tell lipstick from lip gloss).
+    # A file with only [parents] keeps the cache's categories as the classes. See data/tree.py.
+    [parents]
+    lipstick = "lips"
+    lips = "makeup"
+
 Every labelled category in the cache must be accounted for (a class, a rename source or
 dropped): a new folder that nobody mentioned is an error, not a silent new class id; so is a
 ``drop`` entry that names no category of the photos (a typo would drop nothing). The head's
@@ -45,6 +52,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputError
+from .tree import Tree
 
 IDENTITY = "(none: cache categories as they are)"
 DEFAULT_TEMPLATE = "a product photo of a {name}"  # the zero-shot prompt of a class with no [prompts] entry
@@ -62,6 +70,7 @@ class LabelMap:
     source: str = IDENTITY  # path of the file
     text: str = ""  # the file's text, recorded in head.json
     prompts: dict[str, tuple[str, ...]] = field(default_factory=dict)  # output class -> zero-shot prompts
+    tree: Tree | None = None  # [parents]; with no [classes] (classes == {}) the categories stay as they are
 
     # ------------------------------------------------------------------ reading
 
@@ -81,11 +90,15 @@ class LabelMap:
     @classmethod
     def from_dict(cls, data: dict[str, Any], *, source: str = "", text: str = "") -> LabelMap:
         where = f"label map {source}" if source else "label map"
-        unknown = set(data) - {"classes", "rename", "drop", "prompts"}
+        unknown = set(data) - {"classes", "rename", "drop", "prompts", "parents"}
         if unknown:
             raise InputError(
-                f"{where}: unknown key(s) {sorted(unknown)}; use [classes], [rename], [prompts] and drop = [...]"
+                f"{where}: unknown key(s) {sorted(unknown)}; "
+                "use [classes], [rename], [prompts], [parents] and drop = [...]"
             )
+        tree = Tree.parse(data["parents"], where) if "parents" in data else None
+        if tree is not None and set(data) == {"parents"}:  # a tree over the cache's categories as they are
+            return cls({}, source=source, text=text, tree=tree)
         classes = data.get("classes")
         if not isinstance(classes, dict) or not classes:
             raise InputError(
@@ -115,7 +128,17 @@ class LabelMap:
         if both:
             raise InputError(f"{where}: {sorted(both)} are both dropped and used; remove them from one place")
         prompts = _prompts(data.get("prompts", {}), classes, where)
-        return cls(dict(classes), dict(rename), frozenset(drop), source, text, prompts)
+        if tree is not None:
+            tree.check_classes(classes, where)
+        return cls(dict(classes), dict(rename), frozenset(drop), source, text, prompts, tree)
+
+    def head_tree(self, class_names: list[str], categories: list[str]) -> Tree | None:
+        """The tree over a head's ``class_names`` (None: no [parents]); names are checked against
+        the map's classes, or the cache's ``categories`` for a map with only [parents]."""
+        if self.tree is None:
+            return None
+        self.tree.check_classes(self.classes or categories, f"label map {self.source}")
+        return self.tree.restrict(class_names)
 
     def prompts_for(self, name: str) -> list[str]:
         """The zero-shot prompts of output class ``name``: its [prompts] entry or the default."""
@@ -132,6 +155,8 @@ class LabelMap:
 
     def target(self, category: str) -> str | None:
         """The output class of a cache category (None = dropped); raises for an unmapped one."""
+        if not self.classes:  # only [parents]: categories are the classes
+            return category
         if category in self.drop:
             return None
         if category in self.rename:
@@ -189,7 +214,7 @@ def apply_label_map(label_map: LabelMap | None, category_names: list[str], label
     """Map a cache's labels (indices into ``category_names``, -1 unlabelled) to output classes."""
     labels = np.asarray(labels, dtype=np.int64)
     present = sorted({int(v) for v in np.unique(labels) if v >= 0})
-    if label_map is None:
+    if label_map is None or not label_map.classes:
         names = [category_names[i] for i in present]
         lut = np.full(len(category_names) + 1, -1, np.int64)
         for new, old in enumerate(present):

@@ -1,0 +1,253 @@
+"""A category tree over the head's classes (``classes.toml`` [parents]): fit-head records it,
+export carries it (native and ONNX), predict answers with the deepest node it is sure of and its
+path, evaluate reports accuracy per level and the roll-up's accuracy and coverage. All through
+the CLI on real Fashion-MNIST photos (the tiny backbone: the mechanics, not the accuracy)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from conftest import copy_sample_photos
+
+from pipeline.cli import cli
+from pipeline.data import SAMPLE_CATALOG
+
+CLASSES = ("sandal", "sneaker", "ankle_boot", "trouser", "bag")
+# 服装 (clothing) > footwear > sandal | sneaker | ankle_boot; 服装 > bottoms > trouser; accessories > bag
+TREE = (
+    "[parents]\n"
+    'sandal = "footwear"\nsneaker = "footwear"\nankle_boot = "footwear"\n'
+    'trouser = "bottoms"\nfootwear = "服装"\nbottoms = "服装"\nbag = "accessories"\n'
+)
+PATHS = {
+    "sandal": ["服装", "footwear", "sandal"],
+    "sneaker": ["服装", "footwear", "sneaker"],
+    "ankle_boot": ["服装", "footwear", "ankle_boot"],
+    "trouser": ["服装", "bottoms", "trouser"],
+    "bag": ["accessories", "bag"],
+}
+FIT = ("--near-duplicate-threshold", "1", "--c", "0.01")  # random tiny features: plain split, C fixed
+
+
+def _cli(*args: object) -> str:
+    r = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    return r.output
+
+
+def _predict(model: Path, images: Path, out: Path, *extra: object) -> Path:
+    _cli("predict", model, images, "--out", out, "--no-progress", "--workers", "0", *extra)
+    return out
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> dict[str, Path]:
+    """A cache of 5 classes x 6 photos, a head with the tree (a file with only [parents]: the
+    cache's categories are the classes), its native and ONNX models, 2 test photos per class."""
+    root = tmp_path_factory.mktemp("tree")
+    images = copy_sample_photos(root / "images", 6, CLASSES)
+    test = root / "test"
+    for c in CLASSES:
+        (test / c).mkdir(parents=True)
+        for p in sorted((SAMPLE_CATALOG / "test" / c).glob("*.png"))[:2]:
+            shutil.copy(p, test / c / p.name)
+    (root / "classes.toml").write_text(TREE, encoding="utf-8")
+    _cli("extract", images, "--out", root / "f.h5", "--backbone", "tiny", "--workers", "0", "--no-progress")
+    _cli("fit-head", root / "f.h5", "--out", root / "head", "--classes", root / "classes.toml", *FIT)
+    _cli("export", root / "head", "--out", root / "model")
+    _cli("export", root / "head", "--out", root / "onnx", "--format", "onnx")
+    return {"root": root, "test": test, "head": root / "head", "model": root / "model", "onnx": root / "onnx"}
+
+
+def _jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def test_the_tree_travels_with_the_head_and_both_exports(built):
+    head = json.loads((built["head"] / "head.json").read_text(encoding="utf-8"))
+    assert sorted(head["class_names"]) == sorted(CLASSES)  # only [parents]: classes = the cache's categories
+    assert head["tree"]["parents"] == {
+        "sandal": "footwear", "sneaker": "footwear", "ankle_boot": "footwear", "trouser": "bottoms",
+        "footwear": "服装", "bottoms": "服装", "bag": "accessories",
+    }  # fmt: skip
+    for m in ("model", "onnx"):
+        manifest = json.loads((built[m] / "manifest.json").read_text(encoding="utf-8"))
+        assert manifest["tree"] == head["tree"] and manifest["parity"]["max_abs_diff"] <= 1e-3
+    import onnx
+
+    graph = onnx.load(str(built["onnx"] / "model.onnx")).graph
+    probs = next(o for o in graph.output if o.name == "probabilities")
+    assert probs.type.tensor_type.shape.dim[1].dim_value == len(CLASSES)  # still leaf probabilities
+
+
+def test_predict_csv_and_jsonl_give_the_node_its_probability_and_path(built, tmp_path):
+    rows = _jsonl(_predict(built["model"], built["test"], tmp_path / "p.jsonl", "--top-k", "5"))
+    assert len(rows) == 10
+    for row in rows:
+        p = {t["label"]: t["probability"] for t in row["top_k"]}
+        sums = {n: sum(p[c] for c in CLASSES if n in PATHS[c]) for n in {n for v in PATHS.values() for n in v}}
+        # the deepest node at >= 0.5 on the greedy walk from the most probable top-level node
+        want, here = [], sorted({v[0] for v in PATHS.values()}, key=lambda n: -sums[n])[:1]
+        while here and sums[here[0]] >= 0.5:
+            want.append(here[0])
+            kids = {v[len(want)] for v in PATHS.values() if v[: len(want)] == want and len(v) > len(want)}
+            here = sorted(kids, key=lambda n: -sums[n])[:1]
+        t = row["tree"]
+        assert [s["node"] for s in t["path"]] == want
+        assert t["node"] == (want[-1] if want else None)
+        for s in t["path"]:
+            assert s["probability"] == pytest.approx(sums[s["node"]], abs=1e-6)
+    with open(_predict(built["model"], built["test"], tmp_path / "p.csv"), encoding="utf-8", newline="") as f:
+        table = list(csv.DictReader(f))
+    assert list(table[0])[-4:] == ["node", "node_probability", "node_path", "error"]
+    for row, jrow in zip(table, rows, strict=True):
+        t = jrow["tree"]
+        assert row["node"] == (t["node"] or "") and row["node_path"] == " > ".join(s["node"] for s in t["path"])
+        assert row["node_probability"] == ("" if t["probability"] is None else f"{t['probability']:.6f}")
+
+
+def test_a_photo_split_between_siblings_is_still_right_at_the_parent(built, tmp_path):
+    """Pick a footwear photo whose best leaf is footwear but below the footwear total; a
+    threshold between the two is above every leaf and below the parent: the answer is the
+    parent "footwear" with path 服装 > footwear, and just below the leaf it is the leaf."""
+    rows = _jsonl(_predict(built["model"], built["test"], tmp_path / "p.jsonl", "--top-k", "5"))
+    feet = {"sandal", "sneaker", "ankle_boot"}
+    chosen = None
+    for row in rows:
+        p = {t["label"]: t["probability"] for t in row["top_k"]}
+        best = max(p, key=lambda c: p[c])
+        if Path(row["path"]).parent.name in feet and best in feet:
+            chosen = (row["path"], p[best], sum(p[c] for c in feet), best)
+            break
+    assert chosen is not None, "no footwear photo predicted as footwear"
+    photo, leaf, parent, best = chosen
+    assert leaf < parent  # the siblings share the mass (always: each has some)
+    t = (leaf + parent) / 2
+    (row,) = _jsonl(_predict(built["model"], photo, tmp_path / "one.jsonl", "--min-confidence", t))
+    assert row["tree"]["node"] == "footwear" and row["label"] == best  # the leaf answer is unchanged
+    assert [s["node"] for s in row["tree"]["path"]] == ["服装", "footwear"]
+    assert row["tree"]["probability"] == pytest.approx(parent, abs=1e-6) and parent >= t > leaf
+    (row,) = _jsonl(_predict(built["model"], photo, tmp_path / "two.jsonl", "--min-confidence", leaf * 0.999))
+    assert row["tree"]["node"] == best and len(row["tree"]["path"]) == 3
+    # the Python API says the same
+    from pipeline.predict import Predictor
+
+    (api,) = Predictor.load(built["model"], device="cpu").predict([photo], min_confidence=t, workers=0)
+    assert api["node"] == "footwear" and [n for n, _ in api["node_path"]] == ["服装", "footwear"]
+
+
+def test_onnx_predicts_the_same_nodes_as_native(built, tmp_path):
+    a = _jsonl(_predict(built["model"], built["test"], tmp_path / "a.jsonl", "--top-k", "5"))
+    b = _jsonl(_predict(built["onnx"], built["test"], tmp_path / "b.jsonl", "--top-k", "5"))
+    for x, y in zip(a, b, strict=True):
+        assert x["tree"]["node"] == y["tree"]["node"]
+        assert x["tree"]["probability"] == pytest.approx(y["tree"]["probability"], abs=1e-4)
+
+
+def test_evaluate_reports_per_level_accuracy_as_computed_by_hand(built, tmp_path):
+    rows = _jsonl(_predict(built["model"], built["test"], tmp_path / "p.jsonl", "--top-k", "5"))
+    t = 0.4
+    _cli("evaluate", built["model"], built["test"], "--out", tmp_path / "r", "--min-confidence", t, "--workers", "0")
+    m = json.loads((tmp_path / "r" / "metrics.json").read_text(encoding="utf-8"))["tree"]
+    truth = [Path(r["path"]).parent.name for r in rows]
+    probs = [{x["label"]: x["probability"] for x in r["top_k"]} for r in rows]
+    for level in (1, 2, 3):
+
+        def group(c: str, level: int = level) -> str:
+            return PATHS[c][min(level, len(PATHS[c])) - 1]
+
+        hits = []
+        for c, p in zip(truth, probs, strict=True):
+            mass: dict[str, float] = {}
+            for leaf, q in p.items():
+                mass[group(leaf)] = mass.get(group(leaf), 0.0) + q
+            hits.append(max(mass, key=lambda g: mass[g]) == group(c))
+        assert m["levels"][level - 1] == {
+            "level": level, "n_nodes": len({group(c) for c in CLASSES}), "accuracy": pytest.approx(np.mean(hits))
+        }  # fmt: skip
+    assert m["leaf_accuracy"] == pytest.approx(
+        np.mean([max(p, key=lambda c: p[c]) == c for c, p in zip(truth, probs, strict=True)])
+    )
+    assert m["leaf_accuracy"] == m["levels"][-1]["accuracy"]
+    # the roll-up at t, from predict's own answers at the same threshold
+    at_t = _jsonl(_predict(built["model"], built["test"], tmp_path / "t.jsonl", "--min-confidence", t))
+    nodes = [r["tree"]["node"] for r in at_t]
+    covered = [n is not None for n in nodes]
+    right = [n in PATHS[c] for n, c in zip(nodes, truth, strict=True) if n is not None]
+    assert m["min_confidence"] == t and m["rollup"]["coverage"] == pytest.approx(np.mean(covered))
+    assert m["rollup"]["accuracy"] == (pytest.approx(np.mean(right)) if right else None)
+    html = (tmp_path / "r" / "report.html").read_text(encoding="utf-8")
+    assert 'id="tree-levels"' in html and "--min-confidence 0.4" in html
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ('[parents]\nsandal = "footwear"\nfootwear = "shoes"\nshoes = "footwear"\n', "has a cycle: "),
+        ('[parents]\nsnekaer = "footwear"\n', "'snekaer', which is not a class nor the parent of one (did you mean"),
+        ('[parents]\nsandal = "bag"\n', "makes 'bag' a parent, but it is a class"),
+    ],
+)
+def test_invalid_trees_are_an_error_naming_what_is_wrong(built, tmp_path, extra, message):
+    (tmp_path / "c.toml").write_text(extra, encoding="utf-8")
+    r = CliRunner().invoke(
+        cli,
+        [
+            "fit-head",
+            str(built["root"] / "f.h5"),
+            "--out",
+            str(tmp_path / "h"),
+            "--classes",
+            str(tmp_path / "c.toml"),
+            *FIT,
+        ],
+    )
+    assert r.exit_code == 1 and r.output.startswith("Error: "), r.output
+    assert message in r.output and "Traceback" not in r.output
+    if "snekaer" in message:
+        assert "the classes are: " in r.output and "sneaker" in r.output
+    assert not (tmp_path / "h").exists()
+
+
+def test_a_tree_with_classes_and_renames(built, tmp_path):
+    """With [classes], the tree names output classes (after [rename]); a class left out of
+    [parents] is a top-level node of its own."""
+    (tmp_path / "c.toml").write_text(
+        '[classes]\nshoes = 0\ntrouser = 1\nbag = 2\n[rename]\nsandal = "shoes"\nsneaker = "shoes"\n'
+        'ankle_boot = "shoes"\n[parents]\nshoes = "服装"\ntrouser = "服装"\n',
+        encoding="utf-8",
+    )
+    _cli("fit-head", built["root"] / "f.h5", "--out", tmp_path / "h", "--classes", tmp_path / "c.toml", *FIT)
+    head = json.loads((tmp_path / "h" / "head.json").read_text(encoding="utf-8"))
+    assert head["class_names"] == ["shoes", "trouser", "bag"]
+    assert head["tree"] == {"parents": {"shoes": "服装", "trouser": "服装"}}
+    _cli("evaluate", tmp_path / "h", built["root"] / "f.h5", "--out", tmp_path / "r")
+    m = json.loads((tmp_path / "r" / "metrics.json").read_text(encoding="utf-8"))["tree"]
+    assert [lv["n_nodes"] for lv in m["levels"]] == [2, 3]  # {服装, bag}, then the three classes
+
+
+def test_a_damaged_tree_in_head_json_is_refused_on_export(built, tmp_path):
+    shutil.copytree(built["head"], tmp_path / "h")
+    meta = json.loads((tmp_path / "h" / "head.json").read_text(encoding="utf-8"))
+    meta["tree"]["parents"]["服装"] = "footwear"
+    (tmp_path / "h" / "head.json").write_text(json.dumps(meta), encoding="utf-8")
+    r = CliRunner().invoke(cli, ["export", str(tmp_path / "h"), "--out", str(tmp_path / "m")])
+    assert r.exit_code == 1 and "has a cycle" in r.output and "re-run `headstart fit-head`" in r.output, r.output
+
+
+def test_a_head_without_a_tree_predicts_as_before(tiny_head, tmp_path):
+    _cli("export", tiny_head, "--out", tmp_path / "m")
+    assert "tree" not in json.loads((tmp_path / "m" / "manifest.json").read_text())
+    images = copy_sample_photos(tmp_path / "img", 1, ("bag",))
+    with open(_predict(tmp_path / "m", images, tmp_path / "p.csv"), encoding="utf-8", newline="") as f:
+        header = next(csv.reader(f))
+    assert header == ["path", "label", "best_guess", "probability", "label_2", "probability_2",
+                      "label_3", "probability_3", "error"]  # fmt: skip
+    (row,) = _jsonl(_predict(tmp_path / "m", images, tmp_path / "p.jsonl"))
+    assert "tree" not in row
