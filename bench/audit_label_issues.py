@@ -28,7 +28,7 @@ the docstring of pipeline/probe/label_issues.py compares. Each setting is run wi
 ``--seeds`` (a different draw of flipped photos; the photos stay the same); means are printed.
 
     pip install cleanlab       # benchmark only: not a dependency of headstart
-    python bench/audit_label_issues.py [--per-class 150] [--seeds 0,1,2] [--out artifacts/bench/audit]
+    python bench/audit_label_issues.py [--per-class 150] [--seeds 0,1,2] [--settings look-alike-10] [--out DIR]
 """
 
 from __future__ import annotations
@@ -195,9 +195,11 @@ def main() -> None:
     ap.add_argument("--per-class", type=int, default=150)
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--out", default="artifacts/bench/audit")
+    ap.add_argument("--settings", default="", help="e.g. look-alike-10,random-5 (default: all four)")
     args = ap.parse_args()
     out = Path(args.out)
     truth = photos(out / "photos", args.per_class, 0)
+    wanted = [(k, r) for k, r in SETTINGS if not args.settings or f"{k}-{round(r * 100)}" in args.settings.split(",")]
     base = out / "clean.h5"
     if not base.exists():
         t0 = time.perf_counter()
@@ -207,7 +209,7 @@ def main() -> None:
         )
         print(f"extracted {len(truth)} photos in {time.perf_counter() - t0:.0f} s", flush=True)
     results = []
-    for kind, rate in SETTINGS:
+    for kind, rate in wanted:
         runs = []
         for seed in [int(s) for s in args.seeds.split(",")]:
             runs.append(run_setting(base, out / f"{kind}-{round(rate * 100)}-s{seed}", truth, kind, rate, seed))
