@@ -251,3 +251,16 @@ def test_a_head_without_a_tree_predicts_as_before(tiny_head, tmp_path):
                       "label_3", "probability_3", "error"]  # fmt: skip
     (row,) = _jsonl(_predict(tmp_path / "m", images, tmp_path / "p.jsonl"))
     assert "tree" not in row
+
+
+def test_the_readme_deploy_script_rolls_up_like_predict(built, tmp_path):
+    """The README's numpy roll-up over manifest.json's tree (no headstart, no torch) gives the
+    same paths as ``headstart predict`` on the ONNX model."""
+    from test_onnx_deploy import run_snippet
+
+    photos = sorted(built["test"].rglob("*.png"))
+    deployed = run_snippet(tmp_path, built["onnx"], photos)
+    predicted = _jsonl(_predict(built["onnx"], built["test"], tmp_path / "p.jsonl"))
+    by_path = {r["path"]: [s["node"] for s in r["tree"]["path"]] for r in predicted}
+    assert [d["node_path"] for d in deployed] == [by_path[str(p)] for p in photos]
+    assert any(len(d["node_path"]) >= 2 for d in deployed)  # the walk went below the top level
