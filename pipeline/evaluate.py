@@ -226,6 +226,14 @@ class EvaluateSummary:
     def line(self) -> str:
         m = self.metrics
         extra = f"; {self.excluded} photos of other categories left out" if self.excluded else ""
+        if m.get("tree"):
+            t, r = m["tree"], m["tree"]["rollup"]
+            levels = ", ".join(f"{lv['accuracy']:.3f}" for lv in t["levels"])
+            right = "-" if r["accuracy"] is None else f"{r['accuracy']:.3f}"
+            extra += (
+                f"; tree: accuracy per level {levels}, roll-up at {t['min_confidence']:g}: "
+                f"{r['coverage']:.1%} answered, {right} right"
+            )
         return (
             f"{self.path / 'report.html'}: accuracy {m['accuracy']:.3f}, macro-F1 {m['macro_f1']:.3f}, "
             f"ECE {m['ece']:.3f} on {m['n']} photos ({len(m['per_class'])} classes){extra}"

@@ -84,6 +84,8 @@ def test_the_tree_travels_with_the_head_and_both_exports(built):
     graph = onnx.load(str(built["onnx"] / "model.onnx")).graph
     probs = next(o for o in graph.output if o.name == "probabilities")
     assert probs.type.tensor_type.shape.dim[1].dim_value == len(CLASSES)  # still leaf probabilities
+    meta = {p.key: p.value for p in onnx.load(str(built["onnx"] / "model.onnx")).metadata_props}
+    assert json.loads(meta["tree"]) == head["tree"]  # the graph alone still says what it is
 
 
 def test_predict_csv_and_jsonl_give_the_node_its_probability_and_path(built, tmp_path):

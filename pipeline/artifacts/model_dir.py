@@ -149,6 +149,7 @@ def _metadata(src: ModelSource) -> dict[str, str]:
         "preprocessing": json.dumps(src.fingerprint.preprocessing.to_dict()),
         "backbone": json.dumps(src.fingerprint.manifest_backbone()),
         "headstart_version": __version__,
+        **({"tree": json.dumps(src.extra["tree"], ensure_ascii=False)} if src.extra.get("tree") else {}),
     }
 
 
