@@ -15,7 +15,7 @@ from .app import _from_config, cli
 @_from_config(AuditConfig, "cache")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON (counts, files, warnings).")
 def audit(as_json: bool, **kw: Any) -> None:
-    """Audit a labelled catalog from its feature cache, in seconds: no photo is decoded again.
+    """Audit a labelled catalog from its feature cache alone: no photo is decoded again.
 
     Cross-fits the head fit-head would fit and writes, in --out: label_issues.csv (likely
     mislabelled photos), overlaps.csv (categories the head confuses, with a classes.toml
