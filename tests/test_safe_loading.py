@@ -84,7 +84,7 @@ def test_manifest_from_a_newer_schema(exported, run_cli, photo, tmp_path):
     model = _copy(exported["native"], tmp_path)
     _set_manifest(model, schema_version=7)
     out = _predict_error(run_cli, model, photo, tmp_path)
-    assert "was exported by a newer headstart (model schema v7, this one reads v2 and older); upgrade headstart" in out
+    assert "was exported by a newer headstart (model schema v7, this one reads v3 and older); upgrade headstart" in out
 
 
 @pytest.mark.parametrize(

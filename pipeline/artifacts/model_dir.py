@@ -55,10 +55,13 @@ from ..errors import ArtifactError, BackboneError, InputError
 from ..models.backbones import get_spec, load_backbone, with_preprocessing
 from ..models.fingerprint import Fingerprint
 from ..models.heads import Classifier, build_head, head_tensors
+from .architecture import architecture_spec, check_architecture, plain_files, verify_architecture, write_architecture
 from .head_dir import checked_class_names, checked_files, read_json, verify_files
 
 MODEL_FORMAT = "headstart-model"
-MODEL_SCHEMA_VERSION = 2  # v2: runtime, head spec kind, parity; v1 (the first models) is still read
+# v3: a library backbone's architecture in backbone/ (artifacts/architecture.py); v2: runtime, head
+# spec kind, parity; v1 (the first models). All are still read.
+MODEL_SCHEMA_VERSION = 3
 RUNTIMES = {"native": "model.pt", "onnx": "model.onnx"}
 PARITY_IMAGES = 16
 
@@ -98,7 +101,12 @@ def write_model(
             )
         else:
             atomic_torch_save(src.classifier.state_dict(), stage / filename)
-        manifest = _manifest(src, fmt, {filename: sha256_file(stage / filename)}, extra)
+        files = {filename: sha256_file(stage / filename)}
+        if fmt == "native":  # the graph of an ONNX model needs nothing more
+            arch, arch_files = write_architecture(src.fingerprint, stage)
+            extra.update(arch)
+            files.update(arch_files)
+        manifest = _manifest(src, fmt, files, extra)
         _write_json(stage / "manifest.json", manifest)
         manifest["parity"] = _parity(src, stage, tolerance)
         _write_json(stage / "manifest.json", manifest)
@@ -280,7 +288,8 @@ def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
         manifest["head"] = {**(head if isinstance(head, dict) else {}), "kind": "linear"}
     _check_manifest(root, manifest)
     runtime = manifest["runtime"]
-    verify_files(root, manifest["files"], (RUNTIMES[runtime],), what="manifest.json", fix=_REEXPORT)
+    verify_files(root, plain_files(manifest["files"]), (RUNTIMES[runtime],), what="manifest.json", fix=_REEXPORT)
+    verify_architecture(root, manifest, what="manifest.json", fix=_REEXPORT)
     return manifest
 
 
@@ -307,15 +316,19 @@ def _check_manifest(root: Path, manifest: dict[str, Any]) -> None:
     n = head.get("n_classes", len(names))
     if n != len(names):
         raise ArtifactError(f"{what}: the head has {n!r} classes but 'class_names' lists {len(names)}; {_REEXPORT}")
-    checked_files(root, manifest["files"], what=what, fix=_REEXPORT)
+    checked_files(root, plain_files(manifest["files"]), what=what, fix=_REEXPORT)
+    check_architecture(root, manifest, what=what, fix=_REEXPORT)  # the backbone/ entries of 'files'
     Tree.from_record(manifest.get("tree"), names, what=what, fix=_REEXPORT)  # models before the tree have none
 
 
-def build_classifier(manifest: dict[str, Any], state: dict[str, torch.Tensor]) -> Classifier:
-    """(manifest, state dict) -> the network: the architecture comes from the backbone registry
-    and the head spec, the numbers from ``state``. Also the entry point for fine-tuned weights."""
+def build_classifier(manifest: dict[str, Any], state: dict[str, torch.Tensor], root: Path | None = None) -> Classifier:
+    """(manifest, state dict) -> the network: the architecture comes from the model's own
+    ``backbone/`` folder when ``root`` has one (a library backbone), else from the backbone
+    registry, and the head spec; the numbers from ``state``. Also the entry point for
+    fine-tuned weights."""
     prep = Preprocessing.from_dict(manifest["preprocessing"])
-    spec = with_preprocessing(get_spec(manifest["backbone"]["name"]), prep)
+    own = architecture_spec(root, manifest) if root is not None else None
+    spec = with_preprocessing(own or get_spec(manifest["backbone"]["name"]), prep)
     net = load_backbone(spec, load_weights=False).net
     net.imagenet_head = None
     state = {k: v for k, v in state.items() if not k.startswith("net.imagenet_head.")}  # v1 models had it
@@ -362,5 +375,5 @@ def load_model(path: str | os.PathLike[str]) -> LoadedModel:
         raise ArtifactError(f"{weights} cannot be read ({type(e).__name__}: {str(e).splitlines()[0]})") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ArtifactError(f"{weights} is not a state dict of tensors; {_REEXPORT}")
-    loaded.model = build_classifier(manifest, state)
+    loaded.model = build_classifier(manifest, state, root)
     return loaded

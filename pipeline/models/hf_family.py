@@ -215,3 +215,25 @@ def library_spec(name: hub.Name) -> BackboneSpec:
         return hub.weights_in(snap, WEIGHTS)
 
     return _spec(name, snap, find, f"transformers (Hugging Face cache, {repo_id})", fetch)
+
+
+CONFIG_FILES = hub.CONFIG_FILES["hf"]  # what _build and preprocessing() read
+
+
+def config_files(name: hub.Name, entry: dict[str, Any] | None, prep: Any) -> dict[str, bytes]:
+    """For an exported model's ``backbone/``: the architecture's and the image processor's
+    settings, never the weights nor the tokenizer (a zero-shot head is a linear layer in
+    model.pt; predict runs no text tower)."""
+    if entry is not None:
+        folder: Path | None = Path(entry["path"])
+    else:
+        folder = hub.cached_snapshot(name.base.split("/", 1)[1], ("config.json",))
+    if folder is None:
+        raise BackboneError(f"{name.base} is not in the Hugging Face cache on this machine; re-extract with it")
+    return {f: (folder / f).read_bytes() for f in CONFIG_FILES}
+
+
+def folder_spec(name: hub.Name, folder: Path) -> BackboneSpec:
+    """From an exported model's ``backbone/``; the weights come with the model."""
+    gone = "an exported model brings its own weights (model.pt)"
+    return _spec(name, folder, lambda: None, f"exported model ({folder})", gone)

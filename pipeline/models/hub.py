@@ -36,6 +36,12 @@ from ..errors import BackboneError
 FAMILIES = {"timm": "timm", "hf": "transformers", "open_clip": "open_clip"}  # family -> import name
 EXTRAS = {"timm": "timm", "hf": "hf", "open_clip": "open_clip"}
 MODULES = {"timm": "timm_family", "hf": "hf_family", "open_clip": "openclip_family"}
+# family -> the files that build its architecture, copied into an exported model's backbone/
+CONFIG_FILES = {
+    "timm": ("config.json",),
+    "hf": ("config.json", "preprocessor_config.json"),
+    "open_clip": ("open_clip_config.json",),
+}
 POOLINGS = ("cls", "mean", "cls+mean")  # + "default": the library's own pooled output
 # Product photos rarely need more than 224 px, and a ViT's cost grows with the square of its
 # token count: DINOv2's native 518 px is ~8.6x the compute of 224 px. So a ViT-style model whose
@@ -195,3 +201,41 @@ def how_to_import(base: str) -> str:
         f"copy the model's folder (config.json + model.safetensors, as the library downloads it) to this "
         f"machine and run `headstart backbones import DIR --as {base.rsplit('/', 1)[-1]}`"
     )
+
+
+# --------------------------------------------------------------------------- exported models
+# An exported model holds every weight in model.pt; what it cannot hold is the architecture's
+# configuration, which otherwise comes from this machine's registry (an imported folder, the
+# Hugging Face cache, the library's built-in configs). ``architecture_files`` gives those few
+# small files (never weights) for ``MODEL/backbone/``; ``build_from_folder`` builds the network
+# back from them on a machine that has neither the registry entry nor the cache.
+
+
+def architecture_files(name: str, prep: Preprocessing) -> tuple[str, dict[str, bytes]] | None:
+    """(family, file name -> bytes) that build the architecture of the library or imported
+    backbone ``name``; None for any other name (the built-in backbones are built from code)."""
+    parsed = parse_name(name)
+    family = family_of(parsed.base)
+    entry = None
+    if family is None:
+        from .imported import lookup
+
+        entry = lookup(parsed.base)
+        if entry is None:
+            return None
+        family = str(entry["family"])
+    try:
+        return family, family_module(family).config_files(parsed, entry, prep)
+    except OSError as e:
+        raise BackboneError(f"cannot read the configuration of {name} ({e}); {how_to_import(parsed.base)}") from None
+
+
+def build_from_folder(family: str, folder: Path, canonical_name: str) -> Any:
+    """The spec of ``canonical_name`` (``BASE@SIZE:POOL``) built from the configuration files in
+    ``folder`` alone: no registry, no cache, no weights (``load_backbone(load_weights=False)``)."""
+    if family not in FAMILIES:
+        raise BackboneError(f"unknown backbone family {family!r}; choose one of {', '.join(FAMILIES)}")
+    parsed = parse_name(canonical_name)
+    if parsed.size is None or parsed.pool is None:
+        raise BackboneError(f"{canonical_name!r} is not a canonical backbone name (BASE@SIZE:POOL)")
+    return family_module(family).folder_spec(parsed, folder)

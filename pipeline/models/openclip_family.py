@@ -163,3 +163,42 @@ def library_spec(name: hub.Name) -> BackboneSpec:
         force_quick_gelu=bool(cfg.get("quick_gelu", False)),
         force_preprocess_cfg=prep,
     )
+
+
+def config_files(name: hub.Name, entry: dict[str, Any] | None, prep: Any) -> dict[str, bytes]:
+    """For an exported model's ``backbone/``: an ``open_clip_config.json`` (open_clip's own
+    hub layout): the imported folder's, or for ``open_clip/ARCH:TAG`` the built-in ``model_cfg``
+    with the tag's QuickGELU switch and the preprocessing the features were made with."""
+    if entry is not None:
+        return {"open_clip_config.json": (Path(entry["path"]) / "open_clip_config.json").read_bytes()}
+    import open_clip
+
+    arch, _, tag = name.base.split("/", 1)[1].partition(":")
+    model_cfg = open_clip.get_model_config(arch)
+    if model_cfg is None:
+        raise BackboneError(f"open_clip has no model {arch!r}")
+    if (open_clip.get_pretrained_cfg(arch, tag) if tag else {}).get("quick_gelu", False):
+        model_cfg["quick_gelu"] = True  # what library_spec's force_quick_gelu does
+    preprocess = {
+        "size": prep.crop,
+        "mean": list(prep.mean),
+        "std": list(prep.std),
+        "interpolation": prep.interpolation,
+        "resize_mode": "shortest",  # _spec refuses any other
+    }
+    doc = {"model_cfg": model_cfg, "preprocess_cfg": preprocess}
+    return {"open_clip_config.json": (json.dumps(doc, indent=2) + "\n").encode()}
+
+
+def folder_spec(name: hub.Name, folder: Path) -> BackboneSpec:
+    """From an exported model's ``backbone/open_clip_config.json``; the weights come with the
+    model (open_clip logs a warning when a ``local-dir`` has none: not worth a line in predict)."""
+    import logging
+
+    was = logging.root.manager.disable
+    logging.disable(max(was, logging.WARNING))
+    try:
+        gone = "an exported model brings its own weights (model.pt)"
+        return _spec(name, f"local-dir:{folder}", lambda: None, f"exported model ({folder})", gone)
+    finally:
+        logging.disable(was)

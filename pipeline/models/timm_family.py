@@ -228,8 +228,39 @@ def library_spec(name: hub.Name) -> BackboneSpec:
         snap = hub.cached_snapshot(hub_id, WEIGHTS)
         return hub.weights_in(snap, WEIGHTS) if snap is not None else None
 
-    recipe = _Recipe(arch, {"num_classes": int(pretrained.get("num_classes", 1000) or 0)}, pretrained, name.base)
+    return _spec(name, _library_recipe(name)[0], find, f"timm (Hugging Face cache, {hub_id})", fetch)
+
+
+def _library_recipe(name: hub.Name) -> tuple[_Recipe, Path | None]:
+    """The recipe of ``timm/<model>``, and the cached snapshot folder whose config.json it read
+    (None: timm's built-in config)."""
+    import timm
+
+    model_name = name.base.split("/", 1)[1]
+    cfg = timm.models.get_pretrained_cfg(model_name)
+    pretrained = cfg.to_dict() if cfg is not None else {}
+    hub_id = pretrained.get("hf_hub_id") or f"timm/{model_name}"
     snap = hub.cached_snapshot(hub_id, ("config.json",))
     if snap is not None and (snap / "config.json").is_file():
-        recipe = _folder_recipe(snap)  # the downloaded config wins over timm's built-in one
-    return _spec(name, recipe, find, f"timm (Hugging Face cache, {hub_id})", fetch)
+        return _folder_recipe(snap), snap  # the downloaded config wins over timm's built-in one
+    arch = model_name.split(".", 1)[0]
+    return _Recipe(arch, {"num_classes": int(pretrained.get("num_classes", 1000) or 0)}, pretrained, name.base), None
+
+
+def config_files(name: hub.Name, entry: dict[str, Any] | None, prep: Any) -> dict[str, bytes]:
+    """For an exported model's ``backbone/``: the config.json the network was built from (the
+    imported folder's, the cached snapshot's), or one written from timm's built-in config in
+    ``save_for_hf``'s layout (architecture, model_args, pretrained_cfg)."""
+    if entry is not None:
+        return {"config.json": (Path(entry["path"]) / "config.json").read_bytes()}
+    recipe, snap = _library_recipe(name)
+    if snap is not None:
+        return {"config.json": (snap / "config.json").read_bytes()}
+    doc = {"architecture": recipe.arch, "model_args": recipe.model_args, "pretrained_cfg": recipe.pretrained_cfg}
+    return {"config.json": (json.dumps(doc, indent=2, default=list) + "\n").encode()}
+
+
+def folder_spec(name: hub.Name, folder: Path) -> BackboneSpec:
+    """From an exported model's ``backbone/config.json``; the weights come with the model."""
+    gone = "an exported model brings its own weights (model.pt)"
+    return _spec(name, _folder_recipe(folder), lambda: None, f"exported model ({folder})", gone)
