@@ -10,6 +10,8 @@ into place; and read back safely (``load_model``) by predict and evaluate.
   head spec, the parity check's result, provenance, and the sha256 of every file, checked before
   anything is loaded;
 * ``config.json`` - the configuration used.
+* ``backbone/`` (native, library and imported backbones only) - the architecture's configuration
+  files, which the network is built from at load (:mod:`.architecture`).
 
 Both networks take uint8 RGB pixels ``[N, 3, crop, crop]`` and normalise inside. Resizing and
 cropping stay outside, in Pillow (``data.images.load_pixels``; the README's "Exported models and
