@@ -14,7 +14,12 @@ class, drawn at random from the pool; the rest of the pool is unlabelled. Each r
 After each round both labelled sets train the same head (logistic regression, C swept on a
 validation split as fit-head does) and are scored on the test photos. Mean over ``--seeds``.
 
-    python bench/audit_label_next.py [--rounds 5] [--round 50] [--seeds 0,1,2]
+``--variants`` compares weightings of the pick offline, with the library functions on the cached
+features (no audit run, so ungrouped folds and the C of a plain sweep): ``margin*dist`` (what
+label_next.csv uses), ``entropy*dist``, ``dist`` (plain k-center), ``margin`` (uncertainty only)
+and ``random``.
+
+    python bench/audit_label_next.py [--rounds 5] [--round 50] [--seeds 0,1,2] [--variants]
 """
 
 from __future__ import annotations
@@ -31,9 +36,13 @@ import numpy as np
 from pipeline.audit import audit
 from pipeline.cache.store import Cache
 from pipeline.config import AuditConfig
+from pipeline.probe import neighbours
+from pipeline.probe.crossfit import cross_fit, grouped_folds
 from pipeline.probe.estimators import LogisticHead
 from pipeline.probe.selection import sweep_c
 from pipeline.probe.splits import grouped_split
+
+VARIANTS = ("margin*dist", "entropy*dist", "dist", "margin", "random")
 
 
 def accuracy(X: np.ndarray, y: np.ndarray, Xt: np.ndarray, yt: np.ndarray) -> float:
@@ -65,6 +74,25 @@ def suggested(
         return [base_row[r["path"]] for r in csv.DictReader(f)]
 
 
+def offline_pick(X: np.ndarray, U: np.ndarray, y: np.ndarray, labelled: list[int], free: np.ndarray, n: int,
+                 variant: str) -> list[int]:  # fmt: skip
+    """The ``n`` rows of ``free`` a weighting picks, from out-of-fold heads on ``labelled``."""
+    lab = np.array(labelled)
+    split = grouped_split(y[lab], np.arange(len(lab)), 0.2, 0)
+    c, _ = sweep_c(X[lab][split.train], y[lab][split.train], X[lab][split.val], y[lab][split.val])
+    folds = grouped_folds(y[lab], np.arange(len(lab)), 5, 0)
+    P = cross_fit(X[lab], y[lab], folds, lambda: LogisticHead(C=c), extra=X[free]).extra
+    assert P is not None
+    if variant == "margin":
+        return free[np.argsort(-neighbours.margin_uncertainty(P), kind="stable")[:n]].tolist()
+    if variant == "entropy*dist":
+        weight = -(P * np.log(P + 1e-12)).sum(1) / np.log(P.shape[1])
+    else:
+        weight = neighbours.margin_uncertainty(P) if variant == "margin*dist" else np.ones(len(free))
+    picks, _ = neighbours.label_next(U[free], weight, U, lab, n)
+    return free[picks].tolist()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--base", default="artifacts/bench/audit/clean.h5", help="from bench/audit_label_issues.py")
@@ -73,12 +101,15 @@ def main() -> None:
     ap.add_argument("--round", type=int, default=50)
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--out", default="artifacts/bench/label_next")
+    ap.add_argument("--variants", action="store_true", help="compare weightings offline (see the docstring)")
     args = ap.parse_args()
     base = Path(args.base)
     with Cache(base) as c:
         X, y_all, names, paths = c.features(), c.labels, c.class_names, c.paths
         root = Path(str(c.attrs["image_root"]))
-    curves: dict[str, list[list[float]]] = {"suggested": [], "random": []}
+    U = neighbours.unit(X)
+    strategies = VARIANTS if args.variants else ("suggested", "random")
+    curves: dict[str, list[list[float]]] = {s: [] for s in strategies}
     for seed in [int(s) for s in args.seeds.split(",")]:
         rng = np.random.default_rng(seed)
         test = np.concatenate([rng.choice(np.flatnonzero(y_all == k), args.test_per_class, replace=False)
@@ -90,9 +121,11 @@ def main() -> None:
             labelled = list(start)
             accs = [accuracy(X[labelled], y_all[labelled], X[test], y_all[test])]
             for r in range(args.rounds):
+                free = np.setdiff1d(pool, labelled)
                 if strategy == "random":
-                    free = np.setdiff1d(pool, labelled)
                     labelled += rng.choice(free, args.round, replace=False).tolist()
+                elif strategy in VARIANTS:
+                    labelled += offline_pick(X, U, y_all, labelled, free, args.round, strategy)
                 else:
                     given = {int(i): names[int(y_all[i])] for i in labelled}
                     work = Path(args.out) / f"s{seed}-r{r}"
