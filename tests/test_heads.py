@@ -86,6 +86,27 @@ def test_linear_params_fold_standardisation_and_temperature():
     np.testing.assert_allclose(forward_state(mlp.torch_state(), X), mlp.predict_proba(X), atol=1e-5)
 
 
+@pytest.mark.parametrize("binary", [False, True])
+def test_a_head_on_fewer_photos_than_features_keeps_the_estimator_contract(binary):
+    """The row-space fit (rows < features; scikit-learn's own checks use tall data only):
+    deterministic, clonable, picklable, ``coef_`` on the original features, and its
+    ``torch_state()`` computes its probabilities."""
+    import pickle
+
+    from sklearn.base import clone
+
+    X, y = load_digits(return_X_y=True)
+    X, y = X[:40], (y[:40] >= 5).astype(int) if binary else y[:40]  # 40 photos x 64 features
+    head = LogisticHead(C=0.1, class_weight="balanced").fit(X, y)
+    assert head.coef_.shape == (len(np.unique(y)), 64) and head.n_iter_ > 0
+    again = clone(head).fit(X, y)
+    np.testing.assert_array_equal(again.coef_, head.coef_)
+    np.testing.assert_array_equal(pickle.loads(pickle.dumps(head)).predict_proba(X), head.predict_proba(X))
+    head.temperature_ = 1.7
+    np.testing.assert_allclose(forward_state(head.torch_state(), X), head.predict_proba(X), atol=1e-5)
+    assert (head.predict(X) == y).mean() > 0.9
+
+
 def test_temperature_scaling_recovers_a_known_temperature():
     rng = np.random.default_rng(0)
     z = rng.normal(0, 4, size=(4000, 5))
