@@ -14,6 +14,7 @@ decodes the whole batch with nvjpeg and resizes on the GPU (see ``gpu_decode.py`
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -211,9 +212,16 @@ def _batches(loader: DataLoader[Batch]) -> Iterator[Batch]:
             batch = next(it)
         except StopIteration:
             return
-        except RuntimeError as e:
-            if "DataLoader worker" not in str(e):
+        except (RuntimeError, ConnectionError, EOFError) as e:
+            # A dead worker shows as the DataLoader's RuntimeError, or, when it died mid-send,
+            # as a reset pipe. Shut the others down first: torch's SIGCHLD handler would
+            # otherwise raise again, asynchronously, while the error is being printed.
+            if isinstance(e, RuntimeError) and "DataLoader worker" not in str(e):
                 raise
+            shutdown = getattr(it, "_shutdown_workers", None)
+            if shutdown is not None:
+                with contextlib.suppress(Exception):
+                    shutdown()
             raise WorkerError(
                 f"a decoding worker process died ({e}); usually the machine ran out of memory (see `dmesg`): "
                 "run again with fewer --workers or a smaller --batch-size"
