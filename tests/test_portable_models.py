@@ -78,7 +78,10 @@ def assert_same(a: dict[str, dict[str, float]], b: dict[str, dict[str, float]]) 
             assert abs(a[name][label] - b[name][label]) <= 1e-5, (name, label, a[name][label], b[name][label])
 
 
-@pytest.mark.parametrize("family", ["timm", "hf", "open_clip"])
+# timm in the default suite; the other two families take the same road (`make test-slow`).
+@pytest.mark.parametrize(
+    "family", ["timm", pytest.param("hf", marks=pytest.mark.slow), pytest.param("open_clip", marks=pytest.mark.slow)]
+)
 def test_imported_backbone_model_predicts_without_the_registry(family, small_catalog, tmp_path, run_cli):
     if family == "timm":
         folder, _ = save_timm("test_vit", tmp_path / "src")
@@ -122,6 +125,7 @@ def test_imported_backbone_model_predicts_without_the_registry(family, small_cat
         assert_same(probabilities(here), probabilities(again))
 
 
+@pytest.mark.slow
 def test_timm_library_name_writes_its_builtin_config(small_catalog, tmp_path, run_cli):
     """``timm/MODEL`` whose cached snapshot holds the weights only: the architecture came from
     timm's built-in config, which export writes out as config.json in save_for_hf's layout."""
