@@ -167,37 +167,18 @@ def _spec(name: hub.Name, folder: Path, weights: Any, source: str, how_to_get: s
 
 
 def inspect_folder(folder: Path, *, size: int | None, pool: str | None) -> dict[str, Any]:
-    from .backbones import load_backbone
-
-    weights = hub.weights_in(folder, WEIGHTS)
-    if weights is None:
-        raise BackboneError(f"{folder} holds no {' or '.join(WEIGHTS)}")
+    weights = hub.folder_weights(folder, WEIGHTS)
     spec = _spec(hub.Name(str(folder), size, pool), folder, lambda: weights, "", "")
-    load_backbone(spec)
-    parsed = hub.parse_name(spec.name)
     cfg = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     arch = (cfg.get("architectures") or [cfg.get("model_type")])[0]
-    return {
-        "architecture": str(arch),
-        "image_size": parsed.size,
-        "pooling": parsed.pool,
-        "feature_dim": spec.feature_dim,
-        "weights_file": str(weights),
-    }
+    return hub.import_record(spec, weights, str(arch))
 
 
 def imported_spec(name: hub.Name, entry: dict[str, Any]) -> BackboneSpec:
-    folder, weights = Path(entry["path"]), Path(entry["weights_file"])
-    if not (folder / "config.json").is_file():
-        raise BackboneError(f"the folder imported as {name.base!r} is gone ({folder}); import it again")
+    folder, find_weights, how_to_get = hub.imported_folder(name.base, entry, "config.json")
     name = hub.Name(name.base, name.size or entry.get("image_size"), name.pool or entry.get("pooling"))
-    return _spec(
-        name,
-        folder,
-        lambda: weights if weights.is_file() else None,
-        f"imported transformers {entry.get('architecture')} ({folder})",
-        f"the folder imported as {name.base!r} lost its weights; import it again",
-    )
+    source = f"imported transformers {entry.get('architecture')} ({folder})"
+    return _spec(name, folder, find_weights, source, how_to_get)
 
 
 def library_spec(name: hub.Name) -> BackboneSpec:

@@ -149,6 +149,43 @@ def weights_in(folder: Path, names: tuple[str, ...]) -> Path | None:
     return None
 
 
+# ----------------------------------------------------------------- imported folders (all families)
+
+
+def folder_weights(folder: Path, names: tuple[str, ...]) -> Path:
+    """The weights file of a folder being imported, or an Error naming what was looked for."""
+    weights = weights_in(folder, names)
+    if weights is None:
+        raise BackboneError(f"{folder} holds no {' or '.join(names)}")
+    return weights
+
+
+def import_record(spec: Any, weights: Path, architecture: str) -> dict[str, Any]:
+    """What ``backbones import`` records of a folder, once ``spec`` (built from it) has been
+    built and its weights loaded as a check."""
+    from .backbones import load_backbone
+
+    load_backbone(spec)
+    parsed = parse_name(spec.name)
+    return {
+        "architecture": architecture,
+        "image_size": parsed.size,
+        "pooling": parsed.pool,
+        "feature_dim": spec.feature_dim,
+        "weights_file": str(weights),
+    }
+
+
+def imported_folder(base: str, entry: dict[str, Any], config_file: str) -> tuple[Path, Any, str]:
+    """An imported entry's folder, a ``find_weights`` for its weights file and what to do when
+    they are gone; an Error if the folder itself is gone."""
+    folder, weights = Path(entry["path"]), Path(entry["weights_file"])
+    if not (folder / config_file).is_file():
+        raise BackboneError(f"the folder imported as {base!r} is gone ({folder}); import it again")
+    how_to_get = f"the folder imported as {base!r} lost its weights; import it again"
+    return folder, lambda: weights if weights.is_file() else None, how_to_get
+
+
 def centre_crop_prep(
     crop: int, crop_pct: float, mean: Any, std: Any, interpolation: str, *, what: str, resize: int | None = None
 ) -> Preprocessing:

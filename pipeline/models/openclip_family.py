@@ -96,37 +96,16 @@ def _spec(name: hub.Name, model_name: str, weights: Any, source: str, how_to_get
 
 
 def inspect_folder(folder: Path, *, size: int | None, pool: str | None) -> dict[str, Any]:
-    from .backbones import load_backbone
-
-    weights = hub.weights_in(folder, WEIGHTS)
-    if weights is None:
-        raise BackboneError(f"{folder} holds no {' or '.join(WEIGHTS)}")
+    weights = hub.folder_weights(folder, WEIGHTS)
     spec = _spec(hub.Name(str(folder), size, pool), f"local-dir:{folder}", lambda: weights, "", "")
-    load_backbone(spec)
     cfg = json.loads((folder / "open_clip_config.json").read_text(encoding="utf-8"))
-    parsed = hub.parse_name(spec.name)
-    return {
-        "architecture": str(
-            cfg.get("model_name") or cfg["model_cfg"].get("vision_cfg", {}).get("timm_model_name") or "CLIP"
-        ),
-        "image_size": parsed.size,
-        "pooling": parsed.pool,
-        "feature_dim": spec.feature_dim,
-        "weights_file": str(weights),
-    }
+    arch = cfg.get("model_name") or cfg["model_cfg"].get("vision_cfg", {}).get("timm_model_name") or "CLIP"
+    return hub.import_record(spec, weights, str(arch))
 
 
 def imported_spec(name: hub.Name, entry: dict[str, Any]) -> BackboneSpec:
-    folder, weights = Path(entry["path"]), Path(entry["weights_file"])
-    if not (folder / "open_clip_config.json").is_file():
-        raise BackboneError(f"the folder imported as {name.base!r} is gone ({folder}); import it again")
-    return _spec(
-        name,
-        f"local-dir:{folder}",
-        lambda: weights if weights.is_file() else None,
-        f"imported open_clip ({folder})",
-        f"the folder imported as {name.base!r} lost its weights; import it again",
-    )
+    folder, find_weights, how_to_get = hub.imported_folder(name.base, entry, "open_clip_config.json")
+    return _spec(name, f"local-dir:{folder}", find_weights, f"imported open_clip ({folder})", how_to_get)
 
 
 def library_spec(name: hub.Name) -> BackboneSpec:

@@ -174,37 +174,17 @@ def _folder_recipe(folder: Path) -> _Recipe:
 
 def inspect_folder(folder: Path, *, size: int | None, pool: str | None) -> dict[str, Any]:
     """For ``backbones import``: build the model and load its weights once, as a check."""
-    from .backbones import load_backbone
-
-    weights = hub.weights_in(folder, WEIGHTS)
-    if weights is None:
-        raise BackboneError(f"{folder} holds no {' or '.join(WEIGHTS)}")
+    weights = hub.folder_weights(folder, WEIGHTS)
     recipe = _folder_recipe(folder)
     spec = _spec(hub.Name(str(folder), size, pool), recipe, lambda: weights, "", "")
-    load_backbone(spec)
-    parsed = hub.parse_name(spec.name)
-    return {
-        "architecture": recipe.arch,
-        "image_size": parsed.size,
-        "pooling": parsed.pool,
-        "feature_dim": spec.feature_dim,
-        "weights_file": str(weights),
-    }
+    return hub.import_record(spec, weights, recipe.arch)
 
 
 def imported_spec(name: hub.Name, entry: dict[str, Any]) -> BackboneSpec:
-    folder = Path(entry["path"])
-    weights = Path(entry["weights_file"])
     name = hub.Name(name.base, name.size or entry.get("image_size"), name.pool or entry.get("pooling"))
-    if not (folder / "config.json").is_file():
-        raise BackboneError(f"the folder imported as {name.base!r} is gone ({folder}); import it again")
-    return _spec(
-        name,
-        _folder_recipe(folder),
-        lambda: weights if weights.is_file() else None,
-        f"imported timm {entry.get('architecture')} ({folder})",
-        f"the folder imported as {name.base!r} lost its weights; import it again",
-    )
+    folder, find_weights, how_to_get = hub.imported_folder(name.base, entry, "config.json")
+    source = f"imported timm {entry.get('architecture')} ({folder})"
+    return _spec(name, _folder_recipe(folder), find_weights, source, how_to_get)
 
 
 def library_spec(name: hub.Name) -> BackboneSpec:
