@@ -46,6 +46,7 @@ from ..core.csvcells import safe_cell
 from ..errors import InputError
 from ..probe.label_issues import LabelIssues
 from ..probe.neighbours import margin_uncertainty
+from .report import save_thumbnail
 
 AUDIT_FILES = (
     "label_issues.csv",
@@ -278,10 +279,6 @@ def write_audit(
 
 def _thumbnails(folder: Path, t: AuditTables, tables: dict[str, list[dict[str, Any]]], n: int) -> dict[int, str]:
     """One PNG per row shown in the report (a row shown twice is made once)."""
-    from PIL import Image
-
-    from ..data.images import open_rgb
-
     folder.mkdir(parents=True, exist_ok=True)
     done: dict[int, str] = {}
     for rows in tables.values():
@@ -289,16 +286,9 @@ def _thumbnails(folder: Path, t: AuditTables, tables: dict[str, list[dict[str, A
             row = r.get("row")
             if row is None or row in done:
                 continue
-            try:
-                img = open_rgb(t.files[row])
-            except Exception:
-                continue  # a file moved or unreadable since extraction: the path is still listed
-            scale = THUMB / max(img.size)
-            size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
-            img = img.resize(size, Image.Resampling.NEAREST if scale > 1 else Image.Resampling.LANCZOS)
             name = f"{len(done):04d}.png"
-            img.save(folder / name)
-            done[row] = f"thumbs/{name}"
+            if save_thumbnail(t.files[row], folder / name, THUMB):
+                done[row] = f"thumbs/{name}"
     return done
 
 

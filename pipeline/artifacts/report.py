@@ -264,28 +264,35 @@ def _figures(out: Path, s: Scored, m: dict[str, Any]) -> dict[str, str]:
 
 
 def _thumbnails(folder: Path, s: Scored, mistakes: list[dict[str, Any]]) -> dict[int, str]:
-    from PIL import Image
-
-    from ..data.images import open_rgb
-
     folder.mkdir(parents=True, exist_ok=True)
     out: dict[int, str] = {}
     for rank, mk in enumerate(mistakes):
         src = s.files[mk["index"]]
         if src is None:
             continue
-        try:
-            img = open_rgb(src)
-        except Exception:
-            continue  # a file moved or unreadable since extraction: the path is still listed
-        scale = THUMB / max(img.size)
-        size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
-        # Small catalog photos (28 px) are enlarged with NEAREST so their pixels stay honest.
-        img = img.resize(size, Image.Resampling.NEAREST if scale > 1 else Image.Resampling.LANCZOS)
         name = f"{rank:03d}.png"
-        img.save(folder / name)
-        out[mk["index"]] = f"thumbs/{name}"
+        if save_thumbnail(src, folder / name, THUMB):
+            out[mk["index"]] = f"thumbs/{name}"
     return out
+
+
+def save_thumbnail(src: Any, path: Path, side: int) -> bool:
+    """A PNG of the photo at ``src`` whose longer side is ``side`` px; False when the file moved
+    or became unreadable since extraction (the report still lists its path)."""
+    from PIL import Image
+
+    from ..data.images import open_rgb
+
+    try:
+        img = open_rgb(src)
+    except Exception:
+        return False
+    scale = side / max(img.size)
+    size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
+    # Small catalog photos (28 px) are enlarged with NEAREST so their pixels stay honest.
+    img = img.resize(size, Image.Resampling.NEAREST if scale > 1 else Image.Resampling.LANCZOS)
+    img.save(path)
+    return True
 
 
 def _tree_html(t: dict[str, Any] | None) -> str:
