@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import atexit
 import os
+import resource
 import shutil
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -70,6 +73,33 @@ def copy_sample_photos(
         for p in sorted((SAMPLE_CATALOG / "train" / cls).glob("*.png"))[:per_class]:
             shutil.copy(p, root / cls / p.name)
     return root
+
+
+def run_headstart(
+    *args: object,
+    limits: dict[int, int] | None = None,
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
+    timeout: float = 300,
+) -> subprocess.CompletedProcess[str]:
+    """``python -m pipeline ARGS`` in a child process, as a user runs it, under ``limits``
+    (``{resource.RLIMIT_AS: bytes, ...}``, set in the child before it starts). Python ignores
+    SIGXFSZ, so a write past RLIMIT_FSIZE fails with EFBIG, as a full disk does with ENOSPC."""
+
+    def apply() -> None:
+        for which, value in (limits or {}).items():
+            resource.setrlimit(which, (value, value))
+
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline", *map(str, args)],
+        capture_output=True,
+        text=True,
+        preexec_fn=apply,
+        cwd=cwd,
+        env={**os.environ, **(env or {})},
+        timeout=timeout,
+        check=False,
+    )
 
 
 @pytest.fixture

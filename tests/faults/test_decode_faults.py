@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import run_headstart
 from PIL import Image
 
 from pipeline.core.hashing import hash_file
@@ -126,19 +127,7 @@ def _photo_rows(x: np.ndarray) -> np.ndarray:
 
 def _cli_under_limit(args: list[object], limit_gib: float, timeout: float = 300) -> subprocess.CompletedProcess[str]:
     limit = int(limit_gib * 2**30)
-
-    def cap() -> None:
-        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-
-    return subprocess.run(
-        [sys.executable, "-m", "pipeline", *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        preexec_fn=cap,
-        env={**os.environ, **CHILD_ENV},
-        check=False,
-    )
+    return run_headstart(*args, limits={resource.RLIMIT_AS: limit}, env=CHILD_ENV, timeout=timeout)
 
 
 @pytest.mark.parametrize("letterbox", [False, True], ids=["crop", "letterbox"])

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import copy_sample_photos
+from conftest import copy_sample_photos, run_headstart
 
 from pipeline.config import ExportConfig, ExtractConfig, FitHeadConfig
 from pipeline.export import export
@@ -126,9 +126,8 @@ def test_head_json_files_outside_the_folder_are_refused(name, made, tmp_path, ru
 # --------------------------------------------------------------------------- manifest.json
 
 
-def _limited_memory() -> None:
-    # A regression would build a 100000 px image: fail with MemoryError, not the OOM killer.
-    resource.setrlimit(resource.RLIMIT_AS, (6 << 30, 6 << 30))
+# A regression would build a 100000 px image: fail with MemoryError, not the OOM killer.
+LIMITED_MEMORY = {resource.RLIMIT_AS: 6 << 30}
 
 
 @pytest.mark.parametrize(("key", "value"), [("resize", 100_000), ("crop", 100_000), ("resize", 4)])
@@ -136,11 +135,7 @@ def test_manifest_sizes_are_bounded(key, value, made, tmp_path):
     model = _edited(
         made["model"], tmp_path / "m", "manifest.json", lambda m, d: m["preprocessing"].__setitem__(key, value)
     )
-    r = subprocess.run(
-        [sys.executable, "-m", "pipeline", "predict", str(model), str(made["images"]), "--out", str(tmp_path / "p.csv"),
-         *PREDICT],
-        capture_output=True, text=True, timeout=300, preexec_fn=_limited_memory,
-    )  # fmt: skip
+    r = run_headstart("predict", model, made["images"], "--out", tmp_path / "p.csv", *PREDICT, limits=LIMITED_MEMORY)
     assert r.returncode == 1, r.stderr[-2000:]
     assert r.stderr.startswith("Error: ") and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert f"preprocessing {key} is {value}, not a size in 8..4096 px" in r.stderr
@@ -154,10 +149,7 @@ def test_head_json_huge_resize_is_refused_before_export_builds_anything(made, tm
         m["fingerprint"]["preprocessing"] = json.dumps(prep)
 
     head = _edited(made["head"], tmp_path / "h", "head.json", edit)
-    r = subprocess.run(
-        [sys.executable, "-m", "pipeline", "export", str(head), "--out", str(tmp_path / "m")],
-        capture_output=True, text=True, timeout=300, preexec_fn=_limited_memory,
-    )  # fmt: skip
+    r = run_headstart("export", head, "--out", tmp_path / "m", limits=LIMITED_MEMORY)
     assert r.returncode == 1 and r.stderr.startswith("Error: "), r.stderr[-2000:]
     assert "preprocessing resize is 200000, not a size in 8..4096 px" in r.stderr
 

@@ -5,6 +5,7 @@ the commands that write, read-only output folders."""
 from __future__ import annotations
 
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import run_headstart
 
 from pipeline.cache.store import writer_lock
 
@@ -57,23 +59,9 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def _headstart(*args, fsize: int | None = None, env=None, timeout=300) -> subprocess.CompletedProcess[str]:
-    """``python -m pipeline ARGS`` as a user runs it; ``fsize``: a file-size limit (``ulimit -f``)
-    in bytes. Python ignores SIGXFSZ, so a write past it fails with EFBIG."""
-    import resource
-
-    def limit() -> None:
-        if fsize is not None:
-            resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
-
-    return subprocess.run(
-        [sys.executable, "-m", "pipeline", *map(str, args)],
-        capture_output=True,
-        text=True,
-        preexec_fn=limit,
-        cwd=REPO,
-        env={**os.environ, **(env or {})},
-        timeout=timeout,
-    )
+    """``headstart ARGS``; ``fsize``: a file-size limit (``ulimit -f``) in bytes."""
+    limits = {resource.RLIMIT_FSIZE: fsize} if fsize is not None else None
+    return run_headstart(*args, limits=limits, env=env, cwd=REPO, timeout=timeout)
 
 
 def _failed_cleanly(r: subprocess.CompletedProcess[str], *says: str) -> None:
