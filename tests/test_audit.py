@@ -9,7 +9,6 @@ import csv
 import io
 import json
 import shutil
-import subprocess
 import tomllib
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import numpy as np
 import pytest
 from conftest import copy_sample_photos
 from PIL import Image
-from test_report import CHROMIUM_FLAGS, chromium  # noqa: F401  (the browser fixture)
+from test_report import CHROMIUM_FLAGS, chromium, probe_in_chromium  # noqa: F401  (the browser fixture)
 
 from pipeline.artifacts.relabel import read_cell
 from pipeline.audit import audit
@@ -268,20 +267,12 @@ def test_formula_guard_is_undone_when_read_back():
 def test_report_renders_in_headless_chromium(planted, chromium, tmp_path):  # noqa: F811
     out = planted["out"]
     html = (out / "report.html").read_text(encoding="utf-8")
-    probe = html.replace(
-        "</body>",
-        "<script>window.addEventListener('load', () => { const p = document.createElement('pre');"
-        " p.id = 'probe'; p.textContent = JSON.stringify({images: [...document.images].map("
-        "i => [i.getAttribute('src'), i.naturalWidth]), italics: document.querySelectorAll('i').length});"
-        " document.body.appendChild(p); });</script></body>",
-    )
-    (out / "probe.html").write_text(probe, encoding="utf-8")
     flags = [*CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}"]
-    dom = subprocess.run(
-        [chromium, *flags, "--dump-dom", (out / "probe.html").as_uri()], capture_output=True, text=True, timeout=120
-    ).stdout
-    start = dom.index('<pre id="probe">') + len('<pre id="probe">')
-    found = json.loads(dom[start : dom.index("</pre>", start)].replace("&quot;", '"'))
+    expression = (
+        "{images: [...document.images].map(i => [i.getAttribute('src'), i.naturalWidth]),"
+        " italics: document.querySelectorAll('i').length}"
+    )
+    dom, found = probe_in_chromium(chromium, flags, out / "report.html", expression)
     srcs = [s for s, _ in found["images"]]
     assert srcs and all(s.startswith("thumbs/") for s in srcs)
     assert not [s for s, w in found["images"] if w == 0], "thumbnails that did not load"

@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -146,6 +147,25 @@ def cjk_chain(tmp_path_factory):
     return root
 
 
+def probe_in_chromium(chromium: str, flags: list[str], page: Path, expression: str) -> tuple[str, Any]:
+    """Load ``page`` (a copy beside it, so its relative links work) in headless Chromium with a
+    probe that, once the page loaded, writes the JSON of the JavaScript ``expression`` into it;
+    return the rendered DOM and the probe's value."""
+    probe = page.read_text(encoding="utf-8").replace(
+        "</body>",
+        "<script>window.addEventListener('load', () => { const p = document.createElement('pre');"
+        f" p.id = 'probe'; p.textContent = JSON.stringify({expression}); document.body.appendChild(p); }});"
+        "</script></body>",
+    )
+    copy = page.with_name("probe.html")
+    copy.write_text(probe, encoding="utf-8")
+    dom = subprocess.run(
+        [chromium, *flags, "--dump-dom", copy.as_uri()], capture_output=True, text=True, timeout=120
+    ).stdout
+    start = dom.index('<pre id="probe">') + len('<pre id="probe">')
+    return dom, json.loads(dom[start : dom.index("</pre>", start)].replace("&quot;", '"'))
+
+
 @pytest.mark.must_run
 def test_report_renders_in_headless_chromium(cjk_chain, run_cli, tmp_path, chromium, recwarn):
     chain = cjk_chain
@@ -154,22 +174,10 @@ def test_report_renders_in_headless_chromium(cjk_chain, run_cli, tmp_path, chrom
     # Without a CJK font matplotlib would draw boxes and warn "Glyph ... missing": the axes are
     # numbered then, and the HTML key names the numbers (the browser has the fonts).
     assert not [w for w in recwarn if "Glyph" in str(w.message)]
-    html = (out / "report.html").read_text(encoding="utf-8")
     # The report itself, plus a probe that lists every image's decoded size once the page loaded.
-    probe = html.replace(
-        "</body>",
-        "<script>window.addEventListener('load', () => { const p = document.createElement('pre');"
-        " p.id = 'probe'; p.textContent = JSON.stringify([...document.images].map("
-        "i => [i.getAttribute('src'), i.naturalWidth, i.naturalHeight])); document.body.appendChild(p); });"
-        "</script></body>",
-    )
-    (out / "probe.html").write_text(probe, encoding="utf-8")
     flags = [*CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}"]
-    dom = subprocess.run(
-        [chromium, *flags, "--dump-dom", (out / "probe.html").as_uri()], capture_output=True, text=True, timeout=120
-    ).stdout
-    start = dom.index('<pre id="probe">') + len('<pre id="probe">')
-    images = json.loads(dom[start : dom.index("</pre>", start)].replace("&quot;", '"'))
+    images_js = "[...document.images].map(i => [i.getAttribute('src'), i.naturalWidth, i.naturalHeight])"
+    dom, images = probe_in_chromium(chromium, flags, out / "report.html", images_js)
     srcs = [s for s, _, _ in images]
     assert "confusion.png" in srcs and "reliability.png" in srcs
     m = json.loads((out / "metrics.json").read_text())
