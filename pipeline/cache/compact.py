@@ -47,7 +47,7 @@ from ..core.atomic import fsync_dir
 from ..errors import CacheError
 from ..models.fingerprint import KEYS as FINGERPRINT_KEYS
 from .h5io import crash_point, segment_dir
-from .index import IndexContents, migrate_v1, write_index
+from .index import IndexContents, mapping_runs, migrate_v1, write_index
 from .lock import writer_lock
 from .segments import DEFAULT_SEGMENT_ROWS, remove_stale_temporaries, unindexed_segments, write_segment
 from .store import Cache
@@ -107,28 +107,25 @@ def _size(n: int) -> str:
 def dead_rows(path: str | Path) -> tuple[int, int]:
     """(dead rows, all rows) in the segments the index uses: read from the index only."""
     with Cache(path) as c:
-        if c.schema_version < 2:
-            return 0, c.n_rows
-        total = sum(c.segment_rows.values())
-        return total - c.n_rows, total
+        return _dead_rows(c)
+
+
+def _dead_rows(c: Cache) -> tuple[int, int]:
+    if c.schema_version < 2:
+        return 0, c.n_rows
+    total = sum(c.segment_rows.values())
+    return total - c.n_rows, total
 
 
 def mappings(path: str | Path) -> int:
     """How many mappings the index's virtual ``/features`` has: one per run of rows that are
     consecutive in one segment (0 for schema v1)."""
-    with h5py.File(path, "r") as f:
-        if "location" not in f:
-            return 0
-        seg = f["location/segment"][()]
-        row = f["location/row"][()]
-    if not len(seg):
-        return 0
-    return 1 + int(np.count_nonzero((np.diff(seg) != 0) | (np.diff(row) != 1)))
-
-
-def segments_used(path: str | Path) -> int:
     with Cache(path) as c:
-        return len(c.segments)
+        return _mappings(c)
+
+
+def _mappings(c: Cache) -> int:
+    return len(mapping_runs(*c.location_arrays())[0]) if c.schema_version >= 2 else 0
 
 
 def compact(
@@ -163,8 +160,9 @@ def compact_if_needed(
     """Compact when more than ``threshold`` of the rows in the cache's segments are dead (what
     ``extract`` calls after its commit, under its lock). ``say`` gets the summary line
     (default: standard error, beside extract's own output). None when below the threshold."""
-    dead, total = dead_rows(path)
-    fragmented = mappings(path) > max(MAX_MAPPINGS, 4 * segments_used(path))
+    with Cache(path) as c:  # one open: every figure below is the index's metadata
+        dead, total = _dead_rows(c)
+        fragmented = _mappings(c) > max(MAX_MAPPINGS, 4 * len(c.segments))
     if not fragmented and (not total or dead / total <= threshold):
         return None
     # Scattered deletions leave few dead rows but many runs of live ones: every run is one

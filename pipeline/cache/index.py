@@ -52,6 +52,15 @@ class IndexContents:
     stat: StatTable = field(default_factory=StatTable)
 
 
+def mapping_runs(seg: np.ndarray, row: np.ndarray) -> tuple[list[int], list[int]]:
+    """Start and end of every run of index rows that are consecutive rows of one segment: each
+    run is one mapping of the virtual ``/features`` (what a commit writes and a reader holds)."""
+    if not len(seg):
+        return [], []
+    brk = np.flatnonzero((np.diff(seg) != 0) | (np.diff(row) != 1)) + 1
+    return np.concatenate([[0], brk]).tolist(), np.concatenate([brk, [len(seg)]]).tolist()
+
+
 def write_index(path: Path, c: IndexContents) -> int:
     """Replace the index atomically: readers see the old one or the new one. Its cost is the
     per-row metadata; no feature byte is copied. Returns the bytes written."""
@@ -70,11 +79,7 @@ def write_index(path: Path, c: IndexContents) -> int:
             sources = {
                 s: h5py.VirtualSource(f"{folder}/{s}", "features", shape=(c.segment_rows[s], d), dtype=dt) for s in used
             }
-            # One mapping per run of consecutive rows of one segment.
-            brk = np.flatnonzero((np.diff(loc_seg) != 0) | (np.diff(loc_row) != 1)) + 1
-            starts = np.concatenate([[0], brk])
-            ends = np.concatenate([brk, [n]])
-            for a, b in zip(starts.tolist(), ends.tolist(), strict=True):
+            for a, b in zip(*mapping_runs(loc_seg, loc_row), strict=True):
                 r0 = int(loc_row[a])
                 layout[a:b] = sources[used[int(loc_seg[a])]][r0 : r0 + (b - a)]
             # A source deleted under a reader that opened this index earlier (a compaction) reads

@@ -228,14 +228,21 @@ class Cache:
     def locations(self) -> list[tuple[str, int]]:
         """Per row: (segment name, row in it). Schema v2 only."""
         names = self.segments
+        seg, row = self.location_arrays()
+        return [(names[s], r) for s, r in zip(seg.tolist(), row.tolist(), strict=True)]
+
+    def location_arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per row: its segment (index into :attr:`segments`) and its row in that segment, as
+        arrays, checked against the segment list. Schema v2 only."""
+        n_segments = len(self.segments)
         seg = self._f["location/segment"][()]
         row = self._f["location/row"][()]
-        if len(seg) and (seg.min() < 0 or seg.max() >= len(names) or row.min() < 0):
+        if len(seg) and (seg.min() < 0 or seg.max() >= n_segments or row.min() < 0):
             raise CacheError(
-                f"{self.path} is damaged: /location points outside the {len(names)} segment(s) of /segments; "
+                f"{self.path} is damaged: /location points outside the {n_segments} segment(s) of /segments; "
                 + validation.fix_hint(self.path)
             )
-        return [(names[s], r) for s, r in zip(seg.tolist(), row.tolist(), strict=True)]
+        return seg, row
 
     def stat_table(self) -> StatTable:
         if "stat" not in self._f:
