@@ -6,6 +6,8 @@ Every message says what went wrong, with the numbers, and what to do about it
 
 from __future__ import annotations
 
+import errno
+
 
 class HeadstartError(Exception):
     """Base class: a problem the user can fix. Never a bug in headstart."""
@@ -45,8 +47,6 @@ _OS_HINTS = {
 
 def describe_os_error(e: OSError) -> str:
     """``OSError`` -> one readable sentence: what failed, on which file, and what to do."""
-    import errno
-
     name = errno.errorcode.get(e.errno or 0, "")
     what = e.strerror or str(e)
     where = f" ({e.filename})" if e.filename else ""
