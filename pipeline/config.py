@@ -94,7 +94,15 @@ class FitHeadConfig:
     max_iter: int = _opt(1000, "L-BFGS iterations.", min=1, max=1_000_000)
     # Issue 4 (heads, label maps, honest splits, calibration); see fit_head.py for each.
     device: str = _opt("auto", "cuda: torch L-BFGS on the GPU; cpu: scikit-learn.")
-    classes: str | None = _opt(None, "Label map TOML: merge/rename/drop, stable ids.", path="file")
+    # one label map per attribute (its `attribute = "..."` key; default: the label column)
+    classes: tuple[str, ...] = _opt(
+        (), "Label map TOML: merge/rename/drop, stable ids; once per attribute.", path="file"
+    )
+    attribute: tuple[str, ...] = _opt((), "Manifest column(s) to fit a head for; default: every one.")
+    target_precision: float | None = _opt(
+        None, "Multi-label thresholds: the most recall at this validation precision (default: max F1).",
+        min=0, max=1, min_open=True,
+    )  # fmt: skip
     near_duplicate_threshold: float | None = _opt(  # why 0.97: splits.py
         0.97, "Photos with feature cosine above this stay on one side of the split (1 = off).", min=0, max=1
     )
@@ -106,6 +114,17 @@ class FitHeadConfig:
         None, "Keep the logreg head near the zero-shot head from class prompts (CLIP/SigLIP); try 0.1.",
         min=0, min_open=True,
     )  # fmt: skip
+
+    def __post_init__(self) -> None:
+        # One path, as the Python API and configs before per-attribute maps give it.
+        for name in ("classes", "attribute"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                object.__setattr__(self, name, (value,))
+            elif value is None:
+                object.__setattr__(self, name, ())
+            else:
+                object.__setattr__(self, name, tuple(value))
 
 
 @dataclass(frozen=True)
@@ -344,14 +363,17 @@ def load_default_map(path: str | Path) -> dict[str, dict[str, Any]]:
         for k in table:
             if _key(k) not in keys:
                 raise InputError(f"config file {path}: {_unknown('key', _key(k), f' in [{name}]', keys)}")
-        out[name] = {k.replace("-", "_"): v for k, v in table.items()}
+        many = {f.name for f in dataclasses.fields(COMMANDS[name]) if isinstance(f.default, tuple)}
+        out[name] = {
+            (k2 := k.replace("-", "_")): ([v] if k2 in many and isinstance(v, str) else v) for k, v in table.items()
+        }
     return out
 
 
 def _toml_value(v: Any) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
-    return json.dumps(v) if isinstance(v, str) else repr(v)
+    return json.dumps(list(v) if isinstance(v, tuple) else v) if isinstance(v, str | tuple) else repr(v)
 
 
 def default_toml() -> str:
@@ -375,6 +397,7 @@ def default_toml() -> str:
                 continue
             choices = f.metadata.get("choices")
             note = f.metadata["help"] + (f" One of: {' | '.join(choices)}." if choices else "")
-            key = f"{_key(f.name)} = {_toml_value(f.default)}" if f.default is not None else f"# {_key(f.name)} ="
+            unset = f.default is None or f.default == ()
+            key = f"# {_key(f.name)} =" if unset else f"{_key(f.name)} = {_toml_value(f.default)}"
             lines.append(f"{key:<38} # {note}")
     return "\n".join(lines) + "\n"

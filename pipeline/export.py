@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
+from typing import Any
 
 from .artifacts.finetune_dir import read_finetune_dir
-from .artifacts.head_dir import read_head
+from .artifacts.head_dir import AttributeSpec, read_attribute_heads, read_head
 from .artifacts.model_dir import PARITY_IMAGES, RUNTIMES, ModelSource, build_classifier, write_model
 from .config import ExportConfig
 from .core.hashing import sha256_file
-from .errors import HeadstartError, InputError
+from .errors import ArtifactError, HeadstartError, InputError
 from .models.fingerprint import Fingerprint
 from .models.heads import Classifier, build_head
 
@@ -37,8 +38,19 @@ def source_from_head(head_dir: str | Path, weights_file: str | None = None) -> M
     head_dir = Path(head_dir)
     meta, spec_h = read_head(head_dir)
     fp = Fingerprint.from_record(meta["fingerprint"], source=str(head_dir / "head.json"))
+    attributes = read_attribute_heads(head_dir, meta)
+    for a in attributes:  # every head of the directory was fitted on the same cache's features
+        if Fingerprint.from_record(a.meta["fingerprint"]).diff(fp):
+            raise ArtifactError(
+                f"{head_dir}: the {a.name!r} head was fitted on another backbone's features; re-run fit-head"
+            )
     net = fp.load_backbone(weights_file, made=f"the head in {head_dir}").net
-    model = Classifier(net, build_head(spec_h.kind, spec_h.torch_tensors())).eval()
+    model = Classifier(
+        net,
+        build_head(spec_h.kind, spec_h.torch_tensors()),
+        [build_head(a.spec.kind, a.spec.torch_tensors()) for a in attributes],
+        [a.multi_label for a in attributes],
+    ).eval()
     metrics = meta.get("metrics", {})
     return ModelSource(
         classifier=model,
@@ -63,7 +75,23 @@ def source_from_head(head_dir: str | Path, weights_file: str | None = None) -> M
         sample_images=_cache_images(meta.get("cache")),
         # the tree rides at the top of the manifest; the graph keeps leaf probabilities and predict rolls up
         extra={"tree": meta["tree"]} if meta.get("tree") else {},
+        attributes=[_attribute_entry(a) for a in attributes],
     )
+
+
+def _attribute_entry(a: AttributeSpec) -> dict[str, Any]:
+    """A further attribute's manifest entry (model_dir.ModelSource.attributes)."""
+    m = a.meta
+    return {
+        "name": a.name,
+        "class_names": list(m["class_names"]),
+        "class_ids": m.get("class_ids"),
+        "multi_label": a.multi_label,
+        **({"thresholds": m.get("thresholds")} if a.multi_label else {}),
+        "head": {"kind": a.spec.kind, "estimator": m.get("kind"), "C": m.get("C"), "temperature": m.get("temperature")},
+        **({"tree": m["tree"]} if m.get("tree") else {}),
+        "label_map": m.get("label_map"),
+    }
 
 
 def source_from_finetune(ft_dir: str | Path) -> ModelSource:

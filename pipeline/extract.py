@@ -121,7 +121,7 @@ class _Old:
     dtype: str
     stat: dict[str, tuple[int, int, int, int, str]]  # rel path -> size, mtime_ns, inode, device, hash
     rejected: dict[str, tuple[str, str]]  # content hash -> (reason, limits): known not to decode
-    label_of: dict[str, str | None]  # content hash -> its label (for the relabelled count)
+    label_of: dict[str, tuple[str | None, ...]]  # content hash -> its labels (for the relabelled count)
 
 
 def extract(cfg: ExtractConfig) -> ExtractSummary:
@@ -321,7 +321,7 @@ def _read_old(cfg: ExtractConfig, out: Path) -> _Old | None:
             dtype=c.dtype,
             stat=c.stat_table().lookup(),
             rejected=c.rejected,
-            label_of=labels_by_hash(c.content_hash, c.labels.tolist(), c.class_names),
+            label_of=labels_by_hash(c.content_hash, c.labels.tolist(), c.class_names, c.attributes()),
         )
 
 
@@ -400,6 +400,7 @@ def _assemble(run: _Run, share: Scan, old: _Old | None) -> IndexContents:
         updated=now,
         image_root=str(run.catalog.root),
         layout=run.catalog.layout,
+        label_column=run.catalog.label_column,
         headstart_version=__version__,
         torch_version=torch.__version__,
         config=json.dumps({**vars(run.cfg), "engine_used": run.engine}, default=str, ensure_ascii=False),
@@ -414,4 +415,5 @@ def _assemble(run: _Run, share: Scan, old: _Old | None) -> IndexContents:
         dtype=_cache_dtype(run.cfg, old),
         feature_dim=run.fp.feature_dim,
         limits=run.limits,
+        attributes={name: [it.attributes[k] for it in items] for k, name in enumerate(run.catalog.attribute_names)},
     )

@@ -40,10 +40,11 @@ from typing import Any
 import numpy as np
 
 from . import __version__
-from .artifacts.head_dir import write_head
+from .artifacts.head_dir import AttributeHead, write_head
 from .cache.store import Cache, require_finite
 from .config import FitHeadConfig, save_resolved
-from .data.labels import LabelMap, Mapped, apply_label_map, default_prompts
+from .data.attributes import Target, resolve_targets
+from .data.labels import LabelMap, default_prompts
 from .errors import InputError
 from .probe.calibration import calibration_error, fit_temperature, mean_log_loss, softmax
 from .probe.kinds import KINDS, HeadKind, head_kind
@@ -66,16 +67,29 @@ class FitSummary:
     kind: str = "logreg"
     temperature: float = 1.0
     warnings: list[str] = field(default_factory=list)
+    attribute: str = ""  # the manifest column ("label" for class folders)
+    attributes: list[FitSummary] = field(default_factory=list)  # the other attributes' heads
 
     def line(self) -> str:
+        return "\n".join([self._line(str(self.path)), *(a._line(f"  {a.attribute}") for a in self.attributes)])
+
+    def _line(self, where: str) -> str:
         m = self.metrics
+        warnings = "".join(f"\nwarning: {w}" for w in self.warnings)
         if not m:  # a zero-shot head with no labelled photo to validate on
-            return f"{self.path}: zero-shot head from prompts, no labelled photos to validate or calibrate on"
+            return f"{where}: zero-shot head from prompts, no labelled photos to validate or calibrate on"
         what = f"C={self.C:.3g}" if self.C is not None else self.kind
+        if "micro_f1" in m:  # multi-label
+            return (
+                f"{where}: validation micro-F1 {m['micro_f1']:.3f}, macro-F1 {m['macro_f1']:.3f}, mean AP "
+                f"{m['macro_average_precision']:.3f} over {len(m['per_label'])} labels on {self.n_val} photos "
+                f"({what}, {self.n_train} train, {self.seconds:.1f}s)"
+            ) + warnings
+        named = f" {self.attribute}" if self.attributes else ""
         return (
-            f"{self.path}: validation accuracy {m['accuracy']:.3f}, macro-F1 {m['macro_f1']:.3f} "
+            f"{where}:{named} validation accuracy {m['accuracy']:.3f}, macro-F1 {m['macro_f1']:.3f} "
             f"on {self.n_val} photos ({what}, T={self.temperature:.2f}, {self.n_train} train, {self.seconds:.1f}s)"
-        ) + "".join(f"\nwarning: {w}" for w in self.warnings)
+        ) + warnings
 
 
 class CacheRows:
@@ -117,20 +131,184 @@ def resolve_solver(device: str) -> tuple[str, str]:
 
 
 def fit_head(cfg: FitHeadConfig) -> FitSummary:
+    """Fit one head per attribute (:mod:`pipeline.data.attributes`) and write them as one head
+    directory: the first single-label attribute's head at its top (what predict's ``label``
+    answers), every other attribute's under ``attributes/`` (:mod:`pipeline.artifacts.head_dir`)."""
     t0 = time.perf_counter()
     kind = head_kind(cfg.head)
     if cfg.unknown_threshold is not None and not 0.0 <= cfg.unknown_threshold <= 1.0:
         raise InputError(f"--unknown-threshold is a probability between 0 and 1, not {cfg.unknown_threshold}")
     if cfg.text_prior is not None and kind.name != "logreg":
         raise InputError(f"--text-prior applies to --head logreg, not {kind.name} (a zero-shot head: --head zeroshot)")
-    label_map = LabelMap.load(cfg.classes) if cfg.classes else None
+    label_maps = [LabelMap.load(path) for path in cfg.classes]
     solver, device = resolve_solver(cfg.device)
+    fitted: list[_Fitted] = []
+    notes: list[str] = []
+    with Cache(cfg.cache) as cache:
+        targets = attribute_targets(cache, label_maps, cfg.attribute)
+        if kind.needs_text and len(targets) > 1:  # prompts name the classes of one attribute
+            notes.append(f"--head {kind.name} fits the {targets[0].name!r} attribute only")
+            targets = targets[:1]
+        several = len(targets) > 1
+        for t in targets:
+            try:
+                if t.multi is not None:
+                    fitted.append(_fit_multi(cfg, cache, t))
+                elif kind.needs_text:
+                    fitted.append(_fit_zeroshot(cfg, kind, cache, t))
+                else:
+                    fitted.append(_fit_single(cfg, kind, cache, t, solver, device))
+            except InputError as e:
+                if not several or t is targets[0] or t.name in cfg.attribute:
+                    raise InputError(f"attribute {t.name!r}: {e}" if several else str(e)) from None
+                notes.append(f"attribute {t.name!r} was not fitted: {e}")
+    main, rest = fitted[0], fitted[1:]
+    main.meta["attribute"] = main.attribute
+    main.meta["warnings"] = [*main.meta.get("warnings", []), *notes]
+    out = write_head(
+        cfg.out,
+        main.estimator,
+        kind=main.kind,
+        meta=main.meta,
+        split=main.split,
+        write_config=lambda path: save_resolved(
+            cfg, path, C=main.summary.C, solver=main.solver, temperature=main.summary.temperature
+        ),
+        attributes=[AttributeHead(f.attribute, f.estimator, f.kind, f.meta, f.split) for f in rest],
+    )
+    summary = main.summary
+    summary.path, summary.seconds = out, time.perf_counter() - t0
+    summary.warnings = [*summary.warnings, *notes]
+    summary.attributes = [f.summary for f in rest]
+    return summary
+
+
+@dataclass
+class _Fitted:
+    """One attribute's head, fitted, before the head directory is written."""
+
+    attribute: str
+    estimator: Any
+    kind: str
+    meta: dict[str, Any]
+    split: dict[str, Any]
+    summary: FitSummary
+    solver: str = "none"
+    multi_label: bool = False
+
+
+def attribute_targets(cache: Cache, label_maps: list[LabelMap], wanted: tuple[str, ...] = ()) -> list[Target]:
+    """The attributes of ``cache`` to fit, through their label maps (data/attributes.py)."""
+    label_column = cache.label_column or "label"
+    columns = {label_column: (cache.class_names, cache.labels)}
+    for name, col in cache.attributes().items():
+        columns[name] = (col.values, col.labels)
+    return resolve_targets(label_column, columns, label_maps, wanted)
+
+
+def _fit_multi(cfg: FitHeadConfig, cache: Cache, target: Target) -> _Fitted:
+    """A multi-label attribute's head (probe/multilabel.py): rows with the column filled in,
+    a grouped split stratified by each photo's rarest label, C on validation log-loss,
+    thresholds from the probe, the final head refit on train + validation."""
+    from .probe.multilabel import (
+        MultiLabelHead,
+        choose_thresholds,
+        multilabel_metrics,
+        sweep_c_multilabel,
+    )
+
+    t0 = time.perf_counter()
+    multi = target.multi
+    assert multi is not None
+    names = multi.class_names
+    if len(names) < 1:
+        raise InputError(f"{cfg.cache} has no labels in its {target.name!r} column")
+    rows = np.arange(cache.n_rows)
+    Y = multi.Y
+    X = cache.features(rows)
+    require_finite(cfg.cache, X, rows, cache.paths)
+    counts = Y.sum(0)
+    rarest = np.where(Y.any(1), np.argmin(np.where(Y > 0, counts[None, :], np.iinfo(np.int64).max), axis=1), len(names))
+    groups = near_duplicate_groups(lambda idx: X[idx], rarest, cfg.near_duplicate_threshold)
+    split = grouped_split(rarest, groups, cfg.val_fraction, cfg.seed)
+    tr, va = split.train, split.val
+    if len(va) == 0 or len(tr) == 0:
+        raise InputError(f"too few photos for a validation split of {target.name!r}")
+    warnings = []
+    few = [names[j] for j in np.flatnonzero(Y[va].sum(0) == 0)]
+    if few:
+        warnings.append(
+            f"{len(few)} label(s) of {target.name!r} have no validation photo ({', '.join(few[:5])}"
+            f"{', ...' if len(few) > 5 else ''}): their threshold stays at 0.5 and their metrics are empty"
+        )
+    if cfg.c is None:
+        best_c, curve = sweep_c_multilabel(X[tr], Y[tr], X[va], Y[va], class_weight=cfg.class_weight,
+                                           max_iter=cfg.max_iter)  # fmt: skip
+    else:
+        best_c, curve = float(cfg.c), []
+    probe = MultiLabelHead(C=best_c, class_weight=cfg.class_weight, max_iter=cfg.max_iter).fit(X[tr], Y[tr])
+    val_p = probe.predict_proba(X[va])
+    thresholds, short = choose_thresholds(val_p, Y[va], cfg.target_precision)
+    if short:
+        warnings.append(
+            f"{len(short)} label(s) of {target.name!r} cannot reach validation precision {cfg.target_precision} at "
+            f"any threshold ({', '.join(names[j] for j in short[:5])}): they use the threshold of their best precision"
+        )
+    metrics = {**multilabel_metrics(Y[va], val_p, thresholds, names), "split": "validation"}
+    head = MultiLabelHead(C=best_c, class_weight=cfg.class_weight, max_iter=cfg.max_iter).fit(X, Y)
+    hashes = cache.content_hash
+    merged = _groups_by_hash(groups, hashes)
+    meta = {
+        "class_names": names,
+        "class_ids": multi.class_ids,
+        "absent_classes": multi.absent,
+        "multi_label": True,
+        "thresholds": [float(t) for t in thresholds],
+        "target_precision": cfg.target_precision,
+        "label_map": target.label_map.record() if target.label_map else None,
+        "C": best_c,
+        "c_sweep": curve,
+        "solver": "sklearn",
+        "temperature": 1.0,
+        "metrics": metrics,
+        "n_train": len(tr),
+        "n_val": len(va),
+        "warnings": warnings,
+        **_common_meta(cfg, cache),
+    }
+    split_record = {
+        "seed": cfg.seed,
+        "val_fraction": cfg.val_fraction,
+        "near_duplicate_threshold": cfg.near_duplicate_threshold,
+        "val_content_hash": [hashes[i] for i in va],
+        "fit_content_hash": hashes,
+        "near_duplicate_groups": merged,
+    }
+    summary = FitSummary(
+        Path(cfg.out), metrics, best_c, len(tr), len(va), time.perf_counter() - t0, "multilabel", 1.0, warnings,
+        attribute=target.name,
+    )  # fmt: skip
+    return _Fitted(target.name, head, "multilabel", meta, split_record, summary, "sklearn", multi_label=True)
+
+
+def _common_meta(cfg: FitHeadConfig, cache: Cache) -> dict[str, Any]:
+    return {
+        "fingerprint": cache.fingerprint.to_record(),
+        "cache": str(Path(cfg.cache).resolve()),
+        "cache_updated": cache.attrs.get("updated"),
+        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "headstart_version": __version__,
+    }
+
+
+def _fit_single(cfg: FitHeadConfig, kind: HeadKind, cache: Cache, target: Target, solver: str, device: str) -> _Fitted:
+    """A single-label attribute's head: the split, the C sweep, the probe, the refit."""
+    t0 = time.perf_counter()
+    label_map, mapped = target.label_map, target.mapped
+    assert mapped is not None
     text: dict[str, Any] | None = None
-    with Cache(cfg.cache) as cache, contextlib.ExitStack() as stack:
-        mapped = apply_label_map(label_map, cache.class_names, cache.labels)
-        tree = label_map.head_tree(mapped.class_names, cache.class_names) if label_map else None
-        if kind.needs_text:
-            return _fit_zeroshot(cfg, kind, cache, mapped, label_map, t0)
+    with contextlib.ExitStack() as stack:
+        tree = label_map.head_tree(mapped.class_names, target.categories) if label_map else None
         rows = np.flatnonzero(mapped.y >= 0)
         if len(rows) == 0:
             raise InputError(
@@ -225,8 +403,6 @@ def fit_head(cfg: FitHeadConfig) -> FitSummary:
         # Final head: same hyper-parameters, refit on train + validation, the probe's temperature.
         head = make().fit(X, y)
         head.temperature_ = temperature
-        fingerprint = cache.fingerprint.to_record()
-        cache_attrs = cache.attrs
 
     merged = _groups_by_hash(groups, hashes)
     split_record = {
@@ -263,21 +439,13 @@ def fit_head(cfg: FitHeadConfig) -> FitSummary:
         },
         "warnings": warnings,
         **({"text_prior": {"weight": cfg.text_prior, **text["record"]}} if text is not None else {}),
-        "fingerprint": fingerprint,
-        "cache": str(Path(cfg.cache).resolve()),
-        "cache_updated": cache_attrs.get("updated"),
-        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-        "headstart_version": __version__,
+        **_common_meta(cfg, cache),
     }
-    out = write_head(
-        cfg.out,
-        head,
-        kind=kind.name,
-        meta=meta,
-        split=split_record,
-        write_config=lambda path: save_resolved(cfg, path, C=best_c, solver=solver, temperature=temperature),
-    )
-    return FitSummary(out, metrics, best_c, len(tr), len(va), time.perf_counter() - t0, cfg.head, temperature, warnings)
+    summary = FitSummary(
+        Path(cfg.out), metrics, best_c, len(tr), len(va), time.perf_counter() - t0, kind.name, temperature, warnings,
+        attribute=target.name,
+    )  # fmt: skip
+    return _Fitted(target.name, head, kind.name, meta, split_record, summary, solver)
 
 
 def _text(cache: Cache, class_names: list[str], label_map: LabelMap | None) -> dict[str, Any]:
@@ -296,11 +464,12 @@ def _text(cache: Cache, class_names: list[str], label_map: LabelMap | None) -> d
             "record": record}  # fmt: skip
 
 
-def _fit_zeroshot(
-    cfg: FitHeadConfig, kind: HeadKind, cache: Cache, mapped: Mapped, label_map: LabelMap | None, t0: float
-) -> FitSummary:
+def _fit_zeroshot(cfg: FitHeadConfig, kind: HeadKind, cache: Cache, target: Target) -> _Fitted:
     """The zero-shot head: classes from the label map (all of them: no photo is needed) or the
     cache's labelled categories; every labelled photo validates and calibrates it."""
+    t0 = time.perf_counter()
+    label_map, mapped = target.label_map, target.mapped
+    assert mapped is not None
     if label_map is not None and label_map.classes:
         names = sorted(label_map.classes, key=lambda n: label_map.classes[n])
         ids = [label_map.classes[n] for n in names]
@@ -312,7 +481,7 @@ def _fit_zeroshot(
             + (f"has labelled photos of {len(names)} class(es)" if names else "has no labelled photos")
             + "; pass --classes classes.toml with a [classes] table (lipstick = 0, ...) and, optionally, [prompts]"
         )
-    tree = label_map.head_tree(names, cache.class_names) if label_map else None
+    tree = label_map.head_tree(names, target.categories) if label_map else None
     text = _text(cache, names, label_map)
     rows = np.flatnonzero(mapped.y >= 0)
     full = np.array([names.index(n) for n in mapped.class_names], np.int64)
@@ -346,19 +515,15 @@ def _fit_zeroshot(
         "n_val": len(rows),
         "zeroshot": text["record"],
         "warnings": [],
-        "fingerprint": cache.fingerprint.to_record(),
-        "cache": str(Path(cfg.cache).resolve()),
-        "cache_updated": cache.attrs.get("updated"),
-        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-        "headstart_version": __version__,
+        **_common_meta(cfg, cache),
     }
     # the weights saw no photo, the temperature saw every labelled one: all are "fitted on"
     split = {"seed": cfg.seed, "val_content_hash": hashes, "fit_content_hash": hashes, "near_duplicate_groups": []}
-    out = write_head(
-        cfg.out, head, kind=kind.name, meta=meta, split=split,
-        write_config=lambda path: save_resolved(cfg, path, C=None, solver="none", temperature=temperature),
+    summary = FitSummary(
+        Path(cfg.out), metrics, None, 0, len(rows), time.perf_counter() - t0, kind.name, temperature,
+        attribute=target.name,
     )  # fmt: skip
-    return FitSummary(out, metrics, None, 0, len(rows), time.perf_counter() - t0, kind.name, temperature)
+    return _Fitted(target.name, head, kind.name, meta, split, summary)
 
 
 def _calibration(logits: np.ndarray, y: np.ndarray, temperature: float, threshold: float | None) -> dict[str, Any]:

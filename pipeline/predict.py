@@ -18,7 +18,7 @@ import json
 import os
 import sys
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
@@ -48,6 +48,7 @@ class BatchResult:
     probabilities: np.ndarray  # (n_ok, C) float32
     features: np.ndarray  # (n_ok, D) float32
     errors: list[str]  # "" where ok
+    attributes: list[np.ndarray] = field(default_factory=list)  # per further attribute: (n_ok, C_a) float32
 
 
 @dataclass
@@ -118,17 +119,28 @@ class Predictor:
             )
         for batch, feats in embed_batches(self._embed, loader, device=self.device):
             probs = np.zeros((0, len(self.class_names)), np.float32)
+            attrs = [np.zeros((0, len(a["class_names"])), np.float32) for a in self.attributes]
             if len(feats):
                 with torch.inference_mode():
-                    probs = model.head(torch.from_numpy(feats).to(self.device)).softmax(1).cpu().numpy()
-            yield BatchResult(batch.index.numpy(), batch.ok.numpy(), probs, feats, batch.errors)
+                    x = torch.from_numpy(feats).to(self.device)
+                    probs = model.head(x).softmax(1).cpu().numpy()
+                    attrs = [a.cpu().numpy() for a in model.attribute_probabilities(x)]
+            yield BatchResult(batch.index.numpy(), batch.ok.numpy(), probs, feats, batch.errors, attrs)
 
     def _onnx_batch(self, batch: Batch) -> BatchResult:
         probs = np.zeros((0, len(self.class_names)), np.float32)
         feats = np.zeros((0, self.feature_dim), np.float32)
+        attrs = [np.zeros((0, len(a["class_names"])), np.float32) for a in self.attributes]
         if batch.pixels.numel():
-            probs, feats = self.session.run(["probabilities", "features"], {"pixels": batch.pixels.numpy()})
-        return BatchResult(batch.index.numpy(), batch.ok.numpy(), probs, feats, batch.errors)
+            outputs = ["probabilities", "features", *(a["output"] for a in self.attributes)]
+            probs, feats, *attrs = self.session.run(outputs, {"pixels": batch.pixels.numpy()})
+        return BatchResult(batch.index.numpy(), batch.ok.numpy(), probs, feats, batch.errors, attrs)
+
+    @property
+    def attributes(self) -> list[dict[str, Any]]:
+        """The model's further attributes (manifest entries: name, class_names, multi_label,
+        thresholds, ...), in the order of :attr:`BatchResult.attributes`."""
+        return self.loaded.attributes
 
     def predict_proba(
         self,
@@ -139,15 +151,30 @@ class Predictor:
         progress: bool = False,
     ) -> tuple[np.ndarray, list[str]]:
         """Probabilities ``(N, C)`` (NaN rows where a file could not be decoded) and errors."""
+        probs, _, errors = self.predict_all(sources, batch_size=batch_size, workers=workers, progress=progress)
+        return probs, errors
+
+    def predict_all(
+        self,
+        sources: Sequence[Source],
+        *,
+        batch_size: int | None = None,
+        workers: int | None = None,
+        progress: bool = False,
+    ) -> tuple[np.ndarray, list[np.ndarray], list[str]]:
+        """As :meth:`predict_proba`, plus each further attribute's probabilities ``(N, C_a)``."""
         probs = np.full((len(sources), len(self.class_names)), np.nan, dtype=np.float32)
+        attrs = [np.full((len(sources), len(a["class_names"])), np.nan, np.float32) for a in self.attributes]
         errors = [""] * len(sources)
         with tqdm(total=len(sources), desc="predict", unit="img", disable=not progress) as bar:
             for r in self.iter_batches(sources, batch_size=batch_size, workers=workers):
                 probs[r.index[r.ok]] = r.probabilities
+                for full, part in zip(attrs, r.attributes, strict=True):
+                    full[r.index[r.ok]] = part
                 for j in np.flatnonzero(~r.ok):
                     errors[int(r.index[j])] = r.errors[j]
                 bar.update(len(r.index))
-        return probs, errors
+        return probs, attrs, errors
 
     @property
     def unknown_threshold(self) -> float | None:
@@ -170,24 +197,54 @@ class Predictor:
         if fit-head set one; 0 turns it off) gets the label ``"unknown"``; ``top_k`` still lists
         the classes. A model with a category tree adds ``node`` (the deepest node whose
         probability - the sum of its leaves' - is at least ``min_confidence``; None when not even
-        a top-level node is), ``node_probability`` and ``node_path`` [(node, p), ...], top level first."""
+        a top-level node is), ``node_probability`` and ``node_path`` [(node, p), ...], top level first.
+        A model with further attributes adds ``attributes``: per name, ``{"label", "probability"}``
+        or, multi-label, ``{"labels": [names at or above their thresholds], "probabilities": {name: p}}``."""
         threshold = self.unknown_threshold if unknown_threshold is None else unknown_threshold
-        probs, errors = self.predict_proba(sources, **kw)
-        return [self._row(p, e, top_k, threshold, min_confidence) for p, e in zip(probs, errors, strict=True)]
+        probs, attrs, errors = self.predict_all(sources, **kw)
+        return [
+            self._row(p, e, top_k, threshold, min_confidence, [a[i] for a in attrs])
+            for i, (p, e) in enumerate(zip(probs, errors, strict=True))
+        ]
 
     def _row(
-        self, p: np.ndarray, err: str, top_k: int, threshold: float | None, min_confidence: float = 0.5
+        self,
+        p: np.ndarray,
+        err: str,
+        top_k: int,
+        threshold: float | None,
+        min_confidence: float = 0.5,
+        attrs: list[np.ndarray] | None = None,
     ) -> dict[str, Any]:
         tree = self.tree
+        extra: dict[str, Any] = {"attributes": self._attribute_answers(attrs, bool(err))} if self.attributes else {}
         if err:
             nodes: dict[str, Any] = {"node": None, "node_probability": None, "node_path": []} if tree else {}
-            return {"label": None, "probability": None, "top_k": [], **nodes, "error": err}
+            return {"label": None, "probability": None, "top_k": [], **nodes, **extra, "error": err}
         names = self.class_names
         order = np.argsort(-p, kind="stable")[: max(1, min(top_k, len(names)))]
         top = [(names[i], float(p[i])) for i in order]
         label = UNKNOWN if threshold is not None and top[0][1] < threshold else top[0][0]
         nodes = tree.describe(p, min_confidence) if tree else {}
-        return {"label": label, "probability": top[0][1], "top_k": top, **nodes, "error": ""}
+        return {"label": label, "probability": top[0][1], "top_k": top, **nodes, **extra, "error": ""}
+
+    def _attribute_answers(self, attrs: list[np.ndarray] | None, failed: bool) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k, a in enumerate(self.attributes):
+            names = a["class_names"]
+            if a.get("multi_label"):
+                if failed or attrs is None:
+                    out[a["name"]] = {"labels": [], "probabilities": {}}
+                    continue
+                q = attrs[k]
+                on = [n for n, v, t in zip(names, q, a["thresholds"], strict=True) if v >= t]
+                out[a["name"]] = {"labels": on, "probabilities": {n: float(v) for n, v in zip(names, q, strict=True)}}
+            elif failed or attrs is None:
+                out[a["name"]] = {"label": None, "probability": None}
+            else:
+                i = int(np.argmax(attrs[k]))
+                out[a["name"]] = {"label": names[i], "probability": float(attrs[k][i])}
+        return out
 
 
 # --------------------------------------------------------------------------- outputs
@@ -208,14 +265,27 @@ class _RowWriter:
     - in JSONL one object ``tree``: ``node``, ``probability``, ``path`` [{node, probability}, ...].
     CSV text cells are guarded against formula injection unless ``raw`` (:mod:`pipeline.core.csvcells`)."""
 
-    def __init__(self, f: IO[str], fmt: str, k: int, raw: bool = False, tree: bool = False) -> None:
+    def __init__(
+        self,
+        f: IO[str],
+        fmt: str,
+        k: int,
+        raw: bool = False,
+        tree: bool = False,
+        attributes: list[dict[str, Any]] | None = None,
+    ) -> None:
         self.f, self.fmt, self.k, self.raw, self.tree = f, fmt, k, raw, tree
+        self.attributes = attributes or []
         if fmt == "csv":
             self.csv = csv.writer(f)
             header = ["path", "label", "best_guess", "probability"]
             for r in range(2, k + 1):
                 header += [f"label_{r}", f"probability_{r}"]
-            self.csv.writerow([*header, *(["node", "node_probability", "node_path"] if tree else []), "error"])
+            header += ["node", "node_probability", "node_path"] if tree else []
+            for a in self.attributes:  # multi-label: the labels at their thresholds, ;-separated
+                scores = "probabilities" if a.get("multi_label") else "probability"
+                header += [a["name"], f"{a['name']}_{scores}"]
+            self.csv.writerow([safe_cell(h, raw) for h in [*header, "error"]])
 
     def write(self, path: Path, row: dict[str, Any]) -> None:
         if self.fmt == "jsonl":
@@ -226,6 +296,7 @@ class _RowWriter:
                 "probability": row["probability"],
                 "top_k": [{"label": n, "probability": p} for n, p in row["top_k"]],
                 **({"tree": _tree_object(row)} if self.tree else {}),
+                **({"attributes": row["attributes"]} if self.attributes else {}),
                 "error": row["error"] or None,
             }
             text = json.dumps(body, ensure_ascii=False)
@@ -242,6 +313,14 @@ class _RowWriter:
         if self.tree:
             q = row["node_probability"]
             line += [cell(row["node"] or ""), "" if q is None else f"{q:.6f}", cell(path_text(row["node_path"]))]
+        for a in self.attributes:
+            ans = row["attributes"][a["name"]]
+            if a.get("multi_label"):  # "vegan;refillable" and "vegan=0.912345;refillable=0.100000"
+                scores = ";".join(f"{n}={v:.6f}" for n, v in ans["probabilities"].items())
+                line += [cell(";".join(ans["labels"])), cell(scores)]
+            else:
+                q = ans["probability"]
+                line += [cell(ans["label"] or ""), "" if q is None else f"{q:.6f}"]
         self.csv.writerow([*line, cell(row["error"])])
 
 
@@ -374,14 +453,17 @@ def predict(cfg: PredictConfig, stdin: IO[str] | None = None) -> tuple[Path, Pre
         _output(None if to_stdout else out) as f,
         tqdm(total=len(paths), desc="predict", unit="img", disable=not cfg.progress) as bar,
     ):
-        writer = _RowWriter(f, fmt, k, raw=cfg.raw_csv, tree=predictor.tree is not None)
+        tree = predictor.tree is not None
+        writer = _RowWriter(f, fmt, k, raw=cfg.raw_csv, tree=tree, attributes=predictor.attributes)
         complete = False
         try:
             for r in predictor.iter_batches(paths, batch_size=cfg.batch_size, workers=cfg.workers):
                 probs = iter(r.probabilities)
+                attrs = [iter(a) for a in r.attributes]
                 for j, i in enumerate(r.index):
                     p = next(probs) if r.ok[j] else np.empty(0)
-                    row = predictor._row(p, r.errors[j], k, threshold, cfg.min_confidence)
+                    q = [next(a) for a in attrs] if r.ok[j] else None
+                    row = predictor._row(p, r.errors[j], k, threshold, cfg.min_confidence, q)
                     failed += bool(row["error"])
                     unknown += row["label"] == UNKNOWN
                     writer.write(paths[int(i)], row)

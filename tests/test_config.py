@@ -25,8 +25,8 @@ def _key(name: str) -> str:
 
 
 def _defaults(cls: type) -> dict[str, object]:
-    """Fields with a default TOML can write (not None), by TOML key."""
-    return {_key(f.name): f.default for f in dataclasses.fields(cls) if has_default(f) and f.default is not None}
+    """Fields with a default TOML writes (not None, not an empty list), by TOML key."""
+    return {_key(f.name): f.default for f in dataclasses.fields(cls) if has_default(f) and f.default not in (None, ())}
 
 
 def test_default_toml_is_generated_from_the_dataclasses():
@@ -42,7 +42,7 @@ def test_default_toml_holds_exactly_the_dataclass_defaults():
         # Fields whose default is None cannot be written in TOML; they are there as comments.
         section = text.split(f"[{command}]\n", 1)[1].split("\n\n", 1)[0]
         for f in dataclasses.fields(cls):
-            if has_default(f) and f.default is None:
+            if has_default(f) and f.default in (None, ()):
                 assert re.search(rf"^# {_key(f.name)} =", section, re.M), f"[{command}] {f.name} not documented"
 
 
@@ -70,7 +70,7 @@ def test_help_shows_the_dataclass_defaults(command):
     params = {p.name: p for p in cmd.get_params(ctx)}
     for f in dataclasses.fields(COMMANDS[command]):
         record = params[f.name].get_help_record(ctx)
-        if not has_default(f) or f.default is None or f.default is False:
+        if not has_default(f) or f.default is None or f.default is False or f.default == ():
             continue
         assert record, f"{command} {f.name} is not in --help"
         shown = _key(f.name) if f.default is True else str(f.default)

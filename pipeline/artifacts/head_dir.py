@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import json
+import re
 import shutil
 import sys
 import types
@@ -53,7 +54,8 @@ from ..models.heads import build_head
 from ..probe.kinds import KINDS
 
 HEAD_SCHEMA_VERSION = 1  # what this headstart writes and the newest it reads
-HEAD_FILES = ("head.joblib", "head.npz", "head.json", "split.json", "config.json")
+HEAD_FILES = ("head.joblib", "head.npz", "head.json", "split.json", "config.json", "attributes")
+ATTRIBUTES_DIR = "attributes"  # one head directory (without config.json) per further attribute
 
 
 # --------------------------------------------------------------------------- checksums
@@ -115,6 +117,24 @@ def read_json(path: Path, *, what: str, fix: str) -> dict[str, Any]:
 # --------------------------------------------------------------------------- writing
 
 
+@dataclass
+class AttributeHead:
+    """A further attribute's fitted head, written under ``attributes/`` of the main head."""
+
+    name: str
+    estimator: Any
+    kind: str
+    meta: Mapping[str, Any]
+    split: Mapping[str, Any]
+
+
+def attribute_dir_names(names: list[str]) -> list[str]:
+    """The folder of each attribute head under ``attributes/``: its name when that is a plain
+    file name, else ``attribute-<i>`` (a column may be called anything, e.g. "size (ml)")."""
+    plain = [n if re.fullmatch(r"[\w][\w.-]*", n) and n.lower() not in {"con", "nul"} else "" for n in names]
+    return [p or f"attribute-{i}" for i, p in enumerate(plain)]
+
+
 def write_head(
     out: str | Path,
     estimator: Any,
@@ -123,35 +143,35 @@ def write_head(
     meta: Mapping[str, Any],
     split: Mapping[str, Any],
     write_config: Callable[[Path], object] | None = None,
+    attributes: list[AttributeHead] | None = None,
 ) -> Path:
     """Write a fitted head of fit-head kind ``kind`` (a :data:`~pipeline.probe.kinds.KINDS` key)
     as ``out/``: ``meta`` becomes head.json (after ``schema_version``, ``kind`` and
     ``torch_kind``; ``files`` is added), ``split`` becomes split.json, and ``write_config(path)``
-    writes config.json. Staged beside ``out`` and renamed into place: ``out`` is the old head or
-    the new one, never a mixture. Entries of an existing head directory that a head does not
-    consist of (notes, a report) are carried over."""
+    writes config.json; each of ``attributes`` becomes ``out/attributes/<name>/`` with the same
+    files but config.json (listed, with its folder, in head.json's ``attributes``). Staged beside
+    ``out`` and renamed into place: ``out`` is the old head or the new one, never a mixture.
+    Entries of an existing head directory that a head does not consist of (notes, a report)
+    are carried over."""
     given = Path(out)
     out = given.absolute()  # "--out ." has no name to stage beside
     if out.exists() and not (out.is_dir() and (not any(out.iterdir()) or (out / "head.json").is_file())):
         raise InputError(f"{given} exists and is not a headstart head directory; choose another --out")
-    # an estimator may say which module it exports as (a logistic head with a text prior acts on
-    # unit features: "cosine"); otherwise its kind's
-    torch_kind = str(getattr(estimator, "torch_kind", None) or KINDS[kind].torch_kind)
+    attributes = attributes or []
+    meta = dict(meta)
+    if attributes:
+        dirs = attribute_dir_names([a.name for a in attributes])
+        meta["attributes"] = [
+            {"name": a.name, "dir": f"{ATTRIBUTES_DIR}/{d}", "multi_label": bool(a.meta.get("multi_label"))}
+            for a, d in zip(attributes, dirs, strict=True)
+        ]
     stage = stage_dir(out)
     try:
-        import joblib
-
-        joblib.dump(estimator, stage / "head.joblib")
-        np.savez(stage / "head.npz", kind=torch_kind, **estimator.torch_state())
-        (stage / "split.json").write_text(json.dumps(dict(split)) + "\n")
-        head_json = {
-            "schema_version": HEAD_SCHEMA_VERSION,
-            "kind": kind,
-            "torch_kind": torch_kind,
-            **meta,
-            "files": {name: sha256_file(stage / name) for name in ("head.joblib", "head.npz")},
-        }
-        (stage / "head.json").write_text(json.dumps(head_json, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        _write_head_files(stage, estimator, kind, meta, split)
+        for a, entry in zip(attributes, meta.get("attributes", []), strict=False):
+            sub = stage / entry["dir"]
+            sub.mkdir(parents=True)
+            _write_head_files(sub, a.estimator, a.kind, {**a.meta, "attribute": a.name}, a.split)
         if write_config is not None:
             write_config(stage / "config.json")
         replace_dir(stage, out, owned=HEAD_FILES)
@@ -159,6 +179,27 @@ def write_head(
         shutil.rmtree(stage, ignore_errors=True)
         raise
     return given
+
+
+def _write_head_files(
+    folder: Path, estimator: Any, kind: str, meta: Mapping[str, Any], split: Mapping[str, Any]
+) -> None:
+    import joblib
+
+    # an estimator may say which module it exports as (a logistic head with a text prior acts on
+    # unit features: "cosine"); otherwise its kind's
+    torch_kind = str(getattr(estimator, "torch_kind", None) or KINDS[kind].torch_kind)
+    joblib.dump(estimator, folder / "head.joblib")
+    np.savez(folder / "head.npz", kind=torch_kind, **estimator.torch_state())
+    (folder / "split.json").write_text(json.dumps(dict(split)) + "\n")
+    head_json = {
+        "schema_version": HEAD_SCHEMA_VERSION,
+        "kind": kind,
+        "torch_kind": torch_kind,
+        **meta,
+        "files": {name: sha256_file(folder / name) for name in ("head.joblib", "head.npz")},
+    }
+    (folder / "head.json").write_text(json.dumps(head_json, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 # --------------------------------------------------------------------------- reading
@@ -253,6 +294,45 @@ def read_head(head_dir: str | Path) -> tuple[dict[str, Any], HeadSpec]:
             f"{head_dir}: head.npz has {n} outputs but head.json lists {len(meta['class_names'])} classes; {_HEAD_FIX}"
         )
     return meta, spec
+
+
+@dataclass
+class AttributeSpec:
+    """A further attribute's head as read back: its head.json and tensors."""
+
+    name: str
+    meta: dict[str, Any]
+    spec: HeadSpec
+
+    @property
+    def multi_label(self) -> bool:
+        return bool(self.meta.get("multi_label"))
+
+
+def read_attribute_heads(head_dir: str | Path, meta: Mapping[str, Any]) -> list[AttributeSpec]:
+    """The heads under ``attributes/`` that the main head.json ``meta`` lists (none for heads
+    from before attributes), each checked as :func:`read_head` checks the main one."""
+    head_dir = Path(head_dir)
+    listed = meta.get("attributes") or []
+    what = str(head_dir / "head.json")
+    if not isinstance(listed, list):
+        raise ArtifactError(f"{what} 'attributes' is not a list; {_HEAD_FIX}")
+    out = []
+    for entry in listed:
+        named = isinstance(entry, Mapping) and isinstance(entry.get("name"), str)
+        if not (named and isinstance(entry.get("dir"), str)):
+            raise ArtifactError(f"{what} 'attributes' holds {str(entry)[:80]!r}, not a name and a folder; {_HEAD_FIX}")
+        folder = entry["dir"]
+        parts = folder.split("/")
+        if len(parts) != 2 or parts[0] != ATTRIBUTES_DIR or parts[1] in ("", ".", "..") or "\\" in folder:
+            raise ArtifactError(
+                f"{what} names attribute folder {folder!r}, not one under {ATTRIBUTES_DIR}/; {_HEAD_FIX}"
+            )
+        sub_meta, spec = read_head(head_dir / folder)
+        if bool(sub_meta.get("multi_label")) and len(sub_meta.get("thresholds") or []) != len(sub_meta["class_names"]):
+            raise ArtifactError(f"{head_dir / folder / 'head.json'} lacks one threshold per label; {_HEAD_FIX}")
+        out.append(AttributeSpec(str(entry["name"]), sub_meta, spec))
+    return out
 
 
 def fitted_content_hashes(head_dir: str | Path) -> frozenset[str] | None:

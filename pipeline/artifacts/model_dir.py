@@ -82,6 +82,9 @@ class ModelSource:
     provenance: dict[str, Any]
     sample_images: list[Path] = field(default_factory=list)  # for the parity check
     extra: dict[str, Any] = field(default_factory=dict)  # more top-level manifest keys
+    # The further attributes' heads (classifier.attributes, same order): the manifest's
+    # "attributes" entries - name, class_names, multi_label, thresholds, head - less "output".
+    attributes: list[dict[str, Any]] = field(default_factory=list)
 
 
 def write_model(
@@ -99,8 +102,9 @@ def write_model(
             from .onnx import export_onnx
 
             extra["outputs"] = export_onnx(
-                src.classifier, stage / filename, src.fingerprint.preprocessing.crop, _metadata(src)
-            )
+                src.classifier, stage / filename, src.fingerprint.preprocessing.crop, _metadata(src),
+                attribute_outputs(src.attributes),
+            )  # fmt: skip
         else:
             atomic_torch_save(src.classifier.state_dict(), stage / filename)
         files = {filename: sha256_file(stage / filename)}
@@ -133,6 +137,7 @@ def _manifest(src: ModelSource, fmt: str, files: dict[str, str], extra: dict[str
         "precision": fp.precision,
         "class_names": src.class_names,
         "head": {**src.head, "n_classes": len(src.class_names)},
+        **({"attributes": _attribute_entries(src.attributes)} if src.attributes else {}),
         "input": {
             "name": "pixels",
             "dtype": "uint8",
@@ -163,6 +168,20 @@ def _metadata(src: ModelSource) -> dict[str, str]:
     }
 
 
+def _attribute_entries(attributes: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{**a, "output": o} for a, o in zip(attributes, attribute_outputs(attributes), strict=True)]
+
+
+def attribute_outputs(attributes: list[dict[str, Any]]) -> list[str]:
+    """The ONNX output of each further attribute: ``probabilities_<name>`` when the name is an
+    identifier (so ``session.run(["probabilities_finish"], ...)`` reads naturally), else
+    ``probabilities_<i>``; the manifest's ``attributes`` maps outputs to names either way."""
+    return [
+        f"probabilities_{a['name']}" if str(a["name"]).isidentifier() else f"probabilities_{i}"
+        for i, a in enumerate(attributes)
+    ]
+
+
 def _write_json(path: Path, data: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
@@ -191,20 +210,20 @@ def _catalog_images() -> list[Path]:
 
 def _parity(src: ModelSource, stage: Path, tolerance: float) -> dict[str, Any]:
     pixels, origin = sample_pixels(src.sample_images, src.fingerprint.preprocessing)
-    with torch.inference_mode():
-        want = src.classifier(torch.from_numpy(pixels)).softmax(1).numpy()
+    want, want_attrs = _all_probabilities(src.classifier, pixels)
     loaded = load_model(stage)  # the real loading path: manifest, checksum, weights_only
     if loaded.runtime == "onnx":
         from .onnx import onnx_session
 
-        got = onnx_session(loaded.weights_path).run(["probabilities"], {"pixels": pixels})[0]
+        outputs = ["probabilities", *attribute_outputs(src.attributes)]
+        got, *got_attrs = onnx_session(loaded.weights_path).run(outputs, {"pixels": pixels})
         runtime = _ort_version()
     else:
         assert loaded.model is not None
-        with torch.inference_mode():
-            got = loaded.model(torch.from_numpy(pixels)).softmax(1).numpy()
+        got, got_attrs = _all_probabilities(loaded.model, pixels)
         runtime = f"torch {torch.__version__}"
-    diff = float(np.abs(got - want).max())
+    # every output of the model: the main head's and each attribute's probabilities
+    diff = max(float(np.abs(g - w).max()) for g, w in zip([got, *got_attrs], [want, *want_attrs], strict=True))
     result = {
         "max_abs_diff": diff,
         "tolerance": tolerance,
@@ -221,6 +240,12 @@ def _parity(src: ModelSource, stage: Path, tolerance: float) -> dict[str, Any]:
             "Report this with the backbone name; --parity-tolerance raises the limit if you accept the difference"
         )
     return result
+
+
+def _all_probabilities(model: Classifier, pixels: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+    with torch.inference_mode():
+        feats = model.net(torch.from_numpy(pixels)).float()
+        return model.head(feats).softmax(1).numpy(), [p.numpy() for p in model.attribute_probabilities(feats)]
 
 
 def _ort_version() -> str:
@@ -254,6 +279,11 @@ class LoadedModel:
     @property
     def fingerprint(self) -> Fingerprint:
         return Fingerprint.from_manifest(self.manifest)
+
+    @property
+    def attributes(self) -> list[dict[str, Any]]:
+        """The further attributes' entries of the manifest (checked on reading); [] for most models."""
+        return list(self.manifest.get("attributes") or [])
 
     @property
     def tree(self) -> Tree | None:
@@ -321,6 +351,29 @@ def _check_manifest(root: Path, manifest: dict[str, Any]) -> None:
     checked_files(root, plain_files(manifest["files"]), what=what, fix=_REEXPORT)
     check_architecture(root, manifest, what=what, fix=_REEXPORT)  # the backbone/ entries of 'files'
     Tree.from_record(manifest.get("tree"), names, what=what, fix=_REEXPORT)  # models before the tree have none
+    _check_attributes(manifest.get("attributes"), what)
+
+
+def _check_attributes(attributes: Any, what: str) -> None:
+    """Each further attribute: a name, its class names, a head kind, its ONNX output, and for a
+    multi-label one a threshold per label in [0, 1]."""
+    if attributes is None:
+        return
+    if not isinstance(attributes, list):
+        raise ArtifactError(f"{what} 'attributes' is not a list; {_REEXPORT}")
+    for a in attributes:
+        if not (isinstance(a, dict) and isinstance(a.get("name"), str) and isinstance(a.get("output"), str)):
+            raise ArtifactError(f"{what} 'attributes' holds an entry without a name and an output; {_REEXPORT}")
+        where = f"{what} attribute {a['name']!r}"
+        names = checked_class_names(a.get("class_names"), what=where, fix=_REEXPORT)
+        if not isinstance(a.get("head"), dict) or not isinstance(a["head"].get("kind"), str):
+            raise ArtifactError(f"{where} has no head kind; {_REEXPORT}")
+        if a.get("multi_label"):
+            t = a.get("thresholds")
+            if not (isinstance(t, list) and len(t) == len(names)) or not all(
+                isinstance(v, int | float) and 0 <= v <= 1 for v in t
+            ):
+                raise ArtifactError(f"{where} needs one threshold in [0, 1] per label; {_REEXPORT}")
 
 
 def build_classifier(manifest: dict[str, Any], state: dict[str, torch.Tensor], root: Path | None = None) -> Classifier:
@@ -334,7 +387,10 @@ def build_classifier(manifest: dict[str, Any], state: dict[str, torch.Tensor], r
     net = load_backbone(spec, load_weights=False).net
     net.imagenet_head = None
     state = {k: v for k, v in state.items() if not k.startswith("net.imagenet_head.")}  # v1 models had it
-    model = Classifier(net, build_head(manifest["head"]["kind"], head_tensors(state)))
+    attributes = manifest.get("attributes") or []
+    heads = [build_head(a["head"]["kind"], head_tensors(state, f"attributes.{i}.")) for i, a in enumerate(attributes)]
+    multi = [bool(a.get("multi_label")) for a in attributes]
+    model = Classifier(net, build_head(manifest["head"]["kind"], head_tensors(state)), heads, multi)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
@@ -345,6 +401,12 @@ def build_classifier(manifest: dict[str, Any], state: dict[str, torch.Tensor], r
     n = int(model.head.n_classes)  # type: ignore[arg-type]
     if n != len(manifest["class_names"]):
         raise ArtifactError(f"the head has {n} outputs but the manifest lists {len(manifest['class_names'])} classes")
+    for a, head in zip(attributes, model.attributes, strict=True):
+        if int(head.n_classes) != len(a["class_names"]):  # type: ignore[arg-type]
+            raise ArtifactError(
+                f"the {a['name']!r} head has {head.n_classes} outputs but the manifest lists "
+                f"{len(a['class_names'])} classes; {_REEXPORT}"
+            )
     return model.eval()
 
 

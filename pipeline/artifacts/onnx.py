@@ -34,12 +34,16 @@ def _require(module: str) -> Any:
         ) from None
 
 
-def export_onnx(model: Classifier, path: Path, crop: int, metadata: dict[str, str]) -> dict[str, Any]:
-    """Write ``path``; return the outputs' description for the manifest."""
+def export_onnx(
+    model: Classifier, path: Path, crop: int, metadata: dict[str, str], attribute_outputs: list[str] | None = None
+) -> dict[str, Any]:
+    """Write ``path``; return the outputs' description for the manifest. ``attribute_outputs``:
+    the names of the further attributes' probability outputs, after the two of every model."""
     onnx = _require("onnx")
     _require("onnxruntime")
+    extra = list(attribute_outputs or [])
     try:
-        export_graph(ExportGraph(model).eval(), crop, path, OUTPUTS)
+        export_graph(ExportGraph(model).eval(), crop, path, (*OUTPUTS, *extra))
     except GraphExportError as e:
         raise ArtifactError(f"{e}; export it with --format native instead") from None
     proto = onnx.load(str(path))
@@ -52,6 +56,14 @@ def export_onnx(model: Classifier, path: Path, crop: int, metadata: dict[str, st
     return {
         OUTPUTS[0]: {"dtype": "float32", "shape": ["N", n_classes], "note": "softmax, in class_names order"},
         OUTPUTS[1]: {"dtype": "float32", "shape": ["N", model.net.feature_dim], "note": "backbone features"},
+        **{
+            name: {
+                "dtype": "float32",
+                "shape": ["N", int(head.n_classes)],  # type: ignore[arg-type]
+                "note": "per-label sigmoid (multi-label)" if multi else "softmax, in the attribute's class_names order",
+            }
+            for name, head, multi in zip(extra, model.attributes, model.multi_label, strict=True)
+        },
         "opset": OPSET,
     }
 
@@ -71,11 +83,15 @@ def check_graph(path: Path, manifest: dict[str, Any]) -> None:
         problems.append(f"its inputs are {', '.join(inputs) or 'none'}, not just '{INPUT}'")
     elif not _fits(inputs[INPUT], "uint8", [None, 3, crop, crop]):
         problems.append(f"input '{INPUT}' is {_show(inputs[INPUT])}, not uint8 [N, 3, {crop}, {crop}]")
-    for name, width in ((OUTPUTS[0], n_classes), (OUTPUTS[1], dim)):
+    expected = [
+        (OUTPUTS[0], n_classes, f"{n_classes} classes, as class_names lists"),
+        (OUTPUTS[1], dim, f"{dim} features"),
+        *((a["output"], len(a["class_names"]), f"the {a['name']!r} classes") for a in manifest.get("attributes") or []),
+    ]
+    for name, width, what in expected:
         if name not in outputs:
             problems.append(f"it has no output '{name}' (its outputs: {', '.join(outputs) or 'none'})")
         elif not _fits(outputs[name], "float", [None, width]):
-            what = f"{n_classes} classes, as class_names lists" if name == OUTPUTS[0] else f"{dim} features"
             problems.append(f"output '{name}' is {_show(outputs[name])}, not float [N, {width or 'D'}] ({what})")
     if problems:
         raise ArtifactError(f"{path} does not match its manifest.json: {'; '.join(problems)}; {fix}")

@@ -282,6 +282,7 @@ def _read_index(c: Cache) -> IndexContents:
         skipped=c.skipped,
         rejected=[(h, why, limits) for h, (why, limits) in c.rejected.items()],
         stat=c.stat_table(),
+        attributes=c.attributes(),
     )
 
 

@@ -32,6 +32,15 @@ def segment_dir(cache_path: Path) -> Path:
 
 
 @dataclass
+class Column:
+    """One attribute column of the index (``/attributes/<name>``): per row an index into
+    ``values`` (the column's distinct cells as written, sorted), -1 = empty."""
+
+    labels: np.ndarray  # int32 [N]
+    values: list[str]
+
+
+@dataclass
 class StatTable:
     """The stat cache: (path, size, mtime_ns, inode, device) -> content hash, one per file."""
 

@@ -18,6 +18,7 @@ import numpy as np
 from ..models.fingerprint import KEYS as FINGERPRINT_KEYS
 from .h5io import (
     SCHEMA_VERSION,
+    Column,
     StatTable,
     _packed,
     _packed_str,
@@ -50,6 +51,8 @@ class IndexContents:
     # run: (content hash, reason, the decode limits it failed under).
     rejected: list[tuple[str, str, str]] = field(default_factory=list)
     stat: StatTable = field(default_factory=StatTable)
+    # The manifest's other label columns (data/attributes.py), in its order: name -> Column.
+    attributes: dict[str, Column] = field(default_factory=dict)
 
 
 def mapping_runs(seg: np.ndarray, row: np.ndarray) -> tuple[list[int], list[int]]:
@@ -91,6 +94,8 @@ def write_index(path: Path, c: IndexContents) -> int:
         _packed_str(f, "paths", c.paths)
         _packed(f, "labels", np.asarray(c.labels, dtype=np.int32))
         _str_ds(f, "class_names", c.class_names)
+        if c.attributes:
+            _write_attributes(f.create_group("attributes"), c.attributes)
         g = f.create_group("duplicates")
         _str_ds(g, "path", [p for p, _ in c.duplicates])
         g.create_dataset("content_hash", data=np.array([h for _, h in c.duplicates], dtype="S32"))
@@ -122,6 +127,15 @@ def write_index(path: Path, c: IndexContents) -> int:
     return written
 
 
+def _write_attributes(g: h5py.Group, columns: dict[str, Column]) -> None:
+    # Group members are listed in name order; the manifest's column order is an attribute.
+    g.attrs["columns"] = json.dumps(list(columns), ensure_ascii=False)
+    for name, col in columns.items():
+        a = g.create_group(name)
+        _packed(a, "labels", np.asarray(col.labels, dtype=np.int32))
+        _str_ds(a, "class_names", col.values)
+
+
 DIGEST_ATTR = "contents_digest"
 # Attributes that describe the run rather than the contents: a re-run that changes nothing
 # else leaves the index as it is (its ``updated`` and ``config`` are those of the last change).
@@ -143,6 +157,9 @@ def contents_digest(c: IndexContents) -> str:
     strings(c.paths)
     h.update(np.asarray(c.labels, dtype=np.int32).tobytes())
     strings(c.class_names)
+    for name, col in c.attributes.items():
+        strings([name, *col.values])
+        h.update(np.asarray(col.labels, dtype=np.int32).tobytes())
     strings(names)
     h.update(np.array([seg_id[s] for s, _ in c.location], dtype=np.int64).tobytes())
     h.update(np.array([r for _, r in c.location], dtype=np.int64).tobytes())

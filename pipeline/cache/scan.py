@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from . import statcache
+from .h5io import Column
 from .index import IndexContents
 from .statcache import StatKey
 
@@ -50,11 +51,13 @@ def index_contents(
     dtype: str,
     feature_dim: int,
     limits: str,
+    attributes: dict[str, Sequence[str]] | None = None,
 ) -> IndexContents:
     """The next index from ``scan`` (``rels``/``labels``: per catalog item). Rows in storage
     order: the old index's segments first, in its order, then the new segments' rows. Content
     that failed is listed as skipped, and remembered (``rejected``) under ``limits`` unless the
-    failure was not the content's."""
+    failure was not the content's. ``attributes``: the other label columns, a cell per item
+    ("" = empty)."""
     class_names = sorted({lab for lab in labels if lab is not None})
     label_id = {n: i for i, n in enumerate(class_names)}
     rows: list[tuple[str, str, int]] = []  # hash, path, label
@@ -80,6 +83,8 @@ def index_contents(
     hashed = [(rels[i], scan.stat[i], h) for h, members in scan.by_hash.items() for i in members]
     location = [scan.location[h] for h, _, _ in rows]
     used = {s for s, _ in location}
+    members_of = [scan.by_hash[h] for h, _, _ in rows]
+    columns = {name: _column(name, cells, members_of, rels, skipped) for name, cells in (attributes or {}).items()}
     return IndexContents(
         content_hash=[h for h, _, _ in rows],
         paths=[p for _, p, _ in rows],
@@ -98,18 +103,49 @@ def index_contents(
             if h in scan.by_hash and h not in scan.location and h not in scan.forget
         ),
         stat=statcache.table(hashed, scan.scan_ns),
+        attributes=columns,
     )
 
 
-def labels_by_hash(hashes: Sequence[str], labels: Sequence[int], class_names: Sequence[str]) -> dict[str, str | None]:
-    return {h: (class_names[lab] if lab >= 0 else None) for h, lab in zip(hashes, labels, strict=True)}
+def _column(
+    name: str, cells: Sequence[str], members_of: list[list[int]], rels: Sequence[str], skipped: list[tuple[str, str]]
+) -> Column:
+    """One attribute column over the index rows (``members_of``: each row's catalog items).
+    Identical files with different non-empty cells leave the row's cell empty, as labels do."""
+    values = sorted({c for c in cells if c})
+    value_id = {v: i for i, v in enumerate(values)}
+    out = np.full(len(members_of), -1, dtype=np.int32)
+    for row, members in enumerate(members_of):
+        seen = {c for i in members if (c := cells[i])}
+        if len(seen) == 1:
+            out[row] = value_id[seen.pop()]
+        elif seen:
+            shown = ", ".join(sorted(seen))
+            why = f"identical bytes with {len(seen)} different {name} ({shown}); {name} left empty"
+            skipped.append((rels[members[0]], why))
+    return Column(out, values)
 
 
-def label_changes(before: dict[str, str | None] | None, after: IndexContents) -> tuple[int, int]:
-    """(rows removed, rows relabelled) from the index ``before`` (hash -> label) to ``after``."""
+def labels_by_hash(
+    hashes: Sequence[str],
+    labels: Sequence[int],
+    class_names: Sequence[str],
+    columns: dict[str, Column] | None = None,
+) -> dict[str, tuple[str | None, ...]]:
+    """Content hash -> (its label, then its cell of every attribute column): what a relabel changes."""
+    cols = [(c.labels.tolist(), c.values) for c in (columns or {}).values()]
+    return {
+        h: (class_names[lab] if lab >= 0 else None, *((vals[ids[i]] if ids[i] >= 0 else None) for ids, vals in cols))
+        for i, (h, lab) in enumerate(zip(hashes, labels, strict=True))
+    }
+
+
+def label_changes(before: dict[str, tuple[str | None, ...]] | None, after: IndexContents) -> tuple[int, int]:
+    """(rows removed, rows relabelled) from the index ``before`` (:func:`labels_by_hash`) to
+    ``after``; a row counts as relabelled when its label or any attribute cell changed."""
     if before is None:
         return 0, 0
-    now = labels_by_hash(after.content_hash, after.labels.tolist(), after.class_names)
+    now = labels_by_hash(after.content_hash, after.labels.tolist(), after.class_names, after.attributes)
     removed = sum(1 for h in before if h not in now)
     relabelled = sum(1 for h, lab in now.items() if h in before and before[h] != lab)
     return removed, relabelled

@@ -29,6 +29,11 @@ Index datasets (names are a public contract; other tools read them):
 ``/paths``             UTF-8 ``[N]``: one path (relative to the image root) per row
 ``/labels``            int32 ``[N]``: index into ``/class_names``, -1 = unlabelled
 ``/class_names``       UTF-8 ``[C]`` (sorted; may be Chinese, e.g. 口红)
+``/attributes/<col>/*`` a manifest's other label columns (``data/attributes.py``): ``labels``
+                       int32 ``[N]`` into ``class_names``, the column's distinct cells as
+                       written (-1 = empty cell); the group's ``columns`` attr lists them in
+                       order. Absent for class folders. Attr ``label_column`` names the
+                       column ``/labels`` holds.
 ``/duplicates/path``   UTF-8: further files with the same bytes as a row ...
 ``/duplicates/content_hash``  ... and that row's key (identical files are extracted once)
 ``/skipped/path``      UTF-8: files that could not be used ...
@@ -55,6 +60,7 @@ converted by :func:`migrate_v1` on the next extract.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -67,7 +73,7 @@ import numpy as np
 from ..errors import BackboneError, CacheError
 from ..models.fingerprint import Fingerprint
 from . import validation
-from .h5io import SCHEMA_VERSION, StatTable, _decode, crash_point, segment_dir
+from .h5io import SCHEMA_VERSION, Column, StatTable, _decode, crash_point, segment_dir
 from .lock import writer_lock
 
 __all__ = ["SCHEMA_VERSION", "Cache", "CacheContents", "crash_point", "segment_dir", "writer_lock"]
@@ -193,6 +199,30 @@ class Cache:
         if check:
             validation.check_labels(self.path, labels, int(self._f["class_names"].shape[0]))
         return labels
+
+    @property
+    def label_column(self) -> str:
+        """The manifest column ``/labels`` holds ("" for class folders and older caches)."""
+        return str(self._f.attrs.get("label_column", ""))
+
+    @property
+    def attribute_names(self) -> list[str]:
+        """The manifest's other label columns (``/attributes``), in its order; [] for most caches."""
+        g = self._f.get("attributes")
+        return list(json.loads(g.attrs["columns"])) if g is not None else []
+
+    def attribute(self, name: str) -> Column:
+        """The column ``name``: its cells (``values``) and, per row, the index of its cell
+        (-1 = empty), range-checked like :attr:`labels`."""
+        if name not in self.attribute_names:
+            raise KeyError(name)
+        g = self._f["attributes"][name]
+        labels = np.asarray(g["labels"][()], dtype=np.int64)
+        validation.check_labels(self.path, labels, int(g["class_names"].shape[0]), f"/attributes/{name}")
+        return Column(labels, _decode(g["class_names"]))
+
+    def attributes(self) -> dict[str, Column]:
+        return {name: self.attribute(name) for name in self.attribute_names}
 
     @property
     def skipped(self) -> list[tuple[str, str]]:

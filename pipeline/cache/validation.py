@@ -14,6 +14,7 @@ everything, byte by byte, by ``headstart cache verify``. No torch here.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -110,6 +111,31 @@ def layout_problems(f: h5py.File, version: int) -> list[str]:
     for group, members in groups.items():
         want = n if group == "location" else None
         problems += _group_problems(f, group, members, want)
+    if "attributes" in f:
+        problems += _attribute_column_problems(f, n)
+    return problems
+
+
+def _attribute_column_problems(f: h5py.File, n: int | None) -> list[str]:
+    """``/attributes`` (caches from manifests with several label columns): a group per column
+    named in its ``columns`` attribute, each with per-row ``labels`` and its ``class_names``."""
+    g = f["attributes"]
+    if not isinstance(g, h5py.Group):
+        return ["/attributes is a dataset, not a group"]
+    try:
+        columns = json.loads(g.attrs["columns"])
+        if not (isinstance(columns, list) and all(isinstance(c, str) for c in columns)):
+            raise ValueError
+    except (KeyError, ValueError, TypeError):
+        return ["/attributes has no readable 'columns' attribute (a JSON list of the column names)"]
+    problems: list[str] = []
+    for name in columns:
+        col = g.get(name)
+        if not isinstance(col, h5py.Group):
+            problems.append(f"/attributes/{name} is missing" if col is None else f"/attributes/{name} is not a group")
+            continue
+        problems += _dataset_problems(col, "labels", _INT, n, f"/features has {n} rows")
+        problems += _dataset_problems(col, "class_names", _STR, None, "")
     return problems
 
 
@@ -133,15 +159,15 @@ def damaged(path: Path, problems: list[str]) -> str:
     return f"{path} is damaged or was not written by headstart: {shown}; {fix_hint(path)}"
 
 
-def check_labels(path: Path, labels: np.ndarray, n_classes: int) -> None:
-    """Labels index ``/class_names`` (-1 = unlabelled): anything else is a damaged cache, which
-    would otherwise be an IndexError far downstream or a class that does not exist."""
+def check_labels(path: Path, labels: np.ndarray, n_classes: int, where: str = "") -> None:
+    """Labels index ``{where}/class_names`` (-1 = unlabelled): anything else is a damaged cache,
+    which would otherwise be an IndexError far downstream or a class that does not exist."""
     bad = np.flatnonzero((labels < -1) | (labels >= n_classes))
     if len(bad):
         shown = ", ".join(f"row {int(i)}: {int(labels[i])}" for i in bad[:3])
         raise CacheError(
-            f"{path} is damaged: /labels has {len(bad)} value(s) outside -1 .. {n_classes - 1} "
-            f"(/class_names has {n_classes} entries), e.g. {shown}; {fix_hint(path)}"
+            f"{path} is damaged: {where}/labels has {len(bad)} value(s) outside -1 .. {n_classes - 1} "
+            f"({where}/class_names has {n_classes} entries), e.g. {shown}; {fix_hint(path)}"
         )
 
 

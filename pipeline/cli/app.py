@@ -141,7 +141,9 @@ def _param(f: dataclasses.Field[Any], hint: Any, positional: bool) -> click.Para
     if base is bool:
         decls, kw["type"] = [f"{flag}/--no-{flag[2:]}" if f.default else flag], None
         kw["is_flag"] = not f.default or None
-    if not has_default(f):
+    if many:  # an option given once per value: --classes a.toml --classes b.toml
+        kw.update(multiple=True, default=f.default)
+    elif not has_default(f):
         kw["required"] = True
     elif f.default is not None and f.default is not False:
         kw.update(default=f.default, show_default=True)

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import InputError
+from .attributes import label_column
 from .manifest import read_manifest
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
@@ -23,7 +24,8 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".png", ".webp", ".gif", 
 class Item:
     file: str  # absolute path, as a string: a million Path objects cost seconds per run
     rel: str  # relative to the image root, POSIX separators (what the cache stores)
-    label: str | None  # None = unlabelled
+    label: str | None  # the label column's cell; None = unlabelled
+    attributes: tuple[str, ...] = ()  # the other columns' cells ("" = empty), in Catalog.attribute_names order
 
     @property
     def path(self) -> Path:
@@ -42,6 +44,8 @@ class Catalog:
     items: list[Item]
     skipped: list[Skip]
     layout: str  # "folders" | "manifest" | "unlabelled" | "files"
+    label_column: str = ""  # the manifest column ``label`` holds ("" for folders: the folder name)
+    attribute_names: list[str] = field(default_factory=list)  # the other manifest columns (attributes.py)
 
     @property
     def class_names(self) -> list[str]:
@@ -155,14 +159,17 @@ def discover(source: str | os.PathLike[str], *, labelled: bool | None = None) ->
 
 def _from_manifest(manifest: Path) -> Catalog:
     root = manifest.resolve().parent
-    items: list[Item] = []
+    rows: list[tuple[str, str, dict[str, str]]] = []  # rel, file, the other columns' cells
     skipped: list[Skip] = []
-    for raw, label in read_manifest(manifest):
+    for raw, cells in read_manifest(manifest):
         rel = Path(raw).as_posix()
         bad = _bad_name(raw, "path", "fix the manifest")
-        if bad is None and label is not None:
-            why = _name_problem(label)
-            bad = Skip(rel, f"label {escape_name(label)!r} {why}; fix the manifest") if why else None
+        if bad is None:
+            bad = next(
+                (Skip(rel, f"{column} {escape_name(cell)!r} {why}; fix the manifest")
+                 for column, cell in cells.items() if (why := _name_problem(cell))),
+                None,
+            )  # fmt: skip
         if bad is None:
             path = Path(raw) if os.path.isabs(raw) else root / raw
             try:
@@ -173,7 +180,14 @@ def _from_manifest(manifest: Path) -> Catalog:
         if bad:
             skipped.append(bad)
         else:
-            items.append(Item(os.fspath(path), rel, label))
-    if not items and not skipped:
+            rows.append((rel, os.fspath(path), cells))
+    if not rows and not skipped:
         raise InputError(f"{manifest} lists no images")
-    return Catalog(root, items, skipped, "manifest")
+    columns = list(rows[0][2]) if rows else []
+    main = label_column(columns, {c: (cells[c] for _, _, cells in rows) for c in columns})
+    others = [c for c in columns if c != main]
+    items = [
+        Item(file, rel, (cells[main] or None) if main else None, tuple(cells[c] for c in others))
+        for rel, file, cells in rows
+    ]
+    return Catalog(root, items, skipped, "manifest", main or "", others)

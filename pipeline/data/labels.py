@@ -6,6 +6,12 @@ A label map is a small TOML file (``fit-head --classes classes.toml``)::
     # Categories in the cache that no head should learn.
     drop = ["misc", "samples"]
 
+    # The manifest column this map is for (default: the label column, e.g. ``category``), and
+    # whether its cells are ;-separated label sets (also so when any cell holds a ';'). Top-level
+    # keys, before the tables. One file per attribute: ``fit-head --classes a.toml --classes b.toml``.
+    # attribute = "finish"
+    # multi_label = true
+
     # Output classes and their ids. An id belongs to one class for ever: a new class gets a new
     # id, a retired class's id is never reused - so "class 3" means the same in every version.
     [classes]
@@ -71,6 +77,8 @@ class LabelMap:
     text: str = ""  # the file's text, recorded in head.json
     prompts: dict[str, tuple[str, ...]] = field(default_factory=dict)  # output class -> zero-shot prompts
     tree: Tree | None = None  # [parents]; with no [classes] (classes == {}) the categories stay as they are
+    attribute: str | None = None  # the column it applies to (None: the label column; data/attributes.py)
+    multi_label: bool = False  # the column holds ;-separated labels even where no cell shows a ';'
 
     # ------------------------------------------------------------------ reading
 
@@ -90,15 +98,25 @@ class LabelMap:
     @classmethod
     def from_dict(cls, data: dict[str, Any], *, source: str = "", text: str = "") -> LabelMap:
         where = f"label map {source}" if source else "label map"
-        unknown = set(data) - {"classes", "rename", "drop", "prompts", "parents"}
+        unknown = set(data) - {"classes", "rename", "drop", "prompts", "parents", "attribute", "multi_label"}
         if unknown:
             raise InputError(
                 f"{where}: unknown key(s) {sorted(unknown)}; "
-                "use [classes], [rename], [prompts], [parents] and drop = [...]"
+                'use [classes], [rename], [prompts], [parents], drop = [...], attribute = "..." and multi_label = true'
             )
+        attribute = data.get("attribute")
+        if attribute is not None and (not isinstance(attribute, str) or not attribute.strip()):
+            raise InputError(
+                f'{where}: attribute = {attribute!r}; it names a manifest column, e.g. attribute = "finish"'
+            )
+        multi = data.get("multi_label", False)
+        if not isinstance(multi, bool):
+            raise InputError(f"{where}: multi_label = {multi!r}; write multi_label = true or false")
+        if multi and "parents" in data:
+            raise InputError(f"{where}: [parents] is for single-label attributes; a multi-label one has no tree")
         tree = Tree.parse(data["parents"], where) if "parents" in data else None
-        if tree is not None and set(data) == {"parents"}:  # a tree over the cache's categories as they are
-            return cls({}, source=source, text=text, tree=tree)
+        if set(data) <= {"parents", "attribute", "multi_label"}:  # the column's categories as they are
+            return cls({}, source=source, text=text, tree=tree, attribute=attribute, multi_label=multi)
         classes = data.get("classes")
         if not isinstance(classes, dict) or not classes:
             raise InputError(
@@ -130,7 +148,7 @@ class LabelMap:
         prompts = _prompts(data.get("prompts", {}), classes, where)
         if tree is not None:
             tree.check_classes(classes, where)
-        return cls(dict(classes), dict(rename), frozenset(drop), source, text, prompts, tree)
+        return cls(dict(classes), dict(rename), frozenset(drop), source, text, prompts, tree, attribute, multi)
 
     def head_tree(self, class_names: list[str], categories: list[str]) -> Tree | None:
         """The tree over a head's ``class_names`` (None: no [parents]); names are checked against
@@ -239,3 +257,44 @@ def apply_label_map(label_map: LabelMap | None, category_names: list[str], label
             lut[i] = index[t]
     absent = sorted(set(label_map.classes) - used, key=lambda n: label_map.classes[n])
     return Mapped(lut[labels], names, [label_map.classes[n] for n in names], absent)
+
+
+@dataclass(frozen=True)
+class MappedMulti:
+    """A multi-label column after the label map: ``Y[row, j]`` is 1 when the row carries
+    ``class_names[j]`` (an empty cell: a row of zeros, a photo with none of the labels)."""
+
+    Y: np.ndarray  # uint8 [N, L]
+    class_names: list[str]
+    class_ids: list[int]
+    absent: list[str]
+
+
+def apply_multi_label(label_map: LabelMap | None, values: list[str], cells: np.ndarray) -> MappedMulti:
+    """Map a multi-label column (``cells``: per row an index into ``values``, the distinct
+    cells, -1 empty) to output labels: each ``;``-separated label goes through the map as a
+    category does in :func:`apply_label_map` (renamed, merged, dropped, refused if unmapped)."""
+    from .attributes import split_cell  # attributes.py builds on this module
+
+    cells = np.asarray(cells, dtype=np.int64)
+    parts = [split_cell(v) for v in values]
+    present = sorted({lab for i in np.unique(cells) if i >= 0 for lab in parts[int(i)]})
+    if label_map is None or not label_map.classes:
+        names, ids = present, list(range(len(present)))
+        target: dict[str, str | None] = {n: n for n in present}
+        absent: list[str] = []
+    else:
+        apply_label_map(label_map, present, np.zeros(0, np.int64))  # the same checks of drop = [...]
+        target = {n: label_map.target(n) for n in present}
+        used = {t for t in target.values() if t is not None}
+        names = sorted(used, key=lambda n: label_map.classes[n])
+        ids = [label_map.classes[n] for n in names]
+        absent = sorted(set(label_map.classes) - used, key=lambda n: label_map.classes[n])
+    index = {n: j for j, n in enumerate(names)}
+    per_value = np.zeros((len(values) + 1, len(names)), np.uint8)  # the last row: the empty cell
+    for v, labs in enumerate(parts):
+        for lab in labs:
+            t = target.get(lab)
+            if t is not None:
+                per_value[v, index[t]] = 1
+    return MappedMulti(per_value[cells], names, ids, absent)

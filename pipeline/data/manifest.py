@@ -1,4 +1,5 @@
-"""Reading a CSV manifest (``path,label``) as people really save them.
+"""Reading a CSV manifest (``path,label``, or ``path`` plus one column per attribute) as people
+really save them.
 
 Encodings: UTF-8 (with or without the BOM Excel writes), and UTF-16 or UTF-32 *with* a BOM (Excel's
 "Unicode Text", PowerShell's default), are read. Anything else is an ``Error:`` naming the line,
@@ -16,7 +17,7 @@ from __future__ import annotations
 import codecs
 import csv
 import io
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from ..errors import InputError
@@ -75,8 +76,9 @@ def _lines(manifest: Path, text: io.TextIOWrapper, encoding: str) -> Iterator[st
         yield line
 
 
-def read_manifest(manifest: Path) -> Iterator[tuple[str, str | None]]:
-    """``(path, label or None)`` per row with a non-empty path, as written (stripped)."""
+def read_manifest(manifest: Path) -> Iterator[tuple[str, dict[str, str]]]:
+    """``(path, cells)`` per row with a non-empty path: ``cells`` maps every other named column
+    (in header order: the attributes, :mod:`.attributes`) to its text, stripped ("" = empty)."""
     try:
         with open(manifest, "rb") as raw:
             encoding = _encoding(manifest, raw.read(4096))
@@ -89,19 +91,35 @@ def read_manifest(manifest: Path) -> Iterator[tuple[str, str | None]]:
             try:
                 if reader.fieldnames is None or "path" not in reader.fieldnames:
                     raise InputError(
-                        f"{manifest} needs a header row with a 'path' column (and optionally 'label'); "
-                        f"found {reader.fieldnames}"
+                        f"{manifest} needs a header row with a 'path' column (and optionally 'label', or one "
+                        f"column per attribute: path,category,finish,tags); found {reader.fieldnames}"
                     )
+                columns = _attribute_columns(manifest, reader.fieldnames)
                 start = reader.line_num + 1
                 for row in reader:
                     path = (row.get("path") or "").strip()
                     if path:
-                        yield path, (row.get("label") or "").strip() or None
+                        yield path, {name: (row.get(raw_name) or "").strip() for raw_name, name in columns}
                     start = reader.line_num + 1
             except csv.Error as e:
                 raise InputError(_csv_error(manifest, start, e)) from None
     except OSError as e:
         raise InputError(f"cannot read {manifest}: {e.strerror or e}") from None
+
+
+def _attribute_columns(manifest: Path, fieldnames: Sequence[str]) -> list[tuple[str, str]]:
+    """The header's columns other than ``path``, as (name in the header, stripped name); an
+    unnamed one (a trailing comma) is ignored. A name is also an HDF5 group name in the cache,
+    so '/' is refused, and a repeated name would silently lose one of the columns."""
+    columns = [(c, c.strip()) for c in fieldnames if c is not None and c.strip() and c.strip() != "path"]
+    names = [name for _, name in columns]
+    for c in names:
+        if "/" in c or c.startswith("."):
+            raise InputError(f"{manifest}: column name {c!r} may not contain '/' or start with '.'; rename it")
+    twice = sorted({c for c in names if names.count(c) > 1})
+    if twice:
+        raise InputError(f"{manifest}: the header names column {twice[0]!r} more than once; rename one of them")
+    return columns
 
 
 def _csv_error(manifest: Path, line: int, e: csv.Error) -> str:

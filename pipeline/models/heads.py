@@ -108,12 +108,22 @@ def build_head(kind: str, tensors: Mapping[str, torch.Tensor]) -> nn.Module:
 
 
 class Classifier(nn.Module):
-    """uint8 pixels -> class logits: normalisation, backbone, head in one module."""
+    """uint8 pixels -> class logits: normalisation, backbone, head in one module; and the heads
+    of further attributes (``attributes``, in the manifest's order), on the same features."""
 
-    def __init__(self, net: FeatureNet, head: nn.Module) -> None:
+    def __init__(
+        self,
+        net: FeatureNet,
+        head: nn.Module,
+        attributes: list[nn.Module] | None = None,
+        multi_label: list[bool] | None = None,
+    ) -> None:
         super().__init__()
         self.net = net
         self.head = head
+        # Empty for a one-attribute model: its state dict is the same as before attributes.
+        self.attributes = nn.ModuleList(attributes or [])
+        self.multi_label = list(multi_label or [False] * len(self.attributes))
 
     def features(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.net(pixels)
@@ -121,20 +131,28 @@ class Classifier(nn.Module):
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.head(self.net(pixels).float())  # type: ignore[no-any-return]
 
+    def attribute_probabilities(self, feats: torch.Tensor) -> list[torch.Tensor]:
+        """Per further attribute: softmax over its classes, or per-label sigmoid (multi-label)."""
+        return [
+            head(feats).sigmoid() if multi else head(feats).softmax(1)
+            for head, multi in zip(self.attributes, self.multi_label, strict=True)
+        ]
+
 
 class ExportGraph(nn.Module):
-    """What the ONNX file computes: pixels -> (probabilities, features). Softmax is inside so a
+    """What the ONNX file computes: pixels -> (probabilities, features, then one probabilities
+    output per further attribute). Softmax (sigmoid for a multi-label attribute) is inside so a
     deployment reads probabilities directly; features feed search and recommendation."""
 
     def __init__(self, model: Classifier) -> None:
         super().__init__()
         self.model = model
 
-    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, ...]:
         feats = self.model.net(pixels).float()
-        return self.model.head(feats).softmax(1), feats
+        return (self.model.head(feats).softmax(1), feats, *self.model.attribute_probabilities(feats))
 
 
-def head_tensors(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The ``head.*`` entries of a Classifier state dict, prefix stripped."""
-    return {k.removeprefix("head."): v for k, v in state.items() if k.startswith("head.")}
+def head_tensors(state: Mapping[str, torch.Tensor], prefix: str = "head.") -> dict[str, torch.Tensor]:
+    """The ``head.*`` entries of a Classifier state dict (or another ``prefix``'s), prefix stripped."""
+    return {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
