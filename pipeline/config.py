@@ -219,6 +219,7 @@ class EvaluateConfig:
     out: str = _opt(str(ARTIFACTS / "report"), "Report directory to write.", output="dir")
     unknown_threshold: float | None = _opt(None, "Report coverage/accuracy at it (default: the head's).", min=0, max=1)
     min_confidence: float = _opt(0.5, "With a category tree: the roll-up's threshold to report on.", min=0, max=1)
+    attribute: str | None = _opt(None, "Score the head of this attribute (manifest column); default: the main one.")
     worst: int = _opt(24, "Mistakes shown as thumbnails.", min=0, max=10_000)
     raw_csv: bool = _opt(False, RAW_CSV_HELP)
     device: str = _opt("auto", DEVICE_HELP)

@@ -46,6 +46,13 @@ class Scorer:
     fitted_on: str | None = None  # the cache the head was fitted on (heads without ``fitted``)
     session: Any = None  # onnxruntime session of an ONNX model: pixels -> probabilities
     tree: Tree | None = None  # the category tree (classes.toml [parents]) the head carries
+    attribute: str | None = None  # the manifest column it answers (None: the label column)
+    thresholds: list[float] | None = None  # a multi-label head's, one per label (None: single-label)
+    output: str = "probabilities"  # the ONNX output read
+
+    @property
+    def multi_label(self) -> bool:
+        return self.thresholds is not None
 
     def logits(self, feats: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
@@ -60,47 +67,80 @@ class Scorer:
         return self.net
 
 
-def load_scorer(path: str | Path) -> Scorer:
+def load_scorer(path: str | Path, attribute: str | None = None) -> Scorer:
+    """The head (or model) at ``path``; with ``attribute``, the head of that attribute."""
     p = Path(path)
     if (p / "manifest.json").is_file():
-        from .artifacts.head_dir import fitted_content_hashes
-        from .artifacts.model_dir import load_model
-
-        loaded = load_model(p)
-        m = loaded.manifest
-        prov = m.get("provenance", {})
-        head_dir = prov.get("head_dir")
-        fitted = fitted_content_hashes(head_dir) if head_dir else None
-        if loaded.model is None:  # ONNX: pixels in, probabilities out; log p are its "logits"
-            from .artifacts.onnx import onnx_session
-
-            return Scorer(
-                "model", p, loaded.class_names, nn.Identity(), loaded.fingerprint,
-                LabelMap.from_record(m["head"].get("label_map")), m["head"].get("unknown_threshold"),
-                fitted=fitted, fitted_on=prov.get("cache"), session=onnx_session(loaded.weights_path),
-                tree=loaded.tree,
-            )  # fmt: skip
-        return Scorer(
-            "model", p, loaded.class_names, loaded.model.head, loaded.fingerprint,
-            LabelMap.from_record(m["head"].get("label_map")),
-            m["head"].get("unknown_threshold"), loaded.model.net, fitted, prov.get("cache"), tree=loaded.tree,
-        )  # fmt: skip
+        return _model_scorer(p, attribute)
     if (p / "head.json").is_file():
-        from .artifacts.head_dir import fitted_content_hashes, read_head
-        from .models.heads import build_head
-
-        meta, spec = read_head(p)
-        fp = Fingerprint.from_record(meta["fingerprint"], source=str(p / "head.json"))
-        return Scorer(
-            "head", p, list(meta["class_names"]), build_head(spec.kind, spec.torch_tensors()).eval(), fp,
-            LabelMap.from_record(meta.get("label_map")), meta.get("unknown_threshold"),
-            fitted=fitted_content_hashes(p), fitted_on=meta.get("cache"),
-            tree=Tree.from_record(meta.get("tree"), meta["class_names"], what=str(p), fix="re-run fit-head"),
-        )  # fmt: skip
+        return _head_scorer(p, attribute)
     raise InputError(
         f"{p} is neither an exported model (manifest.json) nor a head directory (head.json); "
         "pass the output of `headstart export` or `headstart fit-head`"
     )
+
+
+def _pick(attribute: str | None, main: str | None, others: list[str], where: Path) -> int | None:
+    """Which attribute head: None for the main one, else its index among ``others``."""
+    if attribute is None or attribute == main:
+        return None
+    if attribute not in others:
+        names = ", ".join(n for n in (main, *others) if n) or "(one, unnamed)"
+        raise InputError(f"{where} has no head for attribute {attribute!r}; its attributes are: {names}")
+    return others.index(attribute)
+
+
+def _model_scorer(p: Path, attribute: str | None) -> Scorer:
+    from .artifacts.head_dir import fitted_content_hashes
+    from .artifacts.model_dir import load_model
+
+    loaded = load_model(p)
+    m = loaded.manifest
+    prov = m.get("provenance", {})
+    head_dir = prov.get("head_dir")
+    fitted = fitted_content_hashes(head_dir) if head_dir else None
+    entries = loaded.attributes
+    i = _pick(attribute, m["head"].get("attribute"), [a["name"] for a in entries], p)
+    a = entries[i] if i is not None else None
+    names = a["class_names"] if a else loaded.class_names
+    label_map = LabelMap.from_record((a or m["head"]).get("label_map"))
+    threshold = None if a else m["head"].get("unknown_threshold")
+    tree = Tree.from_record(a.get("tree"), names, what=str(p), fix="re-export it") if a else loaded.tree
+    common = {
+        "fitted": fitted, "fitted_on": prov.get("cache"), "tree": tree, "attribute": attribute,
+        "thresholds": a.get("thresholds") if a and a.get("multi_label") else None,
+    }  # fmt: skip
+    if loaded.model is None:  # ONNX: pixels in, probabilities out; log p are its "logits"
+        from .artifacts.onnx import onnx_session
+
+        return Scorer(
+            "model", p, names, nn.Identity(), loaded.fingerprint, label_map, threshold,
+            session=onnx_session(loaded.weights_path), output=a["output"] if a else "probabilities", **common,
+        )  # fmt: skip
+    head = loaded.model.attributes[i] if i is not None else loaded.model.head
+    return Scorer("model", p, names, head, loaded.fingerprint, label_map, threshold, loaded.model.net, **common)
+
+
+def _head_scorer(p: Path, attribute: str | None) -> Scorer:
+    from .artifacts.head_dir import fitted_content_hashes, read_attribute_heads, read_head
+    from .models.heads import build_head
+
+    meta, spec = read_head(p)
+    fp = Fingerprint.from_record(meta["fingerprint"], source=str(p / "head.json"))
+    others = read_attribute_heads(p, meta)
+    i = _pick(attribute, meta.get("attribute"), [a.name for a in others], p)
+    folder = p
+    if i is not None:
+        folder = p / meta["attributes"][i]["dir"]
+        meta, spec = others[i].meta, others[i].spec
+    multi = bool(meta.get("multi_label"))
+    return Scorer(
+        "head", p, list(meta["class_names"]), build_head(spec.kind, spec.torch_tensors()).eval(), fp,
+        LabelMap.from_record(meta.get("label_map")), None if multi else meta.get("unknown_threshold"),
+        fitted=fitted_content_hashes(folder), fitted_on=meta.get("cache"),
+        tree=Tree.from_record(meta.get("tree"), meta["class_names"], what=str(p), fix="re-run fit-head"),
+        attribute=attribute, thresholds=list(meta["thresholds"]) if multi else None,
+    )  # fmt: skip
 
 
 def _truth_index(scorer: Scorer, categories: list[str | None]) -> np.ndarray:
@@ -141,9 +181,15 @@ def _from_cache(scorer: Scorer, path: Path) -> Rows:
                 f"  {scorer.path} expects {want.backbone} (weights {want.weights_sha256[:12]}) with its preprocessing\n"
                 f"evaluate on the image folder, or extract it with --backbone {want.backbone}"
             )
-        rows = np.flatnonzero(c.labels >= 0)
-        names = c.class_names
-        cats: list[str | None] = [names[int(v)] for v in c.labels[rows]]
+        labels, names = c.labels, c.class_names
+        if scorer.attribute is not None and scorer.attribute != (c.label_column or "label"):
+            if scorer.attribute not in c.attribute_names:
+                raise InputError(f"{path} has no column {scorer.attribute!r}; its attributes: {c.attribute_names}")
+            col = c.attribute(scorer.attribute)
+            labels, names = col.labels, col.values
+        # multi-label: every row (an empty cell is a photo with none of the labels)
+        rows = np.arange(len(labels)) if scorer.multi_label else np.flatnonzero(labels >= 0)
+        cats: list[str | None] = [names[int(v)] if v >= 0 else "" for v in labels[rows]]
         paths_all = c.paths
         root = Path(str(c.attrs.get("image_root", "")))
         feats = c.features(rows)
@@ -161,7 +207,16 @@ def _from_images(scorer: Scorer, cfg: EvaluateConfig) -> Rows:
     from .data.loader import make_loader
 
     cat = discover(cfg.data, labelled=True)
-    items = [i for i in cat.items if i.label is not None]
+    column = scorer.attribute if scorer.attribute not in (None, cat.label_column or "label") else None
+    if column is not None and column not in cat.attribute_names:
+        raise InputError(f"{cfg.data} has no column {column!r}; its columns: {cat.label_column}, {cat.attribute_names}")
+    k = cat.attribute_names.index(column) if column is not None else -1
+
+    def truth(item: Any) -> str | None:
+        value = item.label if k < 0 else (item.attributes[k] or None)
+        return value or ("" if scorer.multi_label else None)
+
+    items = [i for i in cat.items if scorer.multi_label or truth(i) is not None]
     if not items:
         raise InputError(f"{cfg.data} has no labelled photos; evaluate needs images/<class>/*.jpg or path,label")
     dev = runtime.resolve_device(cfg.device)
@@ -190,7 +245,7 @@ def _from_images(scorer: Scorer, cfg: EvaluateConfig) -> Rows:
                 hashes.append("")
     return (
         feats[keep],
-        [items[i].label for i in keep],
+        [truth(items[i]) for i in keep],
         [items[i].rel for i in keep],
         [items[i].path for i in keep],
         hashes,
@@ -211,8 +266,10 @@ def _embedded(scorer: Scorer, loader: Any, dev: torch.device, engine: str, preci
     for batch in loader:
         logp = np.zeros((0, len(scorer.class_names)), np.float32)
         if batch.pixels.numel():
-            (probs,) = scorer.session.run(["probabilities"], {"pixels": batch.pixels.cpu().numpy()})
-            logp = np.log(np.maximum(probs, 1e-30)).astype(np.float32)
+            (probs,) = scorer.session.run([scorer.output], {"pixels": batch.pixels.cpu().numpy()})
+            p = np.clip(probs.astype(np.float64), 1e-30, 1 - 1e-7)
+            # multi-label: log-odds, whose sigmoid is p; else log p, whose softmax is p
+            logp = (np.log(p / (1 - p)) if scorer.multi_label else np.log(p)).astype(np.float32)
         yield batch, logp
 
 
@@ -225,6 +282,11 @@ class EvaluateSummary:
 
     def line(self) -> str:
         m = self.metrics
+        if "micro_f1" in m:  # a multi-label attribute
+            return (
+                f"{self.path / 'report.html'}: micro-F1 {m['micro_f1']:.3f}, macro-F1 {m['macro_f1']:.3f}, mean AP "
+                f"{m['macro_average_precision']:.3f} on {m['n']} photos ({len(m['per_label'])} labels)"
+            ) + "".join(f"\nwarning: {w}" for w in self.warnings)
         extra = f"; {self.excluded} photos of other categories left out" if self.excluded else ""
         if m.get("tree"):
             t, r = m["tree"], m["tree"]["rollup"]
@@ -258,12 +320,14 @@ def _seen_warning(scorer: Scorer, data: Path, hashes: list[str] | None, n: int) 
 
 
 def evaluate(cfg: EvaluateConfig) -> EvaluateSummary:
-    scorer = load_scorer(cfg.model)
+    scorer = load_scorer(cfg.model, cfg.attribute)
     data = Path(cfg.data)
     if not data.exists():
         raise InputError(f"{data} does not exist")
     is_cache = data.is_file() and data.suffix.lower() in (".h5", ".hdf5")
     feats, cats, paths, files, hashes = _from_cache(scorer, data) if is_cache else _from_images(scorer, cfg)
+    if scorer.multi_label:
+        return _evaluate_multi_label(cfg, scorer, data, is_cache, feats, cats, hashes)
     y_all = _truth_index(scorer, cats)
     keep = np.flatnonzero(y_all >= 0)
     if len(keep) == 0:
@@ -294,3 +358,49 @@ def evaluate(cfg: EvaluateConfig) -> EvaluateSummary:
     )  # fmt: skip
     save_resolved(cfg, out / "config.json")
     return EvaluateSummary(out, metrics, int(len(cats) - len(keep)), warnings)
+
+
+def _evaluate_multi_label(
+    cfg: EvaluateConfig,
+    scorer: Scorer,
+    data: Path,
+    is_cache: bool,
+    feats: np.ndarray,
+    cells: list[str | None],
+    hashes: list[str] | None,
+) -> EvaluateSummary:
+    """A multi-label attribute: each label at the head's threshold (probe/multilabel.py)."""
+    from .artifacts.report import write_multilabel_report
+    from .data.attributes import split_cell
+    from .probe.multilabel import multilabel_metrics, sigmoid
+
+    index = {n: j for j, n in enumerate(scorer.class_names)}
+    Y = np.zeros((len(cells), len(index)), np.uint8)
+    for r, cell in enumerate(cells):
+        for lab in split_cell(cell or ""):
+            target: str | None = lab
+            if scorer.label_map is not None:
+                try:
+                    target = scorer.label_map.target(lab)
+                except InputError:
+                    target = None  # a label the head does not know: not scored
+            if target in index:
+                Y[r, index[target]] = 1
+    P = sigmoid(scorer.logits(feats))
+    assert scorer.thresholds is not None
+    metrics = multilabel_metrics(Y, P, np.asarray(scorer.thresholds, np.float32), scorer.class_names)
+    seen, warning = _seen_warning(scorer, data, hashes, len(cells))
+    warnings = [warning] if warning else []
+    meta = {
+        "model": str(scorer.path.resolve()),
+        "model_kind": scorer.kind,
+        "attribute": scorer.attribute,
+        "data": str(data.resolve()),
+        "data_kind": "cache" if is_cache else "images",
+        "backbone": scorer.fingerprint.backbone,
+        "photos_the_head_was_fitted_on": seen,
+    }
+    out = Path(cfg.out)
+    metrics = write_multilabel_report(out, metrics, meta, warnings=warnings, raw_csv=cfg.raw_csv)
+    save_resolved(cfg, out / "config.json")
+    return EvaluateSummary(out, metrics, 0, warnings)

@@ -59,6 +59,7 @@ def source_from_head(head_dir: str | Path, weights_file: str | None = None) -> M
         head={
             "kind": spec_h.kind,
             "estimator": meta.get("kind"),
+            "attribute": meta.get("attribute"),
             "C": meta.get("C"),
             # So evaluate/predict know the head's class ids, label map (merges and renames of
             # folder names), temperature (already folded into the tensors) and the recorded
