@@ -266,3 +266,76 @@ def test_the_readme_deploy_script_rolls_up_like_predict(built, tmp_path):
     by_path = {r["path"]: [s["node"] for s in r["tree"]["path"]] for r in predicted}
     assert [d["node_path"] for d in deployed] == [by_path[str(p)] for p in photos]
     assert any(len(d["node_path"]) >= 2 for d in deployed)  # the walk went below the top level
+
+
+def test_a_fine_tuned_model_keeps_the_tree_label_map_and_threshold(built, tmp_path):
+    """finetune records what the head had beyond its weights - the tree, the label map (here
+    three folders merged into "shoes"), the class ids and --unknown-threshold - so the exported
+    fine-tune rolls up like the head's model, and evaluate maps the folder names as the head did.
+    A fine-tune directory written before it recorded them still exports, without a tree."""
+    from pipeline.config import FinetuneConfig
+    from pipeline.finetune.stage import finetune
+    from pipeline.predict import Predictor
+
+    (tmp_path / "c.toml").write_text(
+        '[classes]\nshoes = 0\ntrouser = 1\nbag = 2\n[rename]\nsandal = "shoes"\nsneaker = "shoes"\n'
+        'ankle_boot = "shoes"\n[parents]\nshoes = "服装"\ntrouser = "服装"\n',
+        encoding="utf-8",
+    )
+    _cli("fit-head", built["root"] / "f.h5", "--out", tmp_path / "h", "--classes", tmp_path / "c.toml",
+         "--unknown-threshold", 0.2, *FIT)  # fmt: skip
+    head = json.loads((tmp_path / "h" / "head.json").read_text(encoding="utf-8"))
+    ft = tmp_path / "ft"
+    cfg = dict(epochs=1, batch_size=4, workers=0, precision="fp32", device="cpu", stages=2, progress=False)
+    finetune(FinetuneConfig(images=str(built["root"] / "images"), head=str(tmp_path / "h"), out=str(ft), **cfg))
+    _cli("export", ft, "--out", tmp_path / "m")
+    manifest = json.loads((tmp_path / "m" / "manifest.json").read_text(encoding="utf-8"))
+    assert manifest["provenance"]["source"] == "finetune" and manifest["head"]["estimator"] == "finetuned"
+    assert manifest["tree"] == head["tree"] == {"parents": {"shoes": "服装", "trouser": "服装"}}
+    for key in ("class_ids", "label_map", "unknown_threshold"):
+        assert manifest["head"][key] == head[key] and head[key] is not None, key
+    assert "temperature" not in manifest["head"]  # the probe's, not the fine-tuned network's
+    assert Predictor.load(tmp_path / "m", device="cpu").unknown_threshold == 0.2
+
+    with open(_predict(tmp_path / "m", built["test"], tmp_path / "p.csv"), encoding="utf-8", newline="") as f:
+        table = list(csv.DictReader(f))
+    assert list(table[0])[-4:] == ["node", "node_probability", "node_path", "error"] and len(table) == 10
+    rows = _jsonl(_predict(tmp_path / "m", built["test"], tmp_path / "p.jsonl", "--top-k", "3"))
+    under = {"服装": ("shoes", "trouser"), "shoes": ("shoes",), "trouser": ("trouser",), "bag": ("bag",)}
+    for row, cells in zip(rows, table, strict=True):
+        p = {t["label"]: t["probability"] for t in row["top_k"]}
+        top = "服装" if p["shoes"] + p["trouser"] >= p["bag"] else "bag"
+        want = [top] if sum(p[c] for c in under[top]) >= 0.5 else []
+        if top == "服装":
+            kid = max(("shoes", "trouser"), key=lambda c: p[c])
+            want += [kid] if want and p[kid] >= 0.5 else []
+        assert [s["node"] for s in row["tree"]["path"]] == want
+        for s in row["tree"]["path"]:
+            assert s["probability"] == pytest.approx(sum(p[c] for c in under[s["node"]]), abs=1e-6)
+        assert cells["node_path"] == " > ".join(want) and cells["node"] == (want[-1] if want else "")
+    assert any(r["tree"]["node"] for r in rows)
+
+    # evaluate on the class folders: sandal/sneaker/ankle_boot count as shoes through the label map
+    _cli("evaluate", tmp_path / "m", built["test"], "--out", tmp_path / "r", "--workers", "0")
+    m = json.loads((tmp_path / "r" / "metrics.json").read_text(encoding="utf-8"))
+    assert m["n"] == 10 and m["meta"]["excluded_other_categories"] == 0, m.get("meta")
+    assert [lv["n_nodes"] for lv in m["tree"]["levels"]] == [2, 3]
+
+    # a fine-tune from before: no tree, no ids, no label map in finetune.json
+    old = tmp_path / "old_ft"
+    shutil.copytree(ft, old)
+    doc = json.loads((old / "finetune.json").read_text(encoding="utf-8"))
+    doc.pop("tree")
+    doc["head"] = {k: doc["head"][k] for k in ("kind", "init")}
+    (old / "finetune.json").write_text(json.dumps(doc), encoding="utf-8")
+    _cli("export", old, "--out", tmp_path / "m_old")
+    assert "tree" not in json.loads((tmp_path / "m_old" / "manifest.json").read_text(encoding="utf-8"))
+    with open(_predict(tmp_path / "m_old", built["test"], tmp_path / "o.csv"), encoding="utf-8", newline="") as f:
+        assert "node" not in next(csv.reader(f))
+
+    # a damaged tree in finetune.json is an error naming the file, not a model without a tree
+    doc = json.loads((ft / "finetune.json").read_text(encoding="utf-8"))
+    doc["tree"]["parents"]["服装"] = "shoes"
+    (old / "finetune.json").write_text(json.dumps(doc), encoding="utf-8")
+    r = CliRunner().invoke(cli, ["export", str(old), "--out", str(tmp_path / "m_bad")])
+    assert r.exit_code == 1 and "finetune.json" in r.output and "re-run `headstart finetune`" in r.output, r.output
