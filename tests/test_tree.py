@@ -339,3 +339,39 @@ def test_a_fine_tuned_model_keeps_the_tree_label_map_and_threshold(built, tmp_pa
     (old / "finetune.json").write_text(json.dumps(doc), encoding="utf-8")
     r = CliRunner().invoke(cli, ["export", str(old), "--out", str(tmp_path / "m_bad")])
     assert r.exit_code == 1 and "finetune.json" in r.output and "re-run `headstart finetune`" in r.output, r.output
+
+
+def test_the_tree_benchmark_compares_roll_up_and_leaf_on_the_same_unsure_photos(monkeypatch):
+    """bench/tree_rollup.py's figures on five photos worked by hand: four are unsure at 0.5; the
+    roll-up answers three (the bag photo's best top-level node, accessories, is only 0.4), all
+    right at the parent, where the leaf head is right on one of the three."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench"))
+    import tomllib
+
+    from tree_rollup import CLASSES_TOML, on_unsure
+
+    from pipeline.data.tree import Tree
+    from pipeline.probe.hierarchy import TreeIndex, tree_metrics
+
+    names = ["t-shirt_top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle_boot"]
+    index = TreeIndex.build(Tree.parse(tomllib.loads(CLASSES_TOML)["parents"], "bench"), names)
+    assert index.depth == 2 and len(index.level_groups(0)) == 10 and len(set(index.level_groups(0))) == 5
+
+    def photo(**p: float) -> list[float]:
+        return [p.get(n, 0.0) for n in names]
+
+    proba = np.array([
+        photo(**{"t-shirt_top": 0.35, "shirt": 0.3, "pullover": 0.15, "coat": 0.1, "bag": 0.1}),  # shirt
+        photo(sneaker=0.45, sandal=0.4, bag=0.15),  # sneaker
+        photo(bag=0.4, sandal=0.35, **{"t-shirt_top": 0.25}),  # bag
+        photo(coat=0.9, shirt=0.1),  # coat: sure
+        photo(dress=0.45, coat=0.35, pullover=0.2),  # pullover
+    ])  # fmt: skip
+    y = np.array([names.index(n) for n in ("shirt", "sneaker", "bag", "coat", "pullover")])
+    u = on_unsure(index, proba, y, 0.5)
+    assert [index.nodes[i] if i >= 0 else None for i in u["nodes"]] == ["tops", "footwear", None, "coat", "tops"]
+    assert u["n"] == 4 and u["leaf_accuracy"] == 0.5 and u["rollup_coverage"] == 0.75
+    assert u["rollup_accuracy"] == 1.0 and u["leaf_accuracy_where_rollup_answers"] == pytest.approx(1 / 3)
+    assert u["parent_accuracy"] == 1.0
+    same = tree_metrics(index, proba, y, 0.5)["unsure"]  # what evaluate reports
+    assert {k: same[k] for k in same} == {k: u[k] for k in same}
