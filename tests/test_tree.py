@@ -314,6 +314,15 @@ def test_a_fine_tuned_model_keeps_the_tree_label_map_and_threshold(built, tmp_pa
             assert s["probability"] == pytest.approx(sum(p[c] for c in under[s["node"]]), abs=1e-6)
         assert cells["node_path"] == " > ".join(want) and cells["node"] == (want[-1] if want else "")
     assert any(r["tree"]["node"] for r in rows)
+    # ONNX: the tree in the manifest and the graph's metadata, the same nodes
+    _cli("export", ft, "--out", tmp_path / "o", "--format", "onnx")
+    import onnx
+
+    meta = {p.key: p.value for p in onnx.load(str(tmp_path / "o" / "model.onnx")).metadata_props}
+    assert json.loads(meta["tree"]) == head["tree"]
+    assert json.loads((tmp_path / "o" / "manifest.json").read_text(encoding="utf-8"))["tree"] == head["tree"]
+    onnx_rows = _jsonl(_predict(tmp_path / "o", built["test"], tmp_path / "o.jsonl"))
+    assert [r["tree"]["node"] for r in onnx_rows] == [r["tree"]["node"] for r in rows]
 
     # evaluate on the class folders: sandal/sneaker/ankle_boot count as shoes through the label map
     _cli("evaluate", tmp_path / "m", built["test"], "--out", tmp_path / "r", "--workers", "0")
@@ -330,7 +339,7 @@ def test_a_fine_tuned_model_keeps_the_tree_label_map_and_threshold(built, tmp_pa
     (old / "finetune.json").write_text(json.dumps(doc), encoding="utf-8")
     _cli("export", old, "--out", tmp_path / "m_old")
     assert "tree" not in json.loads((tmp_path / "m_old" / "manifest.json").read_text(encoding="utf-8"))
-    with open(_predict(tmp_path / "m_old", built["test"], tmp_path / "o.csv"), encoding="utf-8", newline="") as f:
+    with open(_predict(tmp_path / "m_old", built["test"], tmp_path / "old.csv"), encoding="utf-8", newline="") as f:
         assert "node" not in next(csv.reader(f))
 
     # a damaged tree in finetune.json is an error naming the file, not a model without a tree
