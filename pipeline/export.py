@@ -97,8 +97,9 @@ def _attribute_entry(a: AttributeSpec) -> dict[str, Any]:
 
 def source_from_finetune(ft_dir: str | Path) -> ModelSource:
     """A fine-tuned network: ``finetune.json`` carries the keys :func:`build_classifier` reads
-    (backbone, preprocessing, head kind, class names), ``model.pt`` the whole network as tensors;
-    no original weights file is needed."""
+    (backbone, preprocessing, head kind, class names) and what it kept of the head (class ids,
+    label map, unknown threshold, category tree), ``model.pt`` the whole network as tensors; no
+    original weights file is needed."""
     ft_dir = Path(ft_dir)
     meta, state = read_finetune_dir(ft_dir)
     metrics, prov = meta.get("metrics", {}), meta.get("provenance", {})
@@ -106,7 +107,13 @@ def source_from_finetune(ft_dir: str | Path) -> ModelSource:
         classifier=build_classifier(meta, state),
         fingerprint=Fingerprint.from_manifest(meta),
         class_names=list(meta["class_names"]),
-        head={"kind": meta["head"]["kind"], "estimator": "finetuned", "init": meta["head"].get("init")},
+        head={
+            "kind": meta["head"]["kind"],
+            "estimator": "finetuned",
+            "init": meta["head"].get("init"),
+            # carried from head.json by finetune (None in fine-tunes written before it did)
+            **{k: meta["head"].get(k) for k in ("class_ids", "label_map", "unknown_threshold")},
+        },
         provenance={
             "source": "finetune",
             "finetune_dir": str(ft_dir.resolve()),
@@ -117,6 +124,7 @@ def source_from_finetune(ft_dir: str | Path) -> ModelSource:
             "cache": prov.get("cache"),
         },
         sample_images=_cache_images(prov.get("cache")),
+        extra={"tree": meta["tree"]} if meta.get("tree") else {},  # the head's tree, as source_from_head
     )
 
 

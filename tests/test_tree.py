@@ -266,3 +266,121 @@ def test_the_readme_deploy_script_rolls_up_like_predict(built, tmp_path):
     by_path = {r["path"]: [s["node"] for s in r["tree"]["path"]] for r in predicted}
     assert [d["node_path"] for d in deployed] == [by_path[str(p)] for p in photos]
     assert any(len(d["node_path"]) >= 2 for d in deployed)  # the walk went below the top level
+
+
+def test_a_fine_tuned_model_keeps_the_tree_label_map_and_threshold(built, tmp_path):
+    """finetune records what the head had beyond its weights - the tree, the label map (here
+    three folders merged into "shoes"), the class ids and --unknown-threshold - so the exported
+    fine-tune rolls up like the head's model, and evaluate maps the folder names as the head did.
+    A fine-tune directory written before it recorded them still exports, without a tree."""
+    from pipeline.config import FinetuneConfig
+    from pipeline.finetune.stage import finetune
+    from pipeline.predict import Predictor
+
+    (tmp_path / "c.toml").write_text(
+        '[classes]\nshoes = 0\ntrouser = 1\nbag = 2\n[rename]\nsandal = "shoes"\nsneaker = "shoes"\n'
+        'ankle_boot = "shoes"\n[parents]\nshoes = "服装"\ntrouser = "服装"\n',
+        encoding="utf-8",
+    )
+    _cli("fit-head", built["root"] / "f.h5", "--out", tmp_path / "h", "--classes", tmp_path / "c.toml",
+         "--unknown-threshold", 0.2, *FIT)  # fmt: skip
+    head = json.loads((tmp_path / "h" / "head.json").read_text(encoding="utf-8"))
+    ft = tmp_path / "ft"
+    cfg = dict(epochs=1, batch_size=4, workers=0, precision="fp32", device="cpu", stages=2, progress=False)
+    finetune(FinetuneConfig(images=str(built["root"] / "images"), head=str(tmp_path / "h"), out=str(ft), **cfg))
+    _cli("export", ft, "--out", tmp_path / "m")
+    manifest = json.loads((tmp_path / "m" / "manifest.json").read_text(encoding="utf-8"))
+    assert manifest["provenance"]["source"] == "finetune" and manifest["head"]["estimator"] == "finetuned"
+    assert manifest["tree"] == head["tree"] == {"parents": {"shoes": "服装", "trouser": "服装"}}
+    for key in ("class_ids", "label_map", "unknown_threshold"):
+        assert manifest["head"][key] == head[key] and head[key] is not None, key
+    assert "temperature" not in manifest["head"]  # the probe's, not the fine-tuned network's
+    assert Predictor.load(tmp_path / "m", device="cpu").unknown_threshold == 0.2
+
+    with open(_predict(tmp_path / "m", built["test"], tmp_path / "p.csv"), encoding="utf-8", newline="") as f:
+        table = list(csv.DictReader(f))
+    assert list(table[0])[-4:] == ["node", "node_probability", "node_path", "error"] and len(table) == 10
+    rows = _jsonl(_predict(tmp_path / "m", built["test"], tmp_path / "p.jsonl", "--top-k", "3"))
+    under = {"服装": ("shoes", "trouser"), "shoes": ("shoes",), "trouser": ("trouser",), "bag": ("bag",)}
+    for row, cells in zip(rows, table, strict=True):
+        p = {t["label"]: t["probability"] for t in row["top_k"]}
+        top = "服装" if p["shoes"] + p["trouser"] >= p["bag"] else "bag"
+        want = [top] if sum(p[c] for c in under[top]) >= 0.5 else []
+        if top == "服装":
+            kid = max(("shoes", "trouser"), key=lambda c: p[c])
+            want += [kid] if want and p[kid] >= 0.5 else []
+        assert [s["node"] for s in row["tree"]["path"]] == want
+        for s in row["tree"]["path"]:
+            assert s["probability"] == pytest.approx(sum(p[c] for c in under[s["node"]]), abs=1e-6)
+        assert cells["node_path"] == " > ".join(want) and cells["node"] == (want[-1] if want else "")
+    assert any(r["tree"]["node"] for r in rows)
+    # ONNX: the tree in the manifest and the graph's metadata, the same nodes
+    _cli("export", ft, "--out", tmp_path / "o", "--format", "onnx")
+    import onnx
+
+    meta = {p.key: p.value for p in onnx.load(str(tmp_path / "o" / "model.onnx")).metadata_props}
+    assert json.loads(meta["tree"]) == head["tree"]
+    assert json.loads((tmp_path / "o" / "manifest.json").read_text(encoding="utf-8"))["tree"] == head["tree"]
+    onnx_rows = _jsonl(_predict(tmp_path / "o", built["test"], tmp_path / "o.jsonl"))
+    assert [r["tree"]["node"] for r in onnx_rows] == [r["tree"]["node"] for r in rows]
+
+    # evaluate on the class folders: sandal/sneaker/ankle_boot count as shoes through the label map
+    _cli("evaluate", tmp_path / "m", built["test"], "--out", tmp_path / "r", "--workers", "0")
+    m = json.loads((tmp_path / "r" / "metrics.json").read_text(encoding="utf-8"))
+    assert m["n"] == 10 and m["meta"]["excluded_other_categories"] == 0, m.get("meta")
+    assert [lv["n_nodes"] for lv in m["tree"]["levels"]] == [2, 3]
+
+    # a fine-tune from before: no tree, no ids, no label map in finetune.json
+    old = tmp_path / "old_ft"
+    shutil.copytree(ft, old)
+    doc = json.loads((old / "finetune.json").read_text(encoding="utf-8"))
+    doc.pop("tree")
+    doc["head"] = {k: doc["head"][k] for k in ("kind", "init")}
+    (old / "finetune.json").write_text(json.dumps(doc), encoding="utf-8")
+    _cli("export", old, "--out", tmp_path / "m_old")
+    assert "tree" not in json.loads((tmp_path / "m_old" / "manifest.json").read_text(encoding="utf-8"))
+    with open(_predict(tmp_path / "m_old", built["test"], tmp_path / "old.csv"), encoding="utf-8", newline="") as f:
+        assert "node" not in next(csv.reader(f))
+
+    # a damaged tree in finetune.json is an error naming the file, not a model without a tree
+    doc = json.loads((ft / "finetune.json").read_text(encoding="utf-8"))
+    doc["tree"]["parents"]["服装"] = "shoes"
+    (old / "finetune.json").write_text(json.dumps(doc), encoding="utf-8")
+    r = CliRunner().invoke(cli, ["export", str(old), "--out", str(tmp_path / "m_bad")])
+    assert r.exit_code == 1 and "finetune.json" in r.output and "re-run `headstart finetune`" in r.output, r.output
+
+
+def test_the_tree_benchmark_compares_roll_up_and_leaf_on_the_same_unsure_photos(monkeypatch):
+    """bench/tree_rollup.py's figures on five photos worked by hand: four are unsure at 0.5; the
+    roll-up answers three (the bag photo's best top-level node, accessories, is only 0.4), all
+    right at the parent, where the leaf head is right on one of the three."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench"))
+    import tomllib
+
+    from tree_rollup import CLASSES_TOML, on_unsure
+
+    from pipeline.data.tree import Tree
+    from pipeline.probe.hierarchy import TreeIndex, tree_metrics
+
+    names = ["t-shirt_top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle_boot"]
+    index = TreeIndex.build(Tree.parse(tomllib.loads(CLASSES_TOML)["parents"], "bench"), names)
+    assert index.depth == 2 and len(index.level_groups(0)) == 10 and len(set(index.level_groups(0))) == 5
+
+    def photo(**p: float) -> list[float]:
+        return [p.get(n, 0.0) for n in names]
+
+    proba = np.array([
+        photo(**{"t-shirt_top": 0.35, "shirt": 0.3, "pullover": 0.15, "coat": 0.1, "bag": 0.1}),  # shirt
+        photo(sneaker=0.45, sandal=0.4, bag=0.15),  # sneaker
+        photo(bag=0.4, sandal=0.35, **{"t-shirt_top": 0.25}),  # bag
+        photo(coat=0.9, shirt=0.1),  # coat: sure
+        photo(dress=0.45, coat=0.35, pullover=0.2),  # pullover
+    ])  # fmt: skip
+    y = np.array([names.index(n) for n in ("shirt", "sneaker", "bag", "coat", "pullover")])
+    u = on_unsure(index, proba, y, 0.5)
+    assert [index.nodes[i] if i >= 0 else None for i in u["nodes"]] == ["tops", "footwear", None, "coat", "tops"]
+    assert u["n"] == 4 and u["leaf_accuracy"] == 0.5 and u["rollup_coverage"] == 0.75
+    assert u["rollup_accuracy"] == 1.0 and u["leaf_accuracy_where_rollup_answers"] == pytest.approx(1 / 3)
+    assert u["parent_accuracy"] == 1.0
+    same = tree_metrics(index, proba, y, 0.5)["unsure"]  # what evaluate reports
+    assert {k: same[k] for k in same} == {k: u[k] for k in same}

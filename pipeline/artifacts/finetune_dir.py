@@ -18,9 +18,10 @@ import torch
 from ..core.atomic import atomic_file
 from ..core.hashing import sha256_file
 from ..core.torchio import atomic_torch_save
+from ..data.tree import Tree
 from ..errors import ArtifactError
 from ..models.fingerprint import Fingerprint
-from .head_dir import read_json, verify_files
+from .head_dir import checked_class_names, read_json, verify_files
 
 FT_FORMAT = "headstart-finetune"
 FT_SCHEMA_VERSION = 1
@@ -39,7 +40,9 @@ def write_finetune_dir(
     in between leaves no finetune.json that names a model.pt it does not match.
 
     ``fingerprint`` is the pretrained start's (its ``precision`` the one training ran in);
-    ``record`` holds the descriptive keys (metrics, history, training, provenance ...)."""
+    ``record`` holds the descriptive keys (metrics, history, training, provenance, the head's
+    ``tree`` ...); ``head`` carries the head's ``class_ids``, ``label_map`` and
+    ``unknown_threshold`` next to its kind."""
     atomic_torch_save(state, out / "model.pt")
     doc = {
         "format": FT_FORMAT,
@@ -59,11 +62,22 @@ def write_finetune_dir(
 
 
 def read_finetune_meta(ft_dir: Path) -> dict[str, Any]:
-    """``finetune.json``, its format and schema version checked."""
+    """``finetune.json``, its format and schema version checked, and the class names, class ids
+    and category tree it carries from the head (fine-tunes written before they were carried
+    have no ids and no tree: still read)."""
+    what = str(ft_dir / "finetune.json")
     meta = read_json(ft_dir / "finetune.json", what="a fine-tune directory", fix=_FIX)
     version = meta.get("schema_version")
     if meta.get("format") != FT_FORMAT or not isinstance(version, int) or version > FT_SCHEMA_VERSION:
-        raise ArtifactError(f"{ft_dir / 'finetune.json'} is not a fine-tune this headstart reads; {_FIX}")
+        raise ArtifactError(f"{what} is not a fine-tune this headstart reads; {_FIX}")
+    names = checked_class_names(meta.get("class_names"), what=what, fix=_FIX)
+    head = meta.get("head")
+    if not isinstance(head, dict) or not isinstance(head.get("kind"), str):
+        raise ArtifactError(f"{what} 'head' is not an object with a 'kind'; {_FIX}")
+    ids = head.get("class_ids")
+    if ids is not None and not (isinstance(ids, list) and len(ids) == len(names) and all(type(i) is int for i in ids)):
+        raise ArtifactError(f"{what} 'head.class_ids' is not one whole number per class name; {_FIX}")
+    Tree.from_record(meta.get("tree"), names, what=what, fix=_FIX)
     return meta
 
 

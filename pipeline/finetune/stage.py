@@ -279,6 +279,9 @@ class _Run:
             "n_train": len(s.split.train),
             "n_val": len(s.split.val),
             "ignored": s.split.ignored,
+            # The head's category tree, over the same classes: export puts it in the manifest and
+            # predict rolls up with it, as for a model exported from the head itself.
+            "tree": s.meta.get("tree"),
             "provenance": {
                 "head_dir": str(Path(cfg.head).resolve()),
                 "head_files": s.meta.get("files", {}),
@@ -294,7 +297,7 @@ class _Run:
             best,
             dataclasses.replace(s.fp, precision=s.precision),
             s.class_names,
-            {"kind": s.head_kind, "init": cfg.init},
+            {"kind": s.head_kind, "init": cfg.init, **_carried_head_keys(s.meta)},
             record,
         )
         save_resolved(cfg, self.out / "config.json", batch_size_used=s.batch, augment_used=s.preset)
@@ -329,6 +332,14 @@ class _Run:
             is_main=self.r.is_main,
             resumed_from=" (already finished)",
         )
+
+
+def _carried_head_keys(meta: dict[str, Any]) -> dict[str, Any]:
+    """What the fine-tuned model keeps of ``head.json``: the class ids, the label map (so
+    evaluate maps folder names as the head did) and the recorded ``--unknown-threshold``, none
+    of which training changes. Not the temperature: it calibrated the probe's logits and is not
+    in the fine-tuned network."""
+    return {k: meta.get(k) for k in ("class_ids", "label_map", "unknown_threshold")}
 
 
 def _refit_probe(cache_path: Path, train: list[Any], n_classes: int, meta: dict[str, Any], head_dir: Path) -> Any:
