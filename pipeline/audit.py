@@ -86,6 +86,12 @@ def _head_choice(cfg: AuditConfig) -> tuple[str, FitHeadConfig, float | None, La
 
     head = Path(cfg.head)
     meta = read_head_meta(head)
+    if cfg.attribute is not None and cfg.attribute != meta.get("attribute", cfg.attribute):
+        entry = next((a for a in meta.get("attributes") or [] if a.get("name") == cfg.attribute), None)
+        if entry is None:
+            raise InputError(f"{head} has no head for attribute {cfg.attribute!r}; leave out --head or fit one")
+        head = head / str(entry["dir"])
+        meta = read_head_meta(head)
     try:
         used = json.loads((head / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -98,6 +104,27 @@ def _head_choice(cfg: AuditConfig) -> tuple[str, FitHeadConfig, float | None, La
         label_map = LabelMap.from_record(meta.get("label_map"))
     threshold = (meta.get("split") or {}).get("near_duplicate_threshold", cfg.near_duplicate_threshold)
     return str(meta.get("kind", "logreg")), options, meta.get("C"), label_map, threshold
+
+
+def _column(cache: Cache, attribute: str | None, label_map: LabelMap | None) -> tuple[list[str], np.ndarray]:
+    """The labels audited: the label column's, or ``--attribute``'s (single-label only: the
+    confident-learning rule ranks one given class per photo against the others)."""
+    from .data.attributes import looks_multi_label
+
+    name = attribute or cache.label_column or "label"
+    if attribute is None or attribute == (cache.label_column or "label"):
+        values, labels = cache.class_names, cache.labels
+    elif attribute in cache.attribute_names:
+        col = cache.attribute(attribute)
+        values, labels = col.values, col.labels
+    else:
+        raise InputError(f"{cache.path} has no column {attribute!r}; its attributes: {cache.attribute_names}")
+    if looks_multi_label(values) or (label_map is not None and label_map.multi_label):
+        raise InputError(
+            f"{name!r} is a multi-label attribute; audit finds label issues of single-label ones "
+            "(one given class per photo): audit another --attribute"
+        )
+    return values, labels
 
 
 def _available_memory() -> float:
@@ -124,7 +151,7 @@ def _bar(cfg: AuditConfig, desc: str) -> Any:
 def audit(cfg: AuditConfig) -> AuditSummary:
     t0 = time.perf_counter()
     if cfg.apply:
-        path, counts = apply_accepted(Path(cfg.cache), Path(cfg.apply), Path(cfg.out))
+        path, counts = apply_accepted(Path(cfg.cache), Path(cfg.apply), Path(cfg.out), cfg.attribute)
         return AuditSummary(path, counts, time.perf_counter() - t0)
     kind_name, options, chosen_c, label_map, nd_threshold = _head_choice(cfg)
     kind = head_kind(kind_name)
@@ -138,9 +165,10 @@ def audit(cfg: AuditConfig) -> AuditSummary:
     with Cache(cfg.cache) as cache:
         if cfg.head is not None:
             _check_same_features(cache, Path(cfg.head))
-        mapped = apply_label_map(label_map, cache.class_names, cache.labels)
+        values, labels = _column(cache, cfg.attribute, label_map)
+        mapped = apply_label_map(label_map, values, labels)
         lab = np.flatnonzero(mapped.y >= 0)
-        unl = np.flatnonzero(cache.labels < 0)
+        unl = np.flatnonzero(labels < 0)
         names = mapped.class_names
         if len(names) < 2:
             raise InputError(

@@ -255,6 +255,7 @@ class AuditConfig:
         path="any",
     )
     classes: str | None = _opt(None, "Label map TOML (as for fit-head; default: the head's).", path="file")
+    attribute: str | None = _opt(None, "Audit this manifest column (single-label); default: the label column.")
     folds: int = _opt(5, "Cross-fitting folds: each photo is scored by a head fitted without it.", min=2, max=50)
     budget: int = _opt(50, "Unlabelled photos to suggest in label_next.csv.", min=0, max=1_000_000)
     # Why 0.96 (docs/benchmarks.md "Audit"): distinct photos of one class reach 0.952; above 0.96

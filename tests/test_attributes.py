@@ -258,3 +258,60 @@ def test_tags_are_learned_from_real_features(tmp_path):
     tp = (got & want).sum()
     f1 = 2 * tp / (got.sum() + want.sum())
     assert f1 >= 0.85, f1
+
+
+def test_evaluate_scores_each_attribute_of_a_head_or_a_model(tiny, tmp_path):
+    """The single-label attribute gets the usual report, the multi-label one per-label numbers
+    at the head's thresholds; the head on the cache and the ONNX model on the photos agree."""
+    reports = {}
+    for name, model, data in (("head", tiny["head"], tiny["cache"]), ("onnx", tiny["onnx"], tiny["manifest"])):
+        for attribute in ("finish", "tags"):
+            out = tmp_path / f"{name}-{attribute}"
+            _cli("evaluate", model, data, "--out", out, "--attribute", attribute, "--no-progress", "--workers", "0")
+            reports[name, attribute] = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
+    assert reports["head", "finish"]["n"] == 18 and set(reports["head", "finish"]["per_class"]) == {"glossy", "matte"}
+    tags = reports["head", "tags"]
+    assert set(tags["per_label"]) == {"footwear", "sale"} and tags["n"] == 18
+    assert tags["per_label"]["footwear"]["support"] == 6  # the sneakers
+    assert tags["per_label"]["sale"]["support"] == 6  # every third photo
+    for attribute in ("finish", "tags"):
+        a, b = reports["head", attribute], reports["onnx", attribute]
+        key = "micro_f1" if attribute == "tags" else "accuracy"
+        assert a[key] == pytest.approx(b[key]), attribute
+    out = _cli("evaluate", tiny["head"], tiny["cache"], "--out", tmp_path / "x", "--attribute", "shade", ok=False)
+    assert "no head for attribute 'shade'" in out
+
+
+def test_audit_an_attribute_and_apply_keeps_every_column(tiny, tmp_path):
+    """``audit --attribute finish`` cross-fits the finish labels; ``--apply`` writes a manifest
+    with all the cache's columns, the accepted photos' finish changed, and extracting it
+    changes that label only (no photo is run through the backbone again)."""
+    root = tmp_path / "copy"
+    shutil.copytree(tiny["root"] / "images", root / "images")
+    manifest = _manifest(root / "images", root / "catalog.csv")
+    cache = root / "f.h5"
+    extract = ("extract", None, "--out", cache, "--backbone", "tiny", "--no-progress", "--workers", "0")
+    _cli(*[manifest if a is None else a for a in extract])
+    report = tmp_path / "audit"
+    _cli("audit", cache, "--out", report, "--attribute", "finish", "--no-progress")
+    with open(report / "label_issues.csv", encoding="utf-8") as f:
+        issues = list(csv.DictReader(f))
+    assert {r["given"] for r in issues} <= {"glossy", "matte"} and issues
+    accepted = tmp_path / "accepted.csv"
+    with open(accepted, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "label"])
+        w.writerow([issues[0]["path"], "satin"])
+    _cli("audit", cache, "--out", tmp_path / "applied", "--apply", accepted, "--attribute", "finish")
+    relabelled = tmp_path / "applied" / "relabelled.csv"
+    with open(relabelled, encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["path", "category", "finish", "tags"]
+    assert sum(r["finish"] == "satin" for r in rows) == 1
+    line = _cli(*[relabelled if a is None else a for a in extract])
+    assert "extracted 0" in line and "relabelled 1" in line, line
+    with Cache(cache) as c:
+        assert "satin" in c.attribute("finish").values
+        assert c.attribute("tags").values == sorted({"footwear", "footwear;sale", "sale"})
+    out = _cli("audit", cache, "--out", tmp_path / "a2", "--attribute", "tags", "--no-progress", ok=False)
+    assert "multi-label" in out

@@ -32,9 +32,13 @@ def read_cell(text: str) -> str:
     return text[1:] if text.startswith("'") and text[1:].startswith(FORMULA_STARTS) else text
 
 
-def apply_accepted(cache_path: Path, accepted: Path, out: Path) -> tuple[Path, dict[str, int]]:
+def apply_accepted(
+    cache_path: Path, accepted: Path, out: Path, attribute: str | None = None
+) -> tuple[Path, dict[str, int]]:
     """``out/relabelled.csv``: every file of the cache as ``path,label`` (absolute paths) with
-    the accepted rows' new labels (the ``label`` column where given, else ``suggested``)."""
+    the accepted rows' new labels (the ``label`` column where given, else ``suggested``). A
+    cache from a manifest with several columns keeps all of them (``path,category,finish,...``),
+    the new labels going to ``attribute`` (default: the label column)."""
     try:
         with open(accepted, newline="", encoding="utf-8-sig") as f:
             rows = list(csv.DictReader(f))
@@ -44,10 +48,17 @@ def apply_accepted(cache_path: Path, accepted: Path, out: Path) -> tuple[Path, d
     if rows and ("path" not in columns or not {"suggested", "label"} & set(columns)):
         raise InputError(f"{accepted} needs a 'path' column and a 'suggested' or 'label' column; found {list(columns)}")
     with Cache(cache_path) as cache:
-        paths, labels, names = cache.paths, cache.labels, cache.class_names
+        main = cache.label_column or "label"
+        columns = {main: (cache.class_names, cache.labels)}
+        columns.update({n: (col.values, col.labels) for n, col in cache.attributes().items()})
+        paths = cache.paths
         row_of_hash = {h: i for i, h in enumerate(cache.content_hash)}
         duplicates = cache.duplicates
         root = Path(str(cache.attrs.get("image_root", "")))
+    target_column = attribute or main
+    if target_column not in columns:
+        raise InputError(f"{cache_path} has no column {target_column!r}; its columns: {', '.join(columns)}")
+    names, labels = columns[target_column]
     row_of = {p: i for i, p in enumerate(paths)}
     new: dict[int, str] = {}
     unknown = []
@@ -68,16 +79,20 @@ def apply_accepted(cache_path: Path, accepted: Path, out: Path) -> tuple[Path, d
             "use label_issues.csv of an audit of this cache"
         )
 
-    def label_of(row: int) -> str:
-        return new.get(row) or (names[int(labels[row])] if labels[row] >= 0 else "")
+    def cells_of(row: int) -> list[str]:
+        cells = []
+        for name, (values, ids) in columns.items():
+            old = values[int(ids[row])] if ids[row] >= 0 else ""
+            cells.append(new.get(row) or old if name == target_column else old)
+        return cells
 
-    listed = [(p, label_of(i)) for i, p in enumerate(paths)]
-    listed += [(p, label_of(row_of_hash[h])) for p, h in duplicates if h in row_of_hash]
+    listed = [(p, cells_of(i)) for i, p in enumerate(paths)]
+    listed += [(p, cells_of(row_of_hash[h])) for p, h in duplicates if h in row_of_hash]
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(["path", "label"])
-    for p, lab in listed:
-        w.writerow([str(root / p), lab])
+    w.writerow(["path", *columns])
+    for p, cells in listed:
+        w.writerow([str(root / p), *cells])
     target = out / "relabelled.csv"
     with atomic_file(target) as fh:
         fh.write(buf.getvalue().encode("utf-8"))
