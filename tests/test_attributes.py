@@ -315,3 +315,18 @@ def test_audit_an_attribute_and_apply_keeps_every_column(tiny, tmp_path):
         assert c.attribute("tags").values == sorted({"footwear", "footwear;sale", "sale"})
     out = _cli("audit", cache, "--out", tmp_path / "a2", "--attribute", "tags", "--no-progress", ok=False)
     assert "multi-label" in out
+
+
+def test_cache_info_and_the_parquet_export_show_every_column(tiny, tmp_path):
+    out = _cli("cache", "info", tiny["cache"])
+    assert "(column category)" in out
+    assert "attribute     tags (multi-label), 2 labels" in out and "  footwear: 6" in out
+    _cli("cache", "export", tiny["cache"], "--format", "parquet", tmp_path / "pq")
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(tmp_path / "pq")
+    assert table.schema.names[-2:] == ["finish", "tags"]
+    with Cache(tiny["cache"]) as c:
+        col = c.attribute("tags")
+        want = [col.values[i] if i >= 0 else None for i in col.labels]
+    assert table.column("tags").to_pylist() == want

@@ -15,6 +15,7 @@ import numpy as np
 
 from ..errors import CacheError
 from ..models.fingerprint import KEYS as FINGERPRINT_KEYS
+from .h5io import Column
 from .segments import read_segment_info, unindexed_segments
 from .store import Cache, segment_dir
 
@@ -50,6 +51,8 @@ def info(path: str | os.PathLike[str]) -> dict[str, Any]:
             "size_bytes": path.stat().st_size + sum((segment_dir(path) / s).stat().st_size for s in c.segments),
             "segments": len(c.segments),
             "dead_rows": sum(c.segment_rows.values()) - c.n_rows if c.segments else 0,
+            "label_column": c.label_column,
+            "attributes": {name: _column_summary(c.attribute(name)) for name in c.attribute_names},
         }
         indexed = set(c.segments)
     out["unindexed_rows"] = sum(s.n_rows for s in unindexed_segments(path, indexed))
@@ -121,6 +124,23 @@ def _format_unfinished(d: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _column_summary(col: Column) -> dict[str, Any]:
+    """An attribute column for ``cache info``: its labels (a multi-label cell's split) with
+    their row counts, and the rows with an empty cell."""
+    from ..data.attributes import looks_multi_label, split_cell
+
+    counts = np.bincount(col.labels[col.labels >= 0], minlength=len(col.values))
+    per: dict[str, int] = {}
+    for value, n in zip(col.values, counts.tolist(), strict=True):
+        for lab in split_cell(value) if looks_multi_label(col.values) else [value]:
+            per[lab] = per.get(lab, 0) + n
+    return {"multi_label": looks_multi_label(col.values), "rows_per_label": per, "empty": int((col.labels < 0).sum())}
+
+
+def _named(d: dict[str, Any]) -> str:
+    return f" (column {d['label_column']})" if d.get("label_column") else ""
+
+
 def format_info(d: dict[str, Any]) -> str:
     if d.get("index") is False:
         return _format_unfinished(d)
@@ -134,9 +154,14 @@ def format_info(d: dict[str, Any]) -> str:
         f"preprocessing {fp['preprocessing']}",
         f"image root    {d['image_root']}",
         f"updated       {d['updated']} (created {d['created']})",
-        f"classes       {d['classes']}, unlabelled rows {d['unlabelled']}, duplicate files {d['duplicates']}",
+        f"classes       {d['classes']}{_named(d)}, unlabelled rows {d['unlabelled']}, "
+        f"duplicate files {d['duplicates']}",
     ]
     lines += [f"  {n}: {k}" for n, k in d["rows_per_class"].items()]
+    for name, col in (d.get("attributes") or {}).items():
+        kind = "multi-label" if col["multi_label"] else "single-label"
+        lines.append(f"attribute     {name} ({kind}), {len(col['rows_per_label'])} labels, empty cells {col['empty']}")
+        lines += [f"  {n}: {k}" for n, k in col["rows_per_label"].items()]
     lines.append(f"skipped       {len(d['skipped'])}")
     lines += [f"  {s['path']}: {s['reason']}" for s in d["skipped"]]
     if d["dead_rows"]:

@@ -4,7 +4,9 @@
 Columns: ``content_hash`` (string), ``path`` (string), ``label`` (the class name, null when
 unlabelled), ``label_id`` (int32 index into the class names, null when unlabelled) and
 ``features`` (fixed-size list of ``D`` float16 or float32: the cache's dtype unless asked
-otherwise). Rows are in the cache's order. The rows are streamed: a chunk of about
+otherwise); then one string column per further attribute of a manifest (its cell as written,
+``vegan;refillable`` for a multi-label one, null when empty), named as the attribute or
+``attribute_<name>`` where that name is taken. Rows are in the cache's order. The rows are streamed: a chunk of about
 :data:`_CHUNK_BYTES` of features is read, written as one row group and dropped, so memory
 does not grow with the catalog. ``DIR`` gets ``part-00000.parquet``, ... of ``rows_per_file``
 rows each; it is built in a staging folder beside ``DIR`` and renamed into place.
@@ -16,6 +18,7 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -106,6 +109,7 @@ def export_parquet(
             "headstart_version": __version__,
         }
         value = pa.float16() if want == np.float16 else pa.float32()
+        columns = {_column_name(a): c.attribute(a) for a in c.attribute_names}
         schema = pa.schema(
             [
                 pa.field("content_hash", pa.string(), nullable=False),
@@ -113,6 +117,7 @@ def export_parquet(
                 pa.field("label", pa.string()),
                 pa.field("label_id", pa.int32()),
                 pa.field("features", pa.list_(value, d), nullable=False),
+                *(pa.field(name, pa.string()) for name in columns),
             ],
             metadata={"headstart": json.dumps(meta, ensure_ascii=False, default=str)},
         )
@@ -121,7 +126,8 @@ def export_parquet(
         out.parent.mkdir(parents=True, exist_ok=True)
         stage = stage_dir(out)
         try:
-            files = _write_parts(pa, pq, c, stage, schema, label_names, want, chunk, rows_per_file)
+            attributes = [(pa.array(col.values, pa.string()), col.labels) for col in columns.values()]
+            files = _write_parts(pa, pq, c, stage, schema, label_names, want, chunk, rows_per_file, attributes)
             written = sum(p.stat().st_size for p in stage.iterdir())
             replace_dir(stage, out)
         except BaseException:
@@ -140,6 +146,7 @@ def _write_parts(
     want: np.dtype,
     chunk: int,
     rows_per_file: int,
+    attributes: Sequence[tuple[Any, np.ndarray]] = (),
 ) -> int:
     """Stream ``c`` into ``stage/part-*.parquet``, one row group per chunk of ``chunk`` rows and
     whole row groups per file, at most ``rows_per_file`` rows. Returns the file count."""
@@ -176,6 +183,10 @@ def _write_parts(
                     label_names.take(ids),
                     ids,
                     pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(feats).reshape(-1)), d),
+                    *(
+                        values.take(pa.array(ids[start:stop], pa.int32(), mask=ids[start:stop] < 0))
+                        for values, ids in attributes
+                    ),
                 ],
                 schema=schema,
             )
@@ -186,6 +197,13 @@ def _write_parts(
         files = 1
     writer.close()
     return files
+
+
+_TAKEN = frozenset({"content_hash", "path", "label", "label_id", "features"})
+
+
+def _column_name(attribute: str) -> str:
+    return f"attribute_{attribute}" if attribute in _TAKEN else attribute
 
 
 def _text(values: np.ndarray) -> list[str]:
