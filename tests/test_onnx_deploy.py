@@ -158,3 +158,31 @@ def test_readme_snippet_on_real_efficientnet_lite0(tmp_path, run_cli, odd_images
     photos = [*odd_images, *sorted((SAMPLE_CATALOG / "test" / "sneaker").glob("*.png"))[:2]]
     deployed = run_snippet(tmp_path, onnx, photos)
     compare(deployed, headstart_predict(run_cli, onnx, photos, tmp_path / "o.jsonl"), manifest["class_names"], 1e-5)
+
+
+def test_readme_snippet_answers_every_attribute_as_headstart_predict(tmp_path, run_cli):
+    """A model with further attributes (a single-label finish, multi-label tags): the snippet's
+    answer for each equals headstart predict's."""
+    from conftest import copy_sample_photos
+
+    from pipeline.config import ExtractConfig, FitHeadConfig
+    from pipeline.extract import extract
+    from pipeline.fit_head import fit_head
+
+    images = copy_sample_photos(tmp_path / "images", 6)
+    lines = ["path,category,finish,tags"]
+    for i, p in enumerate(sorted(images.rglob("*.png"))):
+        tags = ";".join(t for t, on in (("footwear", p.parent.name == "sneaker"), ("sale", i % 3 == 0)) if on)
+        lines.append(f"{p.relative_to(tmp_path).as_posix()},{p.parent.name},{'matte' if i % 2 else 'glossy'},{tags}")
+    (tmp_path / "catalog.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    cache = tmp_path / "f.h5"
+    extract(ExtractConfig(images=str(tmp_path / "catalog.csv"), out=str(cache), backbone="tiny", progress=False,
+                          workers=0))  # fmt: skip
+    fit_head(FitHeadConfig(cache=str(cache), out=str(tmp_path / "head"), c=0.01, near_duplicate_threshold=None))
+    onnx = export(ExportConfig(head=str(tmp_path / "head"), out=str(tmp_path / "onnx"), format="onnx"))
+    photos = sorted(images.rglob("*.png"))[::3]
+    deployed = run_snippet(tmp_path, onnx, photos)
+    predicted = headstart_predict(run_cli, onnx, photos, tmp_path / "o.jsonl")
+    for d, p in zip(deployed, predicted, strict=True):
+        assert d["finish"] == p["attributes"]["finish"]["label"], d["path"]
+        assert d["tags"] == p["attributes"]["tags"]["labels"], d["path"]
