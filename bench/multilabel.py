@@ -14,9 +14,10 @@ derived from its category. Rules, per photo:
 * ``large``: garment pixels cover more than 55 % of the frame;
 * ``footwear``: the category is sandal, sneaker or ankle boot.
 
-Prevalences on the train photos are printed (about 25-40 % each). The tags are as the rules
-say, with no noise; rules on pixels are not what a merchandiser would tag, but each is a
-property of the photo a head must read off the features.
+Prevalences on the default train photos (printed): light 40 %, patterned 23 %, wide 36 %,
+large 33 %, footwear 30 %. The tags are as the rules say, with no noise; rules on pixels are not
+what a merchandiser would tag, but each is a property of the photo a head must read off the
+features.
 
 Chain: the photos (unchanged PNGs) and a manifest ``path,category,tags`` (``tags`` ``;``-joined,
 empty for none) are written for a class-balanced train set from the official train file and a
