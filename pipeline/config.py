@@ -100,7 +100,8 @@ class FitHeadConfig:
     )
     attribute: tuple[str, ...] = _opt((), "Manifest column(s) to fit a head for; default: every one.")
     target_precision: float | None = _opt(
-        None, "Multi-label thresholds: the most recall at this validation precision (default: max F1).",
+        None, "Multi-label thresholds: per label, the most recall whose validation precision is still at least "
+        "this (a label far above it gets a lower threshold); default: max F1.",
         min=0, max=1, min_open=True,
     )  # fmt: skip
     near_duplicate_threshold: float | None = _opt(  # why 0.97: splits.py

@@ -188,7 +188,7 @@ def _from_cache(scorer: Scorer, path: Path) -> Rows:
             col = c.attribute(scorer.attribute)
             labels, names = col.labels, col.values
         # multi-label: every row (an empty cell is a photo with none of the labels)
-        rows = np.arange(len(labels)) if scorer.multi_label else np.flatnonzero(labels >= 0)
+        rows = np.flatnonzero(labels >= -1) if scorer.multi_label else np.flatnonzero(labels >= 0)
         cats: list[str | None] = [names[int(v)] if v >= 0 else "" for v in labels[rows]]
         paths_all = c.paths
         root = Path(str(c.attrs.get("image_root", "")))

@@ -223,10 +223,11 @@ def _fit_multi(cfg: FitHeadConfig, cache: Cache, target: Target) -> _Fitted:
     names = multi.class_names
     if len(names) < 1:
         raise InputError(f"{cfg.cache} has no labels in its {target.name!r} column")
-    rows = np.arange(cache.n_rows)
-    Y = multi.Y
+    rows = np.flatnonzero(multi.known)  # every photo but those whose identical files disagree
+    Y = multi.Y[rows]
     X = cache.features(rows)
-    require_finite(cfg.cache, X, rows, cache.paths)
+    all_paths = cache.paths
+    require_finite(cfg.cache, X, rows, [all_paths[int(r)] for r in rows])
     counts = Y.sum(0)
     rarest = np.where(Y.any(1), np.argmin(np.where(Y > 0, counts[None, :], np.iinfo(np.int64).max), axis=1), len(names))
     groups = near_duplicate_groups(lambda idx: X[idx], rarest, cfg.near_duplicate_threshold)
@@ -256,7 +257,8 @@ def _fit_multi(cfg: FitHeadConfig, cache: Cache, target: Target) -> _Fitted:
         )
     metrics = {**multilabel_metrics(Y[va], val_p, thresholds, names), "split": "validation"}
     head = MultiLabelHead(C=best_c, class_weight=cfg.class_weight, max_iter=cfg.max_iter).fit(X, Y)
-    hashes = cache.content_hash
+    all_hashes = cache.content_hash
+    hashes = [all_hashes[int(r)] for r in rows]
     merged = _groups_by_hash(groups, hashes)
     meta = {
         "class_names": names,

@@ -284,7 +284,10 @@ class _RowWriter:
             header += ["node", "node_probability", "node_path"] if tree else []
             for a in self.attributes:  # multi-label: the labels at their thresholds, ;-separated
                 scores = "probabilities" if a.get("multi_label") else "probability"
-                header += [a["name"], f"{a['name']}_{scores}"]
+                name = a["name"]
+                if name in header or name == "error" or f"{name}_{scores}" in header:
+                    name = f"attribute_{name}"  # a column called "probability" keeps the fixed header's meaning
+                header += [name, f"{name}_{scores}"]
             self.csv.writerow([safe_cell(h, raw) for h in [*header, "error"]])
 
     def write(self, path: Path, row: dict[str, Any]) -> None:

@@ -330,3 +330,37 @@ def test_cache_info_and_the_parquet_export_show_every_column(tiny, tmp_path):
         col = c.attribute("tags")
         want = [col.values[i] if i >= 0 else None for i in col.labels]
     assert table.column("tags").to_pylist() == want
+
+
+def test_identical_files_that_disagree_are_left_out_of_that_attribute(tmp_path):
+    """Two copies of one photo: different finish (single-label) and one with tags, one without
+    (multi-label, where an empty cell means "none"): both conflicts, recorded and left out of
+    those heads; the category, on which the copies agree, is kept. A column named like a
+    fixed output column gets its own name in predict's CSV."""
+    images = copy_sample_photos(tmp_path / "images", 6)
+    twin = images / "bag" / "twin.png"
+    shutil.copy(sorted((images / "bag").glob("*.png"))[0], twin)
+    manifest = _manifest(images, tmp_path / "catalog.csv", finish="probability")
+    rows = list(csv.reader(manifest.open(encoding="utf-8")))
+    for r in rows[1:]:
+        if r[0].endswith("twin.png"):
+            r[2], r[3] = "satin", ""  # the original has glossy/matte and footwear/sale cells
+    first = next(r for r in rows[1:] if r[0].startswith("images/bag/") and not r[0].endswith("twin.png"))
+    first[3] = "sale"
+    with open(manifest, "w", newline="", encoding="utf-8") as f:
+        csv.writer(f).writerows(rows)
+    cache = tmp_path / "f.h5"
+    out = _cli("extract", manifest, "--out", cache, "--backbone", "tiny", "--no-progress", "--workers", "0")
+    assert "left out of the probability head" in out and "left out of the tags head" in out
+    with Cache(cache) as c:
+        row = c.paths.index(first[0])
+        assert c.attribute("probability").labels[row] == -2 and c.attribute("tags").labels[row] == -2
+        assert c.class_names[c.labels[row]] == "bag"
+    head = tmp_path / "head"
+    _cli("fit-head", cache, "--out", head, *FIT)
+    tags = json.loads((head / "attributes" / "tags" / "head.json").read_text(encoding="utf-8"))
+    assert tags["n_train"] + tags["n_val"] == 17  # 19 files, 18 distinct photos, the disagreeing one left out
+    _cli("export", head, "--out", tmp_path / "m")
+    _cli("predict", tmp_path / "m", images / "bag", "--out", tmp_path / "p.csv", "--no-progress", "--workers", "0")
+    header = next(csv.reader((tmp_path / "p.csv").open(encoding="utf-8")))
+    assert header.count("probability") == 1 and "attribute_probability" in header

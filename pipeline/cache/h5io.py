@@ -31,10 +31,14 @@ def segment_dir(cache_path: Path) -> Path:
     return cache_path.with_name(cache_path.name + ".segments")
 
 
+CONFLICT = -2  # an attribute row whose identical files carry different cells
+
+
 @dataclass
 class Column:
     """One attribute column of the index (``/attributes/<name>``): per row an index into
-    ``values`` (the column's distinct cells as written, sorted), -1 = empty."""
+    ``values`` (the column's distinct cells as written, sorted), -1 = empty, -2 = identical
+    files whose cells disagree (:data:`CONFLICT`: left out of the attribute's head)."""
 
     labels: np.ndarray  # int32 [N]
     values: list[str]

@@ -14,8 +14,9 @@ from typing import Any
 
 import numpy as np
 
+from ..data.attributes import looks_multi_label
 from . import statcache
-from .h5io import Column
+from .h5io import CONFLICT, Column
 from .index import IndexContents
 from .statcache import StatKey
 
@@ -111,18 +112,23 @@ def _column(
     name: str, cells: Sequence[str], members_of: list[list[int]], rels: Sequence[str], skipped: list[tuple[str, str]]
 ) -> Column:
     """One attribute column over the index rows (``members_of``: each row's catalog items).
-    Identical files with different non-empty cells leave the row's cell empty, as labels do."""
+    Identical files whose cells disagree give the row :data:`CONFLICT` (recorded in
+    ``skipped``): an empty cell next to a filled one is no conflict in a single-label column
+    (unlabelled), but is one in a multi-label column, where empty means "none of the labels"."""
     values = sorted({c for c in cells if c})
     value_id = {v: i for i, v in enumerate(values)}
+    multi = looks_multi_label(values)
     out = np.full(len(members_of), -1, dtype=np.int32)
     for row, members in enumerate(members_of):
-        seen = {c for i in members if (c := cells[i])}
+        seen = {c for i in members if (c := cells[i]) or multi}
         if len(seen) == 1:
-            out[row] = value_id[seen.pop()]
+            only = seen.pop()
+            out[row] = value_id[only] if only else -1
         elif seen:
-            shown = ", ".join(sorted(seen))
-            why = f"identical bytes with {len(seen)} different {name} ({shown}); {name} left empty"
+            shown = ", ".join(sorted(repr(s) for s in seen))
+            why = f"identical bytes with {len(seen)} different {name} ({shown}); left out of the {name} head"
             skipped.append((rels[members[0]], why))
+            out[row] = CONFLICT
     return Column(out, values)
 
 

@@ -73,7 +73,7 @@ import numpy as np
 from ..errors import BackboneError, CacheError
 from ..models.fingerprint import Fingerprint
 from . import validation
-from .h5io import SCHEMA_VERSION, Column, StatTable, _decode, crash_point, segment_dir
+from .h5io import CONFLICT, SCHEMA_VERSION, Column, StatTable, _decode, crash_point, segment_dir
 from .lock import writer_lock
 
 __all__ = ["SCHEMA_VERSION", "Cache", "CacheContents", "crash_point", "segment_dir", "writer_lock"]
@@ -218,7 +218,7 @@ class Cache:
             raise KeyError(name)
         g = self._f["attributes"][name]
         labels = np.asarray(g["labels"][()], dtype=np.int64)
-        validation.check_labels(self.path, labels, int(g["class_names"].shape[0]), f"/attributes/{name}")
+        validation.check_labels(self.path, labels, int(g["class_names"].shape[0]), f"/attributes/{name}", CONFLICT)
         return Column(labels, _decode(g["class_names"]))
 
     def attributes(self) -> dict[str, Column]:

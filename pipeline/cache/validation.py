@@ -159,14 +159,15 @@ def damaged(path: Path, problems: list[str]) -> str:
     return f"{path} is damaged or was not written by headstart: {shown}; {fix_hint(path)}"
 
 
-def check_labels(path: Path, labels: np.ndarray, n_classes: int, where: str = "") -> None:
-    """Labels index ``{where}/class_names`` (-1 = unlabelled): anything else is a damaged cache,
-    which would otherwise be an IndexError far downstream or a class that does not exist."""
-    bad = np.flatnonzero((labels < -1) | (labels >= n_classes))
+def check_labels(path: Path, labels: np.ndarray, n_classes: int, where: str = "", lowest: int = -1) -> None:
+    """Labels index ``{where}/class_names`` (-1 = unlabelled; an attribute column also has -2,
+    ``lowest``): anything else is a damaged cache, which would otherwise be an IndexError far
+    downstream or a class that does not exist."""
+    bad = np.flatnonzero((labels < lowest) | (labels >= n_classes))
     if len(bad):
         shown = ", ".join(f"row {int(i)}: {int(labels[i])}" for i in bad[:3])
         raise CacheError(
-            f"{path} is damaged: {where}/labels has {len(bad)} value(s) outside -1 .. {n_classes - 1} "
+            f"{path} is damaged: {where}/labels has {len(bad)} value(s) outside {lowest} .. {n_classes - 1} "
             f"({where}/class_names has {n_classes} entries), e.g. {shown}; {fix_hint(path)}"
         )
 

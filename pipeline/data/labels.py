@@ -229,8 +229,10 @@ class Mapped:
 
 
 def apply_label_map(label_map: LabelMap | None, category_names: list[str], labels: np.ndarray) -> Mapped:
-    """Map a cache's labels (indices into ``category_names``, -1 unlabelled) to output classes."""
+    """Map a cache's labels (indices into ``category_names``, -1 unlabelled; an attribute's -2,
+    identical files that disagree, is unlabelled too) to output classes."""
     labels = np.asarray(labels, dtype=np.int64)
+    labels = np.where(labels < -1, -1, labels)
     present = sorted({int(v) for v in np.unique(labels) if v >= 0})
     if label_map is None or not label_map.classes:
         names = [category_names[i] for i in present]
@@ -268,6 +270,7 @@ class MappedMulti:
     class_names: list[str]
     class_ids: list[int]
     absent: list[str]
+    known: np.ndarray  # bool [N]: False where identical files disagreed (cache.h5io.CONFLICT)
 
 
 def apply_multi_label(label_map: LabelMap | None, values: list[str], cells: np.ndarray) -> MappedMulti:
@@ -277,6 +280,8 @@ def apply_multi_label(label_map: LabelMap | None, values: list[str], cells: np.n
     from .attributes import split_cell  # attributes.py builds on this module
 
     cells = np.asarray(cells, dtype=np.int64)
+    known = cells >= -1
+    cells = np.where(known, cells, -1)
     parts = [split_cell(v) for v in values]
     present = sorted({lab for i in np.unique(cells) if i >= 0 for lab in parts[int(i)]})
     if label_map is None or not label_map.classes:
@@ -297,4 +302,4 @@ def apply_multi_label(label_map: LabelMap | None, values: list[str], cells: np.n
             t = target.get(lab)
             if t is not None:
                 per_value[v, index[t]] = 1
-    return MappedMulti(per_value[cells], names, ids, absent)
+    return MappedMulti(per_value[cells], names, ids, absent, known)
