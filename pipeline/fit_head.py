@@ -163,18 +163,18 @@ def fit_head(cfg: FitHeadConfig) -> FitSummary:
                     raise InputError(f"attribute {t.name!r}: {e}" if several else str(e)) from None
                 notes.append(f"attribute {t.name!r} was not fitted: {e}")
     main, rest = fitted[0], fitted[1:]
-    main.meta["attribute"] = main.attribute
-    main.meta["warnings"] = [*main.meta.get("warnings", []), *notes]
+    meta = {**main.head.meta, "attribute": main.head.name}
+    meta["warnings"] = [*meta.get("warnings", []), *notes]
     out = write_head(
         cfg.out,
-        main.estimator,
-        kind=main.kind,
-        meta=main.meta,
-        split=main.split,
+        main.head.estimator,
+        kind=main.head.kind,
+        meta=meta,
+        split=main.head.split,
         write_config=lambda path: save_resolved(
             cfg, path, C=main.summary.C, solver=main.solver, temperature=main.summary.temperature
         ),
-        attributes=[AttributeHead(f.attribute, f.estimator, f.kind, f.meta, f.split) for f in rest],
+        attributes=[f.head for f in rest],
     )
     summary = main.summary
     summary.path, summary.seconds = out, time.perf_counter() - t0
@@ -187,14 +187,9 @@ def fit_head(cfg: FitHeadConfig) -> FitSummary:
 class _Fitted:
     """One attribute's head, fitted, before the head directory is written."""
 
-    attribute: str
-    estimator: Any
-    kind: str
-    meta: dict[str, Any]
-    split: dict[str, Any]
+    head: AttributeHead  # the attribute's name, estimator, kind, head.json and split.json
     summary: FitSummary
     solver: str = "none"
-    multi_label: bool = False
 
 
 def attribute_targets(cache: Cache, label_maps: list[LabelMap], wanted: tuple[str, ...] = ()) -> list[Target]:
@@ -290,7 +285,7 @@ def _fit_multi(cfg: FitHeadConfig, cache: Cache, target: Target) -> _Fitted:
         Path(cfg.out), metrics, best_c, len(tr), len(va), time.perf_counter() - t0, "multilabel", 1.0, warnings,
         attribute=target.name,
     )  # fmt: skip
-    return _Fitted(target.name, head, "multilabel", meta, split_record, summary, "sklearn", multi_label=True)
+    return _Fitted(AttributeHead(target.name, head, "multilabel", meta, split_record), summary, "sklearn")
 
 
 def _common_meta(cfg: FitHeadConfig, cache: Cache) -> dict[str, Any]:
@@ -447,7 +442,7 @@ def _fit_single(cfg: FitHeadConfig, kind: HeadKind, cache: Cache, target: Target
         Path(cfg.out), metrics, best_c, len(tr), len(va), time.perf_counter() - t0, kind.name, temperature, warnings,
         attribute=target.name,
     )  # fmt: skip
-    return _Fitted(target.name, head, kind.name, meta, split_record, summary, solver)
+    return _Fitted(AttributeHead(target.name, head, kind.name, meta, split_record), summary, solver)
 
 
 def _text(cache: Cache, class_names: list[str], label_map: LabelMap | None) -> dict[str, Any]:
@@ -525,7 +520,7 @@ def _fit_zeroshot(cfg: FitHeadConfig, kind: HeadKind, cache: Cache, target: Targ
         Path(cfg.out), metrics, None, 0, len(rows), time.perf_counter() - t0, kind.name, temperature,
         attribute=target.name,
     )  # fmt: skip
-    return _Fitted(target.name, head, kind.name, meta, split, summary)
+    return _Fitted(AttributeHead(target.name, head, kind.name, meta, split), summary)
 
 
 def _calibration(logits: np.ndarray, y: np.ndarray, temperature: float, threshold: float | None) -> dict[str, Any]:

@@ -84,23 +84,13 @@ def resolve_targets(
     for m in label_maps:
         name = m.attribute or label_column
         if name not in columns:
-            close = difflib.get_close_matches(name, names, n=1)
-            raise InputError(
-                f"label map {m.source} is for attribute {name!r}, which the cache does not have"
-                + (f" (did you mean {close[0]!r}?)" if close else "")
-                + f"; its attributes are: {', '.join(names)}"
-            )
+            raise InputError(_not_a_column(f"label map {m.source} is for attribute {name!r}, which", name, names))
         if name in by_attribute:
             raise InputError(f"label maps {by_attribute[name].source} and {m.source} are both for {name!r}; keep one")
         by_attribute[name] = m
     for name in wanted:
         if name not in columns:
-            close = difflib.get_close_matches(name, names, n=1)
-            raise InputError(
-                f"--attribute {name!r} is not a column of the cache"
-                + (f" (did you mean {close[0]!r}?)" if close else "")
-                + f"; its attributes are: {', '.join(names)}"
-            )
+            raise InputError(_not_a_column(f"--attribute {name!r}", name, names))
     chosen = list(dict.fromkeys(wanted)) or [
         n for n in names if n == label_column or (columns[n][1] >= 0).any() or n in by_attribute
     ]
@@ -121,3 +111,12 @@ def resolve_targets(
             "--attribute one that is single-label"
         )
     return targets
+
+
+def _not_a_column(what: str, name: str, names: list[str]) -> str:
+    close = difflib.get_close_matches(name, names, n=1)
+    return (
+        f"{what} is not a column of the cache"
+        + (f" (did you mean {close[0]!r}?)" if close else "")
+        + f"; its attributes are: {', '.join(names)}"
+    )
