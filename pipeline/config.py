@@ -92,7 +92,7 @@ class FitHeadConfig:
     class_weight: str | None = _opt(None, "Re-weight classes (imbalanced catalogs).", choices=CLASS_WEIGHTS)
     seed: int = _opt(0, "Seed of the validation split.", min=0)
     max_iter: int = _opt(1000, "L-BFGS iterations.", min=1, max=1_000_000)
-    # Issue 4 (heads, label maps, honest splits, calibration); see fit_head.py for each.
+    # Issue 4 (heads, label maps, honest splits, calibration); see pipeline/fit_head/ for each.
     device: str = _opt("auto", "cuda: torch L-BFGS on the GPU; cpu: scikit-learn.")
     # one label map per attribute (its `attribute = "..."` key; default: the label column)
     classes: tuple[str, ...] = _opt(

@@ -370,7 +370,7 @@ def _evaluate_multi_label(
     hashes: list[str] | None,
 ) -> EvaluateSummary:
     """A multi-label attribute: each label at the head's threshold (probe/multilabel.py)."""
-    from .artifacts.report import write_multilabel_report
+    from .artifacts.multilabel_report import write_multilabel_report
     from .data.attributes import split_cell
     from .probe.multilabel import multilabel_metrics, sigmoid
 

@@ -15,7 +15,7 @@ import torch
 from conftest import copy_sample_photos
 from sklearn.datasets import load_digits
 
-import pipeline.fit_head as fit_head_module
+import pipeline.fit_head.stage as fit_head_module
 from pipeline.artifacts.head_dir import load_head_estimator, read_head
 from pipeline.config import ExtractConfig, FitHeadConfig
 from pipeline.core.hashing import sha256_file

@@ -58,6 +58,7 @@ from ..models.backbones import get_spec, load_backbone, with_preprocessing
 from ..models.fingerprint import Fingerprint
 from ..models.heads import Classifier, build_head, head_tensors
 from .architecture import architecture_spec, check_architecture, plain_files, verify_architecture, write_architecture
+from .attribute_heads import attribute_entries, attribute_outputs, check_attributes
 from .head_dir import checked_class_names, checked_files, read_json, verify_files
 
 MODEL_FORMAT = "headstart-model"
@@ -137,7 +138,7 @@ def _manifest(src: ModelSource, fmt: str, files: dict[str, str], extra: dict[str
         "precision": fp.precision,
         "class_names": src.class_names,
         "head": {**src.head, "n_classes": len(src.class_names)},
-        **({"attributes": _attribute_entries(src.attributes)} if src.attributes else {}),
+        **({"attributes": attribute_entries(src.attributes)} if src.attributes else {}),
         "input": {
             "name": "pixels",
             "dtype": "uint8",
@@ -166,20 +167,6 @@ def _metadata(src: ModelSource) -> dict[str, str]:
         "headstart_version": __version__,
         **({"tree": json.dumps(src.extra["tree"], ensure_ascii=False)} if src.extra.get("tree") else {}),
     }
-
-
-def _attribute_entries(attributes: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [{**a, "output": o} for a, o in zip(attributes, attribute_outputs(attributes), strict=True)]
-
-
-def attribute_outputs(attributes: list[dict[str, Any]]) -> list[str]:
-    """The ONNX output of each further attribute: ``probabilities_<name>`` when the name is an
-    identifier (so ``session.run(["probabilities_finish"], ...)`` reads naturally), else
-    ``probabilities_<i>``; the manifest's ``attributes`` maps outputs to names either way."""
-    return [
-        f"probabilities_{a['name']}" if str(a["name"]).isidentifier() else f"probabilities_{i}"
-        for i, a in enumerate(attributes)
-    ]
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
@@ -351,29 +338,7 @@ def _check_manifest(root: Path, manifest: dict[str, Any]) -> None:
     checked_files(root, plain_files(manifest["files"]), what=what, fix=_REEXPORT)
     check_architecture(root, manifest, what=what, fix=_REEXPORT)  # the backbone/ entries of 'files'
     Tree.from_record(manifest.get("tree"), names, what=what, fix=_REEXPORT)  # models before the tree have none
-    _check_attributes(manifest.get("attributes"), what)
-
-
-def _check_attributes(attributes: Any, what: str) -> None:
-    """Each further attribute: a name, its class names, a head kind, its ONNX output, and for a
-    multi-label one a threshold per label in [0, 1]."""
-    if attributes is None:
-        return
-    if not isinstance(attributes, list):
-        raise ArtifactError(f"{what} 'attributes' is not a list; {_REEXPORT}")
-    for a in attributes:
-        if not (isinstance(a, dict) and isinstance(a.get("name"), str) and isinstance(a.get("output"), str)):
-            raise ArtifactError(f"{what} 'attributes' holds an entry without a name and an output; {_REEXPORT}")
-        where = f"{what} attribute {a['name']!r}"
-        names = checked_class_names(a.get("class_names"), what=where, fix=_REEXPORT)
-        if not isinstance(a.get("head"), dict) or not isinstance(a["head"].get("kind"), str):
-            raise ArtifactError(f"{where} has no head kind; {_REEXPORT}")
-        if a.get("multi_label"):
-            t = a.get("thresholds")
-            if not (isinstance(t, list) and len(t) == len(names)) or not all(
-                isinstance(v, int | float) and 0 <= v <= 1 for v in t
-            ):
-                raise ArtifactError(f"{where} needs one threshold in [0, 1] per label; {_REEXPORT}")
+    check_attributes(manifest.get("attributes"), what)
 
 
 def build_classifier(manifest: dict[str, Any], state: dict[str, torch.Tensor], root: Path | None = None) -> Classifier:

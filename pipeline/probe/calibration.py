@@ -3,6 +3,8 @@ expected calibration error and mean log-loss. numpy and scipy only."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 
@@ -50,3 +52,27 @@ def calibration_error(proba: np.ndarray, y_idx: np.ndarray, bins: int = 15) -> f
 
 def mean_log_loss(proba: np.ndarray, y_idx: np.ndarray) -> float:
     return float(-np.log(np.clip(proba[np.arange(len(y_idx)), y_idx], 1e-12, None)).mean())
+
+
+def calibration_report(
+    logits: np.ndarray, y: np.ndarray, temperature: float, threshold: float | None
+) -> dict[str, Any]:
+    """Validation log-loss and ECE before and after ``temperature``; with an unknown
+    ``threshold``, the share of photos it answers and their accuracy (fit-head's record)."""
+    before, after = softmax(logits), softmax(logits / temperature)
+    out: dict[str, Any] = {
+        "val_log_loss_before": mean_log_loss(before, y),
+        "val_log_loss_after": mean_log_loss(after, y),
+        "val_ece_before": calibration_error(before, y),
+        "val_ece_after": calibration_error(after, y),
+    }
+    if threshold is not None:
+        from .metrics import at_threshold
+
+        u = at_threshold(after, y, threshold)
+        out["unknown_threshold"] = {
+            "threshold": threshold,
+            "val_coverage": u["coverage"],
+            "val_accuracy_covered": u["accuracy_answered"],
+        }
+    return out

@@ -26,6 +26,7 @@ threshold per label chosen on validation, and the metrics that go with them.
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -33,9 +34,11 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import average_precision_score
 
+from ..errors import InputError
 from .estimators import _LinearHead
 from .rows import blas_threads_for, standardisation
 from .selection import COARSE_LOG10_C
+from .splits import grouped_split, near_duplicate_groups
 
 DEFAULT_THRESHOLD = 0.5  # a label without a validation positive: nothing to choose it on
 _EPS = 1e-7
@@ -197,3 +200,66 @@ def multilabel_metrics(Y: np.ndarray, P: np.ndarray, thresholds: np.ndarray, cla
         "n": len(Y),
         "per_label": per,
     }
+
+
+@dataclass
+class MultiLabelFit:
+    """What :func:`fit_multilabel` gives: the final head and how it was chosen."""
+
+    head: MultiLabelHead
+    thresholds: np.ndarray
+    metrics: dict[str, Any]  # on the validation rows, at ``thresholds``
+    C: float
+    curve: list[dict[str, float]]
+    train: np.ndarray
+    val: np.ndarray
+    groups: np.ndarray  # near-duplicate group per row
+    warnings: list[str] = field(default_factory=list)
+
+
+def fit_multilabel(
+    X: np.ndarray,
+    Y: np.ndarray,
+    names: list[str],
+    attribute: str,
+    *,
+    val_fraction: float,
+    seed: int,
+    near_duplicate_threshold: float | None,
+    C: float | None,
+    class_weight: str | None,
+    max_iter: int,
+    target_precision: float | None,
+) -> MultiLabelFit:
+    """The module docstring's recipe on rows ``X`` with labels ``Y``: a validation split
+    grouped by near duplicate and stratified by each photo's rarest label, C swept (unless
+    given), thresholds from the probe fitted on training, the final head refit on all rows."""
+    counts = Y.sum(0)
+    huge = np.iinfo(np.int64).max
+    rarest = np.where(Y.any(1), np.argmin(np.where(Y > 0, counts[None, :], huge), axis=1), len(names))
+    groups = near_duplicate_groups(lambda idx: X[idx], rarest, near_duplicate_threshold)
+    split = grouped_split(rarest, groups, val_fraction, seed)
+    tr, va = split.train, split.val
+    if len(va) == 0 or len(tr) == 0:
+        raise InputError(f"too few photos for a validation split of {attribute!r}")
+    notes = []
+    few = [names[j] for j in np.flatnonzero(Y[va].sum(0) == 0)]
+    if few:
+        notes.append(
+            f"{len(few)} label(s) of {attribute!r} have no validation photo ({', '.join(few[:5])}"
+            f"{', ...' if len(few) > 5 else ''}): their threshold stays at 0.5 and their metrics are empty"
+        )
+    curve: list[dict[str, float]] = []
+    if C is None:
+        C, curve = sweep_c_multilabel(X[tr], Y[tr], X[va], Y[va], class_weight=class_weight, max_iter=max_iter)
+    probe = MultiLabelHead(C=C, class_weight=class_weight, max_iter=max_iter).fit(X[tr], Y[tr])
+    val_p = probe.predict_proba(X[va])
+    thresholds, short = choose_thresholds(val_p, Y[va], target_precision)
+    if short:
+        notes.append(
+            f"{len(short)} label(s) of {attribute!r} cannot reach validation precision {target_precision} at "
+            f"any threshold ({', '.join(names[j] for j in short[:5])}): they use the threshold of their best precision"
+        )
+    metrics = {**multilabel_metrics(Y[va], val_p, thresholds, names), "split": "validation"}
+    head = MultiLabelHead(C=C, class_weight=class_weight, max_iter=max_iter).fit(X, Y)
+    return MultiLabelFit(head, thresholds, metrics, float(C), curve, tr, va, groups, notes)

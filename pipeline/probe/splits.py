@@ -125,3 +125,11 @@ def grouped_split(y: np.ndarray, groups: np.ndarray, val_fraction: float, seed: 
         for g in chosen:
             val_mask[members[g]] = True
     return GroupedSplit(np.flatnonzero(~val_mask), np.flatnonzero(val_mask), tuple(ungrouped))
+
+
+def groups_by_hash(groups: np.ndarray, hashes: list[str]) -> list[list[str]]:
+    """Near-duplicate groups with more than one member, as lists of content hashes."""
+    members: dict[int, list[str]] = {}
+    for i, g in enumerate(groups.tolist()):
+        members.setdefault(g, []).append(hashes[i])
+    return [m for m in members.values() if len(m) > 1]
