@@ -16,6 +16,7 @@ SigLIP) gives its projected image embedding (``default``), the space its text to
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -87,9 +88,16 @@ def preprocessing(folder: Path, size: int | None, *, vit: bool) -> tuple[Preproc
     """The image processor's recipe as a :class:`Preprocessing`, at ``size`` (default: its crop,
     at most ``hub.VIT_DEFAULT_MAX`` for a ViT), keeping its resize-to-crop ratio.
 
-    Processors that resize to a fixed ``height x width`` without a crop (ViTImageProcessor,
-    ConvNeXt at 384+) squash the photo to a square; headstart keeps the aspect ratio and
-    centre-crops instead (its preprocessing has no squash), identical on square photos."""
+    Three recipes, as ``transformers`` applies them (the PIL backend):
+
+    * short side to ``shortest_edge``, centre crop ``crop_size`` (BitImageProcessor: DINOv2, CLIP);
+    * ``crop_pct`` (ConvNextImageProcessor): short side to ``shortest_edge / crop_pct``, centre
+      crop; at 384 px and above it resizes to a square with no crop, i.e. squashes;
+    * a fixed ``height x width`` (ViTImageProcessor, SiglipImageProcessor; DeiT's then crops):
+      the photo is squashed to that square whatever its aspect ratio (``squash``).
+
+    A square is all headstart resizes to, so a ``height != width`` is an Error; so is a processor
+    that resizes the short side and then does not crop (its output shape follows each photo)."""
     p = _processor(folder)
     what = f"the image processor in {folder}"
     s = p.get("size") or {}
@@ -97,14 +105,29 @@ def preprocessing(folder: Path, size: int | None, *, vit: bool) -> tuple[Preproc
     crop_size = p.get("crop_size")
     if isinstance(crop_size, dict):
         crop_size = crop_size.get("height")
+    do_crop = bool(p.get("do_center_crop", True))
+    squash = False
     if "crop_pct" in p and "shortest_edge" in s:  # ConvNextImageProcessor
         edge = int(s["shortest_edge"])
         resize, crop = (math.floor(edge / p["crop_pct"]), edge) if edge < 384 else (edge, edge)
+        squash = edge >= 384
     elif "shortest_edge" in s:
         resize = int(s["shortest_edge"])
-        crop = int(crop_size) if p.get("do_center_crop", True) and crop_size else resize
+        if not (do_crop and crop_size):
+            raise BackboneError(
+                f"{what} resizes the short side to {resize} px and does not crop, so its output shape follows each "
+                "photo; headstart needs a square: set do_center_crop and crop_size in preprocessor_config.json"
+            )
+        crop = int(crop_size)
     elif "height" in s:
-        resize = crop = int(s["height"])
+        height, width = int(s["height"]), int(s.get("width", s["height"]))
+        if height != width:
+            raise BackboneError(f"{what} resizes to {height} x {width}; headstart resizes to a square only")
+        # a fixed square whatever the photo's shape: ViTImageProcessor and SiglipImageProcessor
+        # (no crop), DeiTImageProcessor (squash to 256, then centre-crop 224)
+        squash = True
+        resize = height
+        crop = int(crop_size) if do_crop and crop_size and int(crop_size) < height else height
     else:
         raise BackboneError(f"{what} has a size headstart does not read: {p.get('size')!r}")
     chosen = size or (min(crop, hub.VIT_DEFAULT_MAX) if vit else crop)
@@ -112,7 +135,7 @@ def preprocessing(folder: Path, size: int | None, *, vit: bool) -> tuple[Preproc
     mean, std = p.get("image_mean", (0.5,) * 3), p.get("image_std", (0.5,) * 3)
     exact = resize if chosen == crop else round(chosen * resize / crop)  # no float floor at the native size
     prep = hub.centre_crop_prep(chosen, crop / resize, mean, std, interpolation, what=what, resize=exact)
-    return prep, chosen
+    return dataclasses.replace(prep, squash=squash), chosen
 
 
 def _build(folder: Path) -> nn.Module:

@@ -7,12 +7,14 @@ The network is ``open_clip.create_model(..., load_weights=False)``; the body is 
 (``model.visual``), whose output is the projected image embedding, the space the text tower
 shares (what a zero-shot head needs); its pooling is the tower's own (``default``). The
 preprocessing is ``open_clip.get_model_preprocess_cfg``'s (size, mean, std, interpolation,
-``resize_mode``), what ``open_clip.image_transform(is_train=False)`` builds. The tower runs at
-its own size (its position embedding is fixed), so ``@SIZE`` must equal it.
+``resize_mode``: ``shortest`` crops the centre, ``squash`` resizes to the square), what
+``open_clip.image_transform(is_train=False)`` builds. The tower runs at its own size (its
+position embedding is fixed), so ``@SIZE`` must equal it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -69,11 +71,14 @@ def _spec(name: hub.Name, model_name: str, weights: Any, source: str, how_to_get
         raise BackboneError(f"{model_name} runs at {size} px (its position embedding is fixed); drop @{name.size}")
     if name.pool not in (None, "default"):
         raise BackboneError("an open_clip image tower has its own pooling (its projected embedding); use :default")
-    if cfg.get("resize_mode", "shortest") != "shortest":
-        raise BackboneError(f"{model_name} resizes with {cfg['resize_mode']!r}; headstart reads 'shortest' only")
+    mode = cfg.get("resize_mode") or "shortest"
+    if mode not in ("shortest", "squash"):
+        raise BackboneError(f"{model_name} resizes with {mode!r}; headstart reads 'shortest' and 'squash'")
     prep = hub.centre_crop_prep(
         size, 1.0, cfg["mean"], cfg["std"], cfg.get("interpolation", "bicubic"), what=model_name
     )
+    # squash (open_clip's SigLIP and CLIPA tags): the photo resized to size x size, no crop
+    prep = dataclasses.replace(prep, squash=mode == "squash")
     visual: Any = model.visual
     stash = [OpenClipBody(visual).eval()]
     with torch.no_grad():
@@ -163,7 +168,7 @@ def config_files(name: hub.Name, entry: dict[str, Any] | None, prep: Any) -> dic
         "mean": list(prep.mean),
         "std": list(prep.std),
         "interpolation": prep.interpolation,
-        "resize_mode": "shortest",  # _spec refuses any other
+        "resize_mode": "squash" if prep.squash else "shortest",  # _spec refuses any other
     }
     doc = {"model_cfg": model_cfg, "preprocess_cfg": preprocess}
     return {"open_clip_config.json": (json.dumps(doc, indent=2) + "\n").encode()}
