@@ -166,6 +166,35 @@ def test_pooling_and_image_size_are_in_the_name_and_the_fingerprint(vit_dir):
     assert get_spec("vit-s@96").preprocessing.resize == 101  # floor(96 / 0.95)
 
 
+def test_image_size_flag_means_name_at_size(vit_dir, small_catalog, tmp_path, run_cli):
+    """--image-size S is NAME@S: the same canonical name, so the same fingerprint and cache."""
+    from pipeline.cache.store import Cache
+    from pipeline.models.backbones import sized_name
+    from pipeline.models.imported import import_backbone
+
+    import_backbone(vit_dir[0], "vit-s")
+    assert sized_name("vit-s", 96) == "vit-s@96" and sized_name("vit-s@:mean", 96) == "vit-s@96:mean"
+    assert sized_name("vit-s@96:cls", 96) == "vit-s@96:cls" and sized_name("vit-s@96", None) == "vit-s@96"
+    cache = tmp_path / "f.h5"
+    args = ("extract", small_catalog, "--out", cache, "--no-progress", "--workers", "0")
+    r = run_cli(*args, "--backbone", "vit-s", "--image-size", "96")
+    assert r.exit_code == 0, r.output
+    with Cache(cache) as c:
+        assert c.fingerprint.backbone == "vit-s@96:cls" and c.fingerprint.preprocessing.crop == 96
+    r = run_cli(*args, "--backbone", "vit-s@96:cls")  # the same backbone: nothing new to extract
+    assert r.exit_code == 0 and "extracted 0, reused 18" in r.output, r.output
+    r = run_cli(*args, "--backbone", "vit-s@64", "--image-size", "96")
+    assert r.exit_code == 1
+    assert "Error: --backbone vit-s@64 asks for 64 px and --image-size for 96 px; give one of them" in r.output
+    r = run_cli(*args, "--backbone", "tiny", "--image-size", "64")
+    assert r.exit_code == 1 and "--image-size applies to timm/, hf/, open_clip/ and imported backbones" in r.output
+    assert "tiny runs at the 32 px its weights were trained at" in r.output
+    r = run_cli(*args, "--backbone", "vit-s", "--image-size", "4")
+    assert r.exit_code == 2 and "--image-size" in r.output  # below the 8 px a name accepts too
+    help_text = run_cli("extract", "--help").output
+    assert "--image-size" in help_text and "at most 224" in help_text and "518" in help_text
+
+
 def test_cnn_pooling_choices_are_checked(effnet_dir):
     from pipeline.errors import BackboneError
     from pipeline.models.backbones import get_spec

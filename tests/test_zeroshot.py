@@ -20,6 +20,7 @@ from test_hub_backbones import save_open_clip  # the tiny open_clip folder those
 from pipeline.data.labels import LabelMap
 from pipeline.errors import InputError
 
+PHOTO = Path(__file__).parent / "data" / "images" / "flower_q85_420.jpg"
 PROMPTS = {
     "bag": ["a product photo of a handbag", "a photo of a bag"],
     "sneaker": ["a product photo of a sneaker"],
@@ -261,6 +262,41 @@ def save_hf_clip(folder: Path) -> Path:
     )
     write_clip_tokenizer(folder)
     return folder
+
+
+def test_hf_clip_keeps_its_own_size_and_resamples_at_another(tmp_path):
+    """An image-text model's default size is its own (the text tower was aligned with features
+    at that size), even above the 224 px ViTs default to; @SIZE resamples the position
+    embedding as transformers does (interpolate_pos_encoding)."""
+    transformers = pytest.importorskip("transformers")
+    from pipeline.data.images import load_pixels
+    from pipeline.models.backbones import load_backbone
+    from pipeline.models.imported import import_backbone
+
+    torch.manual_seed(0)
+    config = transformers.CLIPConfig(
+        text_config={"vocab_size": 64, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+                     "num_attention_heads": 2, "max_position_embeddings": 8},
+        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+                       "image_size": 256, "patch_size": 32},
+        projection_dim=16,
+    )  # fmt: skip
+    model = transformers.CLIPModel(config).eval()
+    model.save_pretrained(str(tmp_path / "clip"))
+    transformers.CLIPImageProcessor(
+        size={"shortest_edge": 256}, crop_size={"height": 256, "width": 256}
+    ).save_pretrained(str(tmp_path / "clip"))
+    import_backbone(tmp_path / "clip", "big-clip")
+    assert load_backbone("big-clip").spec.name == "big-clip@256:default"
+    small = load_backbone("big-clip@64")
+    pixels = torch.from_numpy(load_pixels(PHOTO, small.spec.preprocessing))[None]
+    x = (pixels.float() / 255 - torch.tensor(small.spec.preprocessing.mean).view(1, 3, 1, 1)) / torch.tensor(
+        small.spec.preprocessing.std
+    ).view(1, 3, 1, 1)
+    with torch.no_grad():
+        theirs = model.get_image_features(pixel_values=x, interpolate_pos_encoding=True)
+        theirs = theirs if isinstance(theirs, torch.Tensor) else theirs.pooler_output
+        torch.testing.assert_close(small.net(pixels), theirs, atol=1e-5, rtol=1e-5)
 
 
 def test_hf_clip_zeroshot_calibrates_on_labelled_photos(small_catalog, tmp_path, run_cli):

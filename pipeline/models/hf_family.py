@@ -35,8 +35,13 @@ _RESAMPLE = {2: "bilinear", 3: "bicubic"}  # PIL's codes, as the image processor
 
 
 class HFBody(nn.Module):
-    def __init__(self, model: nn.Module, pool: str, prefix_tokens: int, image_text: bool, folder: Path) -> None:
+    def __init__(
+        self, model: nn.Module, pool: str, prefix_tokens: int, image_text: bool, folder: Path, *, resized: bool = False
+    ) -> None:
         super().__init__()
+        # an image-text tower at another size than its own: its position embedding is resampled
+        # (transformers' interpolate_pos_encoding); at its own size the library's plain path runs
+        self.resized = resized
         self.folder = str(folder)  # where the weights load from (load_original_state_dict)
         self.model = model
         self.pool = pool
@@ -45,7 +50,8 @@ class HFBody(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.image_text:
-            out = self.model.get_image_features(pixel_values=x)  # type: ignore[operator]
+            kw = {"interpolate_pos_encoding": True} if self.resized else {}
+            out = self.model.get_image_features(pixel_values=x, **kw)  # type: ignore[operator]
             return out if isinstance(out, torch.Tensor) else out.pooler_output
         kw = {"interpolate_pos_encoding": True} if self.prefix_tokens else {}  # any @SIZE (ViT needs asking)
         out = self.model(pixel_values=x, **kw)
@@ -165,14 +171,20 @@ def _spec(name: hub.Name, folder: Path, weights: Any, source: str, how_to_get: s
     pool = name.pool or own
     if pool not in ("default", own) and not prefix:
         raise BackboneError(f"pooling {pool!r} needs a token model (a ViT); the model in {folder} pools :{own}")
-    prep, size = preprocessing(folder, name.size, vit=vit)
-    first = HFBody(model, pool, prefix, image_text, folder).eval()
+    # An image-text model keeps its own size by default: its text tower was aligned with image
+    # features at that size (zero-shot); other ViTs default to at most hub.VIT_DEFAULT_MAX.
+    prep, size = preprocessing(folder, name.size, vit=vit and not image_text)
+    vision: Any = getattr(model.config, "vision_config", None)
+    resized = image_text and size != int(getattr(vision, "image_size", size))
+    first = HFBody(model, pool, prefix, image_text, folder, resized=resized).eval()
     with torch.no_grad():
         dim = int(first(torch.zeros(1, 3, size, size)).shape[1])
     stash = [first]
 
     def build() -> tuple[nn.Module, nn.Module | None]:
-        return (stash.pop() if stash else HFBody(_build(folder), pool, prefix, image_text, folder)), None
+        return (
+            stash.pop() if stash else HFBody(_build(folder), pool, prefix, image_text, folder, resized=resized)
+        ), None
 
     config: Any = model.config
     arch = (getattr(config, "architectures", None) or [type(model).__name__])[0]
