@@ -297,6 +297,12 @@ def test_hf_clip_keeps_its_own_size_and_resamples_at_another(tmp_path):
         theirs = model.get_image_features(pixel_values=x, interpolate_pos_encoding=True)
         theirs = theirs if isinstance(theirs, torch.Tensor) else theirs.pooler_output
         torch.testing.assert_close(small.net(pixels), theirs, atol=1e-5, rtol=1e-5)
+    # the image backbone holds the vision tower only: fine-tuning's layer groups and model.pt
+    from pipeline.finetune.layers import backbone_units
+
+    assert not any("text" in k for k in small.net.body.state_dict())
+    units = [u.name for u in backbone_units(small.net.body)]
+    assert units[-1] == "model.visual_projection" and any(u.startswith("model.vision_model.encoder") for u in units)
 
 
 def test_hf_clip_zeroshot_calibrates_on_labelled_photos(small_catalog, tmp_path, run_cli):

@@ -43,6 +43,14 @@ class HFBody(nn.Module):
         # (transformers' interpolate_pos_encoding); at its own size the library's plain path runs
         self.resized = resized
         self.folder = str(folder)  # where the weights load from (load_original_state_dict)
+        if image_text:
+            # The image features never run the text tower (the zero-shot head builds its own,
+            # models/text.py): without it, fine-tuning's layer groups are the vision tower's
+            # blocks, not text layers that get no gradient, and model.pt does not carry SigLIP-B's
+            # ~110 M text parameters. get_image_features reads vision_model (+ visual_projection).
+            for name, _ in list(model.named_children()):
+                if name.startswith("text"):
+                    setattr(model, name, None)
         self.model = model
         self.pool = pool
         self.prefix_tokens = prefix_tokens
@@ -78,7 +86,8 @@ class HFBody(nn.Module):
             loaded = AutoModel.from_pretrained(str(self.folder), local_files_only=True)
         except (OSError, ValueError) as e:
             raise RuntimeError(str(e)) from None
-        self.model.load_state_dict(loaded.state_dict(), strict=True)
+        own = self.model.state_dict().keys()  # an image-text model's text tower is gone (__init__)
+        self.model.load_state_dict({k: v for k, v in loaded.state_dict().items() if k in own}, strict=True)
 
 
 def _processor(folder: Path) -> dict[str, Any]:
