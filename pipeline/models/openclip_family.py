@@ -53,12 +53,20 @@ class OpenClipBody(nn.Module):
 
 def create(model_name: str, **kw: Any) -> nn.Module:
     """The whole CLIP model at random init (the zero-shot head needs its text tower too)."""
+    import logging
+
     import open_clip
 
+    # open_clip warns "No pretrained weights loaded ... initialized randomly": true of this
+    # step, false of the backbone, whose weights are loaded right after (load_backbone).
+    was = logging.root.manager.disable
+    logging.disable(max(was, logging.WARNING))
     try:
         return open_clip.create_model(model_name, pretrained=None, load_weights=False, **kw).eval()  # type: ignore[no-any-return]
     except (RuntimeError, ValueError, KeyError, FileNotFoundError) as e:
         raise BackboneError(f"open_clip cannot build {model_name}: {e}") from None
+    finally:
+        logging.disable(was)
 
 
 def _spec(name: hub.Name, model_name: str, weights: Any, source: str, how_to_get: str, **kw: Any) -> BackboneSpec:
@@ -135,6 +143,9 @@ def library_spec(name: hub.Name) -> BackboneSpec:
     def find() -> Path | None:
         snap = hub.cached_snapshot(hub_id, WEIGHTS)
         return hub.weights_in(snap, WEIGHTS) if snap is not None else None
+
+    if find() is None:  # before building the model: that alone takes seconds for a ViT-B
+        raise BackboneError(f"weights for {name.base} are not on this machine; {fetch}")
 
     # what the tag was trained with: OpenAI's weights use QuickGELU, and their mean/std
     prep = {k: cfg[k] for k in ("mean", "std", "interpolation", "resize_mode") if k in cfg}

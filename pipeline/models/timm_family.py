@@ -215,6 +215,8 @@ def library_spec(name: hub.Name) -> BackboneSpec:
         snap = hub.cached_snapshot(hub_id, WEIGHTS)
         return hub.weights_in(snap, WEIGHTS) if snap is not None else None
 
+    if find() is None:  # before building: a random-init ViT-g takes a minute to say the same
+        raise BackboneError(f"weights for {name.base} are not on this machine; {fetch}")
     return _spec(name, _library_recipe(name)[0], find, f"timm (Hugging Face cache, {hub_id})", fetch)
 
 
