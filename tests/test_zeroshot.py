@@ -226,6 +226,33 @@ def test_open_clip_zeroshot_head_needs_no_photo(clip_folder, small_catalog, tmp_
         assert float(row["probability"]) == pytest.approx(float(want[i].max()), abs=2e-3)
 
 
+def test_open_clip_hf_hub_name_headstart_backbones_lists_works(small_catalog, tmp_path, run_cli, monkeypatch):
+    """An open_clip repository in the Hugging Face cache is listed as open_clip/hf-hub:REPO-ID;
+    that name extracts, builds a zero-shot head through the library's tokenizer and exports."""
+    pytest.importorskip("open_clip")
+    from huggingface_hub import constants
+    from test_hub_backbones import _fake_hf_cache
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    _fake_hf_cache(tmp_path / "hub", "someone/tiny-clip", save_open_clip(tmp_path / "clip"))
+    name = "open_clip/hf-hub:someone/tiny-clip"
+    listed = run_cli("backbones").output
+    assert any(line.startswith("ready") and f" {name} " in line for line in listed.splitlines()), listed
+    cache, head = tmp_path / "f.h5", tmp_path / "head"
+    r = run_cli("extract", small_catalog, "--out", cache, "--backbone", name, "--no-progress", "--workers", "0")
+    assert r.exit_code == 0, r.output
+    r = run_cli("fit-head", cache, "--out", head, "--head", "zeroshot", "--classes", classes_toml(tmp_path / "c.toml"))
+    assert r.exit_code == 0, r.output
+    meta = json.loads((head / "head.json").read_text())
+    assert (
+        meta["fingerprint"]["backbone"] == f"{name}@32:default" and "SimpleTokenizer" in meta["zeroshot"]["tokenizer"]
+    )
+    r = run_cli("export", head, "--out", tmp_path / "model")
+    assert r.exit_code == 0, r.output
+    r = run_cli("extract", small_catalog, "--out", tmp_path / "g.h5", "--backbone", "open_clip/hf-hub:someone/gone")
+    assert r.exit_code == 1 and "someone/gone is not in the Hugging Face cache on this machine" in r.output
+
+
 # --------------------------------------------------------------------------- Hugging Face CLIP
 
 

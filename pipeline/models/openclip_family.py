@@ -121,11 +121,38 @@ def imported_spec(name: hub.Name, entry: dict[str, Any]) -> BackboneSpec:
     return _spec(name, f"local-dir:{folder}", find_weights, f"imported open_clip ({folder})", how_to_get)
 
 
+HF_HUB = "hf-hub"  # open_clip/hf-hub:REPO-ID: a repository in open_clip's hub layout
+
+
+def hub_folder(name: hub.Name) -> Path | None:
+    """The cached snapshot of ``open_clip/hf-hub:REPO-ID`` (what ``headstart backbones`` lists
+    for an open_clip folder in the Hugging Face cache), None for ``ARCH:TAG`` names; an Error
+    when it is not cached."""
+    arch, _, repo_id = name.base.split("/", 1)[1].partition(":")
+    if arch != HF_HUB:
+        return None
+    snap = hub.cached_snapshot(repo_id, ("open_clip_config.json",))
+    if snap is None or not (snap / "open_clip_config.json").is_file():
+        raise BackboneError(
+            f"{repo_id} is not in the Hugging Face cache on this machine; download it once on a machine with "
+            f"internet (`hf download {repo_id}`), or {hub.how_to_import(repo_id)}"
+        )
+    return snap
+
+
 def library_spec(name: hub.Name) -> BackboneSpec:
     """``open_clip/<arch>:<tag>``: the architecture from open_clip's configs, the weights from
-    the snapshot open_clip's own download left in the Hugging Face cache."""
+    the snapshot open_clip's own download left in the Hugging Face cache. ``open_clip/hf-hub:
+    REPO-ID``: a cached repository in open_clip's hub layout, read as a ``local-dir``."""
     import open_clip
 
+    snap = hub_folder(name)
+    if snap is not None:
+        weights = hub.weights_in(snap, WEIGHTS)
+        how = f"{snap} holds no weights; download the repository again"
+        if weights is None:
+            raise BackboneError(f"weights for {name.base} are not on this machine; {how}")
+        return _spec(name, f"local-dir:{snap}", lambda: weights, f"open_clip (Hugging Face cache, {snap})", how)
     arch, _, tag = name.base.split("/", 1)[1].partition(":")
     if arch not in open_clip.list_models():
         raise BackboneError(
@@ -166,6 +193,9 @@ def config_files(name: hub.Name, entry: dict[str, Any] | None, prep: Any) -> dic
     with the tag's QuickGELU switch and the preprocessing the features were made with."""
     if entry is not None:
         return {"open_clip_config.json": (Path(entry["path"]) / "open_clip_config.json").read_bytes()}
+    snap = hub_folder(name)
+    if snap is not None:
+        return {"open_clip_config.json": (snap / "open_clip_config.json").read_bytes()}
     import open_clip
 
     arch, _, tag = name.base.split("/", 1)[1].partition(":")

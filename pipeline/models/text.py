@@ -99,10 +99,15 @@ def _open_clip(parsed: hub.Name, entry: dict[str, Any] | None) -> Tower:
 
     from . import openclip_family as ocf
 
+    snap = ocf.hub_folder(parsed) if entry is None else None
+    weights: Path | None
+    kw: dict[str, Any]
     if entry is not None:
-        folder = Path(entry["path"])
-        model_name, kw = f"local-dir:{folder}", {}
-        weights: Path | None = Path(entry["weights_file"])
+        model_name, kw = f"local-dir:{entry['path']}", {}
+        weights = Path(entry["weights_file"])
+    elif snap is not None:  # open_clip/hf-hub:REPO-ID, cached in open_clip's hub layout
+        model_name, kw = f"local-dir:{snap}", {}
+        weights = hub.weights_in(snap, ocf.WEIGHTS)
     else:
         arch, _, tag = parsed.base.split("/", 1)[1].partition(":")
         cfg = open_clip.get_pretrained_cfg(arch, tag) if tag else {}
