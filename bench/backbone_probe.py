@@ -90,7 +90,9 @@ DEFAULTS = (
     Backbone(
         "SigLIP B/16",
         "open_clip/ViT-B-16-SigLIP:webli",
-        "import open_clip; open_clip.create_model('ViT-B-16-SigLIP', pretrained='webli')",
+        # the tokenizer too (a Hugging Face one for SigLIP, fetched apart): zero-shot heads need it
+        "import open_clip; open_clip.create_model('ViT-B-16-SigLIP', pretrained='webli'); "
+        "open_clip.get_tokenizer('ViT-B-16-SigLIP')",
     ),
 )
 

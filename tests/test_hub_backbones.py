@@ -193,6 +193,8 @@ def test_image_size_flag_means_name_at_size(vit_dir, small_catalog, tmp_path, ru
     assert r.exit_code == 2 and "--image-size" in r.output  # below the 8 px a name accepts too
     help_text = run_cli("extract", "--help").output
     assert "--image-size" in help_text and "at most 224" in help_text and "518" in help_text
+    r = run_cli("demo", "--backbone", "tiny", "--image-size", "64", "--out", tmp_path / "demo", "--no-progress")
+    assert r.exit_code == 1 and "tiny runs at the 32 px" in r.output  # demo passes it on to extract
 
 
 def test_cnn_pooling_choices_are_checked(effnet_dir):
@@ -497,8 +499,9 @@ TINY_CLIP = {
 }
 
 
-def save_open_clip(folder: Path, resize_mode: str = "shortest") -> Path:
-    """open_clip's hub layout (push_to_hf_hub.save_for_hf): open_clip_config.json + safetensors."""
+def save_open_clip(folder: Path, resize_mode: str = "shortest", **text_cfg) -> Path:
+    """open_clip's hub layout (push_to_hf_hub.save_for_hf): open_clip_config.json + safetensors.
+    ``text_cfg``: entries added to the text tower's config (``hf_tokenizer_name``, as SigLIP's)."""
     open_clip = pytest.importorskip("open_clip")
     from safetensors.torch import save_file
 
@@ -510,7 +513,8 @@ def save_open_clip(folder: Path, resize_mode: str = "shortest") -> Path:
         "interpolation": "bicubic",
         "resize_mode": resize_mode,
     }
-    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_CLIP, "preprocess_cfg": preprocess}))
+    model_cfg = {**TINY_CLIP, "text_cfg": {**TINY_CLIP["text_cfg"], **text_cfg}}
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg, "preprocess_cfg": preprocess}))
     torch.manual_seed(0)
     model = open_clip.create_model(f"local-dir:{folder}", load_weights=False)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "open_clip_model.safetensors"))

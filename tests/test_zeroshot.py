@@ -178,6 +178,53 @@ def test_open_clip_text_tower_is_the_library_model(clip_folder, small_catalog, t
     assert not np.allclose(theirs[0], theirs[1])  # the tokens reach the model: prompts differ
 
 
+def test_open_clip_hf_tokenizer_text_tower_and_its_offline_error(small_catalog, tmp_path, run_cli):
+    """open_clip's SigLIP configs tokenize with a Hugging Face tokenizer (text_cfg
+    hf_tokenizer_name, open_clip's HFTokenizer): prompts go through it as open_clip does; one
+    that is not on this machine is an Error naming the command that fetches it."""
+    open_clip = pytest.importorskip("open_clip")
+    pytest.importorskip("transformers")
+    from pipeline.cache.store import Cache
+    from pipeline.models.text import text_tower
+
+    # as the hub repository holds it: open_clip reads a local folder's tokenizer from the folder
+    folder = save_open_clip(tmp_path / "clip", hf_tokenizer_name="timm/ViT-B-16-SigLIP")
+    write_clip_tokenizer(folder)
+    assert run_cli("backbones", "import", folder, "--as", "clip-hf-tok").exit_code == 0
+    cache = tmp_path / "f.h5"
+    r = run_cli(
+        "extract", small_catalog, "--out", cache, "--backbone", "clip-hf-tok", "--no-progress", "--workers", "0"
+    )
+    assert r.exit_code == 0, r.output
+    with Cache(cache) as c:
+        tower = text_tower(c.fingerprint)
+    tokenizer = open_clip.get_tokenizer(f"local-dir:{folder}")
+    assert type(tokenizer).__name__ == "HFTokenizer" and "HFTokenizer" in tower.tokenizer
+    prompts = ["a product photo of a handbag", "a photo of a sneaker"]
+    with torch.no_grad():
+        theirs = library_clip(folder).encode_text(tokenizer(prompts)).numpy()
+    np.testing.assert_allclose(tower.encode(prompts), theirs, atol=1e-5, rtol=1e-5)
+    assert not np.allclose(theirs[0], theirs[1])
+
+    gone = save_open_clip(tmp_path / "clip2", hf_tokenizer_name="timm/ViT-B-16-SigLIP")  # weights only
+    assert run_cli("backbones", "import", gone, "--as", "no-tok").exit_code == 0
+    cache2 = tmp_path / "g.h5"
+    r = run_cli("extract", small_catalog, "--out", cache2, "--backbone", "no-tok", "--no-progress", "--workers", "0")
+    assert r.exit_code == 0, r.output
+    r = run_cli(
+        "fit-head",
+        cache2,
+        "--out",
+        tmp_path / "h",
+        "--head",
+        "zeroshot",
+        "--classes",
+        classes_toml(tmp_path / "c.toml"),
+    )
+    assert r.exit_code == 1 and "Error: open_clip cannot load the tokenizer of local-dir:" in r.output, r.output
+    assert "copy the model's tokenizer files (tokenizer.json" in r.output and "Traceback" not in r.output
+
+
 def test_open_clip_zeroshot_head_needs_no_photo(clip_folder, small_catalog, tmp_path, run_cli):
     """Unlabelled photos only: the head is built from prompts, exported (native and ONNX, parity
     checked) and predicts softmax(logit_scale * cos(image, text)) computed by hand."""

@@ -162,7 +162,8 @@ def library_spec(name: hub.Name) -> BackboneSpec:
     hub_id = str(cfg.get("hf_hub", "")).strip("/")
     fetch = (
         f'download it once on a machine with internet (python -c "import open_clip; '
-        f"open_clip.create_model('{arch}', pretrained='{tag}')\"), or {hub.how_to_import(name.base)}"
+        f"open_clip.create_model('{arch}', pretrained='{tag}'); open_clip.get_tokenizer('{arch}')\"; "
+        f"the tokenizer is for zero-shot heads), or {hub.how_to_import(name.base)}"
     )
     if not hub_id:
         raise BackboneError(f"open_clip has no Hugging Face copy of {arch}:{tag}; {fetch}")
