@@ -111,7 +111,11 @@ def parse_backbones(text: str) -> list[Backbone]:
 
 def online(timeout: float = 3.0) -> bool:
     """A TCP connection to the Hugging Face hub within ``timeout`` seconds: a quick, bounded
-    answer, where a download on a machine without a route could wait for minutes."""
+    answer, where a download on a machine without a route could wait for minutes. Behind a
+    proxy a direct connection says nothing: then the downloads try (--download-timeout bounds
+    each)."""
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
     try:
         with socket.create_connection(("huggingface.co", 443), timeout=timeout):
             return True
