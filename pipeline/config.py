@@ -33,6 +33,12 @@ PRECISION_HELP = (
     "Compute precision; auto = fp32 with --engine onnxruntime, else bf16 on CUDA and on CPUs with AMX/avx512_bf16."
 )
 ENGINES = ("auto", "torch", "onnxruntime")
+# Why these defaults: README "Backbones" and models/hub.py (a ViT's cost grows with its tokens).
+IMAGE_SIZE_HELP = (
+    "Input size in px, the same as --backbone NAME@SIZE (timm/, hf/, open_clip/ and imported backbones). "
+    "Default: ViTs (DINOv2, ViT, SigLIP) at most 224 (DINOv2's native 518 costs ~8.6x), CNNs their recipe's "
+    "size, open_clip towers their fixed size."
+)
 ENGINE_HELP = "Backbone runtime; auto = onnxruntime on the CPU when installed (fp32), else PyTorch."
 BOMB_HELP = "Refuse larger images (decompression bombs)."
 RAW_CSV_HELP = (
@@ -55,6 +61,7 @@ class ExtractConfig:
     )
     out: str = _opt(str(ARTIFACTS / "features.h5"), "HDF5 feature cache to create or update.", output="file")
     backbone: str = _opt(DEFAULT_BACKBONE, "See `headstart backbones`.")
+    image_size: int | None = _opt(None, IMAGE_SIZE_HELP, min=8, max=4096)  # in the name: BASE@SIZE:POOL
     weights_file: str | None = _opt(None, "Backbone weights file (torchvision .pth).", path="file")
     device: str = _opt("auto", DEVICE_HELP)
     precision: str = _opt("auto", PRECISION_HELP, choices=PRECISIONS)  # part of the cache fingerprint
@@ -243,6 +250,7 @@ class SimilarConfig:
 class DemoConfig:
     out: str = _opt(str(ARTIFACTS / "demo"), "Where to write everything.", output="dir")
     backbone: str = _opt(DEFAULT_BACKBONE, "See `headstart backbones`.")
+    image_size: int | None = _opt(None, IMAGE_SIZE_HELP, min=8, max=4096)
     progress: bool = _opt(True, PROGRESS_HELP)
 
 

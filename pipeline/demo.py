@@ -74,11 +74,15 @@ def run_demo(
     catalog: str | Path = SAMPLE_CATALOG,
     *,
     backbone: str = "efficientnet_lite0",
+    image_size: int | None = None,
     progress: bool = True,
 ) -> DemoResult:
     out, catalog = Path(out), Path(catalog)
     train, test = catalog / "train", catalog / "test"
-    extract(ExtractConfig(images=str(train), out=str(out / "features.h5"), backbone=backbone, progress=progress))
+    cfg = ExtractConfig(
+        images=str(train), out=str(out / "features.h5"), backbone=backbone, image_size=image_size, progress=progress
+    )
+    extract(cfg)
     fit_head(FitHeadConfig(cache=str(out / "features.h5"), out=str(out / "head")))
     export(ExportConfig(head=str(out / "head"), out=str(out / "model")))
     pred_path, _ = predict(

@@ -54,7 +54,7 @@ from .data.images import DEFAULT_MAX_PIXELS
 from .data.loader import DECODERS, Source, embed_batches, make_loader
 from .errors import CacheError, HeadstartError, InputError, WorkerError
 from .models import engine as engines
-from .models.backbones import LoadedBackbone, get_spec, load_backbone, with_preprocessing
+from .models.backbones import LoadedBackbone, get_spec, load_backbone, sized_name, with_preprocessing
 from .models.fingerprint import Fingerprint
 
 # A segment is written every this many new rows or seconds, whichever comes first: a kill
@@ -138,7 +138,8 @@ def _start(cfg: ExtractConfig) -> _Run:
     t0 = time.perf_counter()
     if cfg.dtype not in ("float16", "float32"):
         raise InputError(f"--dtype must be float16 or float32, not {cfg.dtype!r}")
-    spec = with_preprocessing(get_spec(cfg.backbone), draft=cfg.draft, letterbox=cfg.letterbox)
+    backbone = sized_name(cfg.backbone, cfg.image_size)
+    spec = with_preprocessing(get_spec(backbone), draft=cfg.draft, letterbox=cfg.letterbox)
     dist = distributed.from_env()
     device = dist.local_device(runtime.resolve_device(cfg.device))
     engine, precision = engines.resolve(cfg.engine, _precision_asked(cfg), device)

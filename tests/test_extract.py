@@ -159,10 +159,15 @@ def test_gpu_decode_logic_matches_the_cpu_path_on_cpu():
         want = load_pixels(DATA / n, prep).astype(np.float64)
         assert np.abs(g.numpy() - want).mean() < 1.0, n  # antialiased bicubic: torch vs PIL
     lb = with_preprocessing(get_spec("efficientnet_lite0"), draft=False, letterbox=True).preprocessing
-    g = decode_batch([probe_jpeg(DATA / "pil_sample_rgb.jpg")], lb, torch.device("cpu"))[0]  # type: ignore[list-item]
-    assert isinstance(g, torch.Tensor)
-    want = load_pixels(DATA / "pil_sample_rgb.jpg", lb).astype(np.float64)
-    assert np.abs(g.numpy() - want).mean() < 1.0
+    # squash (HF ViT/SigLIP processors, timm crop_mode='squash'): to 240 x 240 whatever the shape, crop 224
+    sq = with_preprocessing(get_spec("efficientnet_lite0"), draft=False, squash=True, resize=240).preprocessing
+    for p, name in ((lb, "pil_sample_rgb.jpg"), (sq, "flower_q85_420.jpg")):  # the flower is 3:2
+        g = decode_batch([probe_jpeg(DATA / name)], p, torch.device("cpu"))[0]  # type: ignore[list-item]
+        assert isinstance(g, torch.Tensor) and g.shape == (3, 224, 224)
+        want = load_pixels(DATA / name, p).astype(np.float64)
+        assert np.abs(g.numpy() - want).mean() < 1.0
+    cropped = load_pixels(DATA / "flower_q85_420.jpg", prep).astype(np.float64)
+    assert np.abs(load_pixels(DATA / "flower_q85_420.jpg", sq) - cropped).mean() > 10  # another geometry
 
 
 def test_gpu_decode_falls_back_per_file(tmp_path):

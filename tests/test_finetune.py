@@ -50,11 +50,12 @@ def _cfg(images: Path, head: Path, out: Path, **kw) -> FinetuneConfig:
 # --------------------------------------------------------------------------- augmentation
 
 
-@pytest.mark.parametrize("letterbox", [False, True])
-def test_augmentation_never_changes_colour(letterbox):
+@pytest.mark.parametrize("letterbox, squash", [(False, False), (True, False), (False, True)])
+def test_augmentation_never_changes_colour(letterbox, squash):
     """A lipstick-red photo stays lipstick red: every output pixel is that red, white (the fill
-    of rotated corners / the letterbox margin) or a blend of the two - no hue or saturation shift."""
-    prep = with_preprocessing(get_spec("efficientnet_lite0"), letterbox=letterbox).preprocessing
+    of rotated corners / the letterbox margin) or a blend of the two - no hue or saturation shift.
+    squash: the photo is squashed to the square first, as prediction sees it (ViT/SigLIP recipes)."""
+    prep = with_preprocessing(get_spec("efficientnet_lite0"), letterbox=letterbox, squash=squash).preprocessing
     img = Image.new("RGB", (300, 500), LIPSTICK)
     preset = resolve_preset("auto", prep)
     assert preset == ("letterbox" if letterbox else "product")
@@ -68,6 +69,22 @@ def test_augmentation_never_changes_colour(letterbox):
         # which prediction-time preprocessing has too (torchvision's fill= was 34 levels off).
         assert np.abs(px - (red + t[:, None] * (white - red))).max() <= 5.0
         assert (np.abs(px - red).max(1) <= 1).mean() > (0.35 if letterbox else 0.8)  # 300x500: 60 % wide
+
+
+def test_augmentation_of_a_squashing_recipe_samples_the_squashed_photo():
+    """With squash, 'none' is exactly prediction's squash, and 'product' crops within the
+    squashed square: a 1:3 strip whose top third is blue keeps blue in its crops' top rows
+    (a centre crop of the strip would have cut the blue away)."""
+    prep = with_preprocessing(get_spec("tiny"), squash=True, resize=32).preprocessing
+    img = Image.new("RGB", (60, 180), LIPSTICK)
+    img.paste((0, 0, 255), (0, 0, 60, 60))
+    from pipeline.data.images import preprocess
+
+    assert torch.equal(augment(img, prep, "none", sample_generator(0, 0, 0)), torch.from_numpy(preprocess(img, prep)))
+    for i in range(4):
+        x = augment(img, prep, "product", sample_generator(0, 0, i)).float()
+        assert x.shape == (3, 32, 32)
+        assert (x[2, :3] - x[0, :3]).mean() > 100, i  # blue above, as in the squashed photo
 
 
 def test_augmentation_is_a_function_of_seed_epoch_and_index():

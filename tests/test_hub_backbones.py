@@ -21,7 +21,7 @@ from pipeline.data.preprocessing import Preprocessing
 timm = pytest.importorskip("timm")
 
 PHOTOS = Path(__file__).parent / "data" / "images"
-# Real photos of three shapes: a 3:2 landscape (2268 x 1512), a portrait-ish sample, a square one.
+# Real photos: a 3:2 landscape (2268 x 1512) and two small squares (100 x 100, 128 x 128).
 REAL = [PHOTOS / "flower_q85_420.jpg", PHOTOS / "pil_sample_rgb.jpg", PHOTOS / "hopper.jpg"]
 
 
@@ -36,12 +36,14 @@ def own_registry(tmp_path, monkeypatch):
     hub.forget()
 
 
-def save_timm(arch: str, folder: Path, num_classes: int = 5) -> tuple[Path, torch.nn.Module]:
-    """A random-init timm model saved the way timm publishes models: save_for_hf, safetensors."""
+def save_timm(arch: str, folder: Path, num_classes: int = 5, **overlay) -> tuple[Path, torch.nn.Module]:
+    """A random-init timm model saved the way timm publishes models: save_for_hf, safetensors.
+    ``overlay``: pretrained_cfg entries (crop_mode, crop_pct) as a published config carries them."""
     from timm.models._hub import save_for_hf
 
     torch.manual_seed(0)
-    model = timm.create_model(arch, num_classes=num_classes).eval()
+    kw = {"pretrained_cfg_overlay": overlay} if overlay else {}
+    model = timm.create_model(arch, num_classes=num_classes, **kw).eval()
     save_for_hf(model, str(folder), safe_serialization=True)
     assert (folder / "model.safetensors").is_file() and (folder / "config.json").is_file()
     return folder, model
@@ -57,6 +59,9 @@ def effnet_dir(tmp_path_factory):
     return save_timm("test_efficientnet", tmp_path_factory.mktemp("test_efficientnet"))
 
 
+SQUASH = {"crop_mode": "squash", "crop_pct": 0.8}  # both edges to floor(160 / 0.8) = 200, crop 160
+
+
 def normalised(pixels: np.ndarray, prep: Preprocessing) -> torch.Tensor:
     x = torch.from_numpy(pixels).float() / 255
     return (x - torch.tensor(prep.mean).view(3, 1, 1)) / torch.tensor(prep.std).view(3, 1, 1)
@@ -65,19 +70,22 @@ def normalised(pixels: np.ndarray, prep: Preprocessing) -> torch.Tensor:
 # --------------------------------------------------------------------------- timm
 
 
-@pytest.mark.parametrize("arch", ["test_vit", "test_efficientnet"])
-def test_timm_preprocessing_equals_timms_own_eval_transform_on_real_photos(arch, tmp_path):
+@pytest.mark.parametrize("arch, overlay", [("test_vit", {}), ("test_efficientnet", {}), ("test_vit", SQUASH)])
+def test_timm_preprocessing_equals_timms_own_eval_transform_on_real_photos(arch, overlay, tmp_path):
     from pipeline.models.imported import import_backbone
 
-    folder, model = save_timm(arch, tmp_path / arch)
+    folder, model = save_timm(arch, tmp_path / arch, **overlay)
     import_backbone(folder, "m")
     from pipeline.models.backbones import get_spec
 
     prep = get_spec("m").preprocessing
     data = timm.data.resolve_model_data_config(model)
     assert prep.crop == data["input_size"][-1] and prep.interpolation == data["interpolation"]
+    assert prep.squash == (data["crop_mode"] == "squash")
     transform = timm.data.create_transform(**data, is_training=False)
-    for photo in REAL:
+    portrait = tmp_path / "portrait.png"  # a real photo of the other orientation
+    open_rgb(REAL[0]).crop((600, 0, 1600, 1500)).save(portrait)
+    for photo in [*REAL, portrait]:
         theirs = transform(open_rgb(photo))
         ours = normalised(load_pixels(photo, Preprocessing.from_dict({**prep.to_dict(), "draft": False})), prep)
         assert ours.shape == theirs.shape
@@ -156,6 +164,37 @@ def test_pooling_and_image_size_are_in_the_name_and_the_fingerprint(vit_dir):
     assert get_spec("vit-s@160:cls") is get_spec("vit-s")  # the canonical name resolves to itself
     # a ViT at 96 px: the position embedding was resampled from 160 px by timm's own filter
     assert get_spec("vit-s@96").preprocessing.resize == 101  # floor(96 / 0.95)
+
+
+def test_image_size_flag_means_name_at_size(vit_dir, small_catalog, tmp_path, run_cli):
+    """--image-size S is NAME@S: the same canonical name, so the same fingerprint and cache."""
+    from pipeline.cache.store import Cache
+    from pipeline.models.backbones import sized_name
+    from pipeline.models.imported import import_backbone
+
+    import_backbone(vit_dir[0], "vit-s")
+    assert sized_name("vit-s", 96) == "vit-s@96" and sized_name("vit-s@:mean", 96) == "vit-s@96:mean"
+    assert sized_name("vit-s@96:cls", 96) == "vit-s@96:cls" and sized_name("vit-s@96", None) == "vit-s@96"
+    cache = tmp_path / "f.h5"
+    args = ("extract", small_catalog, "--out", cache, "--no-progress", "--workers", "0")
+    r = run_cli(*args, "--backbone", "vit-s", "--image-size", "96")
+    assert r.exit_code == 0, r.output
+    with Cache(cache) as c:
+        assert c.fingerprint.backbone == "vit-s@96:cls" and c.fingerprint.preprocessing.crop == 96
+    r = run_cli(*args, "--backbone", "vit-s@96:cls")  # the same backbone: nothing new to extract
+    assert r.exit_code == 0 and "extracted 0, reused 18" in r.output, r.output
+    r = run_cli(*args, "--backbone", "vit-s@64", "--image-size", "96")
+    assert r.exit_code == 1
+    assert "Error: --backbone vit-s@64 asks for 64 px and --image-size for 96 px; give one of them" in r.output
+    r = run_cli(*args, "--backbone", "tiny", "--image-size", "64")
+    assert r.exit_code == 1 and "--image-size applies to timm/, hf/, open_clip/ and imported backbones" in r.output
+    assert "tiny runs at the 32 px its weights were trained at" in r.output
+    r = run_cli(*args, "--backbone", "vit-s", "--image-size", "4")
+    assert r.exit_code == 2 and "--image-size" in r.output  # below the 8 px a name accepts too
+    help_text = run_cli("extract", "--help").output
+    assert "--image-size" in help_text and "at most 224" in help_text and "518" in help_text
+    r = run_cli("demo", "--backbone", "tiny", "--image-size", "64", "--out", tmp_path / "demo", "--no-progress")
+    assert r.exit_code == 1 and "tiny runs at the 32 px" in r.output  # demo passes it on to extract
 
 
 def test_cnn_pooling_choices_are_checked(effnet_dir):
@@ -247,7 +286,7 @@ def test_library_name_uses_the_hf_cache_and_fails_fast_without_it(vit_dir, tmp_p
     t = time.monotonic()
     with pytest.raises(BackboneError) as e:
         load_backbone("timm/test_vit.r160_in1k")
-    assert time.monotonic() - t < 20  # no network wait (the model itself is built in that time)
+    assert time.monotonic() - t < 20  # no network wait, and no model built first (timm's import is most of it)
     assert "are not on this machine" in str(e.value) and "headstart backbones import DIR --as" in str(e.value)
     _fake_hf_cache(tmp_path / "hub", "timm/test_vit.r160_in1k", vit_dir[0])
     from pipeline.models import hub
@@ -340,9 +379,8 @@ def test_hf_import_features_and_preprocessing_equal_the_library(kind, dim, crop,
     loaded = load_backbone(kind)
     prep = loaded.spec.preprocessing
     processor = transformers.AutoImageProcessor.from_pretrained(str(folder), backend="pil")
-    # ViTImageProcessor squashes to a square, headstart centre-crops: the same on square photos
-    photos = [p for p in REAL if kind != "vit" or open_rgb(p).width == open_rgb(p).height]
-    for photo in photos:
+    assert prep.squash == (kind == "vit")  # ViTImageProcessor squashes to its square: so do we
+    for photo in REAL:
         theirs = torch.as_tensor(np.asarray(processor(open_rgb(photo), return_tensors="np")["pixel_values"][0]))
         ours = normalised(load_pixels(photo, Preprocessing.from_dict({**prep.to_dict(), "draft": False})), prep)
         torch.testing.assert_close(ours, theirs, atol=2e-6, rtol=0)
@@ -351,6 +389,68 @@ def test_hf_import_features_and_preprocessing_equal_the_library(kind, dim, crop,
         out = model(pixel_values=torch.stack([normalised(p, prep) for p in pixels]))
         theirs = out.pooler_output if kind == "convnext" else out.last_hidden_state[:, 0]
         torch.testing.assert_close(loaded.net(torch.from_numpy(pixels)), theirs, atol=1e-5, rtol=1e-5)
+
+
+def _processor(kind: str):
+    transformers = pytest.importorskip("transformers")
+    if kind == "vit":  # squash to 64 x 64, bilinear, no crop
+        return transformers.ViTImageProcessor(size={"height": 64, "width": 64}, resample=2)
+    if kind == "siglip":  # squash to 64 x 64, bicubic, mean = std = 0.5
+        return transformers.SiglipImageProcessor(size={"height": 64, "width": 64})
+    if kind == "deit":  # squash to 72 x 72, then centre-crop 64
+        return transformers.DeiTImageProcessor(size={"height": 72, "width": 72}, crop_size={"height": 64, "width": 64})
+    if kind == "bit":  # short side to 64, centre-crop 56 (DINOv2, CLIP)
+        return transformers.BitImageProcessor(size={"shortest_edge": 64}, crop_size={"height": 56, "width": 56})
+    if kind == "convnext":  # short side to 64 / 0.875, centre-crop 64
+        return transformers.ConvNextImageProcessor(size={"shortest_edge": 64}, crop_pct=0.875)
+    return transformers.ConvNextImageProcessor(size={"shortest_edge": 384})  # 384 and up: squash, no crop
+
+
+@pytest.mark.parametrize(
+    "kind, squash, resize, crop",
+    [
+        ("vit", True, 64, 64),
+        ("siglip", True, 64, 64),
+        ("deit", True, 72, 64),
+        ("bit", False, 64, 56),
+        ("convnext", False, 73, 64),
+        ("convnext384", True, 384, 384),
+    ],
+)
+def test_hf_processor_recipe_is_recorded_and_gives_the_librarys_tensor(kind, squash, resize, crop, tmp_path):
+    """What each image processor does to a real photo of another aspect ratio (2268 x 1512,
+    and a portrait one) is what the recorded preprocessing does: squash where the processor
+    squashes (it used to be mapped to a centre crop), crop where it crops."""
+    transformers = pytest.importorskip("transformers")
+    from pipeline.models.hf_family import preprocessing
+
+    _processor(kind).save_pretrained(str(tmp_path))
+    prep, size = preprocessing(tmp_path, None, vit=kind != "convnext384")
+    assert (prep.squash, prep.resize, prep.crop, size) == (squash, resize, crop, crop)
+    processor = transformers.AutoImageProcessor.from_pretrained(str(tmp_path), backend="pil")
+    portrait = tmp_path / "portrait.png"  # a real photo of the other orientation (1000 x 1500)
+    open_rgb(REAL[0]).crop((600, 0, 1600, 1500)).save(portrait)
+    for photo in (REAL[0], portrait):  # not square: a squash and a crop give different pixels
+        theirs = torch.as_tensor(np.asarray(processor(open_rgb(photo), return_tensors="np")["pixel_values"][0]))
+        ours = normalised(load_pixels(photo, Preprocessing.from_dict({**prep.to_dict(), "draft": False})), prep)
+        torch.testing.assert_close(ours, theirs, atol=2e-6, rtol=0)
+        flipped = Preprocessing.from_dict({**prep.to_dict(), "draft": False, "squash": not squash})
+        assert (normalised(load_pixels(photo, flipped), prep) - theirs).abs().max() > 0.1  # the test can fail
+
+
+def test_hf_processor_shapes_headstart_cannot_make_are_errors(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from pipeline.errors import BackboneError
+    from pipeline.models.hf_family import preprocessing
+
+    transformers.ViTImageProcessor(size={"height": 64, "width": 96}).save_pretrained(str(tmp_path / "a"))
+    with pytest.raises(BackboneError, match="resizes to 64 x 96; headstart resizes to a square only"):
+        preprocessing(tmp_path / "a", None, vit=True)
+    transformers.CLIPImageProcessor(size={"shortest_edge": 64}, do_center_crop=False).save_pretrained(
+        str(tmp_path / "b")
+    )
+    with pytest.raises(BackboneError, match="resizes the short side to 64 px and does not crop"):
+        preprocessing(tmp_path / "b", None, vit=True)
 
 
 def test_hf_pooling_size_and_the_chain(small_catalog, tmp_path, run_cli):
@@ -399,8 +499,9 @@ TINY_CLIP = {
 }
 
 
-def save_open_clip(folder: Path) -> Path:
-    """open_clip's hub layout (push_to_hf_hub.save_for_hf): open_clip_config.json + safetensors."""
+def save_open_clip(folder: Path, resize_mode: str = "shortest", **text_cfg) -> Path:
+    """open_clip's hub layout (push_to_hf_hub.save_for_hf): open_clip_config.json + safetensors.
+    ``text_cfg``: entries added to the text tower's config (``hf_tokenizer_name``, as SigLIP's)."""
     open_clip = pytest.importorskip("open_clip")
     from safetensors.torch import save_file
 
@@ -410,9 +511,10 @@ def save_open_clip(folder: Path) -> Path:
         "mean": [0.48145466, 0.4578275, 0.40821073],
         "std": [0.26862954, 0.26130258, 0.27577711],
         "interpolation": "bicubic",
-        "resize_mode": "shortest",
+        "resize_mode": resize_mode,
     }
-    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_CLIP, "preprocess_cfg": preprocess}))
+    model_cfg = {**TINY_CLIP, "text_cfg": {**TINY_CLIP["text_cfg"], **text_cfg}}
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg, "preprocess_cfg": preprocess}))
     torch.manual_seed(0)
     model = open_clip.create_model(f"local-dir:{folder}", load_weights=False)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "open_clip_model.safetensors"))
@@ -441,6 +543,22 @@ def test_open_clip_image_tower_equals_the_library(tmp_path, run_cli):
         torch.testing.assert_close(loaded.net(pixels), theirs, atol=1e-5, rtol=1e-5)
     r = run_cli("extract", tmp_path, "--backbone", "clip@64", "--out", tmp_path / "f.h5")
     assert r.exit_code == 1 and "runs at 32 px" in r.output
+
+
+def test_open_clip_squash_resize_mode_is_honoured(tmp_path):
+    """open_clip's SigLIP tags resize with 'squash' (no crop): read, recorded, the library's pixels."""
+    open_clip = pytest.importorskip("open_clip")
+    from pipeline.models.backbones import get_spec
+    from pipeline.models.imported import import_backbone
+
+    folder = save_open_clip(tmp_path / "clip", resize_mode="squash")
+    import_backbone(folder, "sq")
+    prep = get_spec("sq").preprocessing
+    assert (prep.squash, prep.resize, prep.crop) == (True, 32, 32)
+    _, _, transform = open_clip.create_model_and_transforms(f"local-dir:{folder}")
+    theirs = transform(open_rgb(REAL[0]))  # 3:2: squashing and cropping differ
+    ours = normalised(load_pixels(REAL[0], Preprocessing.from_dict({**prep.to_dict(), "draft": False})), prep)
+    torch.testing.assert_close(ours, theirs, atol=2e-6, rtol=0)
 
 
 def test_open_clip_chain_exports_with_parity(small_catalog, tmp_path, run_cli):

@@ -186,3 +186,21 @@ def test_readme_snippet_answers_every_attribute_as_headstart_predict(tmp_path, r
     for d, p in zip(deployed, predicted, strict=True):
         assert d["finish"] == p["attributes"]["finish"]["label"], d["path"]
         assert d["tags"] == p["attributes"]["tags"]["labels"], d["path"]
+
+
+def test_readme_snippet_squashes_like_headstart_predict(tiny_head, odd_images, tmp_path, run_cli):
+    """A model whose preprocessing squashes (Hugging Face ViT/SigLIP processors): the snippet and
+    headstart resize both sides to `resize` the same way. The manifest is edited in place, the
+    only road to a squashing tiny model; model.onnx, whose checksum is checked, is untouched."""
+    onnx = export(ExportConfig(head=str(tiny_head), out=str(tmp_path / "onnx"), format="onnx"))
+    path = onnx / "manifest.json"
+    manifest = json.loads(path.read_text(encoding="utf-8"))
+    manifest["preprocessing"]["squash"] = True
+    path.write_text(json.dumps(manifest), encoding="utf-8")
+    deployed = run_snippet(tmp_path, onnx, odd_images)
+    compare(deployed, headstart_predict(run_cli, onnx, odd_images, tmp_path / "o.jsonl"), manifest["class_names"], 1e-6)
+    manifest["preprocessing"]["squash"] = False  # the check can fail: cropping gives other numbers
+    path.write_text(json.dumps(manifest), encoding="utf-8")
+    cropped = headstart_predict(run_cli, onnx, odd_images, tmp_path / "c.jsonl")
+    with pytest.raises(AssertionError):
+        compare(deployed, cropped, manifest["class_names"], 1e-4)

@@ -20,6 +20,7 @@ from test_hub_backbones import save_open_clip  # the tiny open_clip folder those
 from pipeline.data.labels import LabelMap
 from pipeline.errors import InputError
 
+PHOTO = Path(__file__).parent / "data" / "images" / "flower_q85_420.jpg"
 PROMPTS = {
     "bag": ["a product photo of a handbag", "a photo of a bag"],
     "sneaker": ["a product photo of a sneaker"],
@@ -177,6 +178,53 @@ def test_open_clip_text_tower_is_the_library_model(clip_folder, small_catalog, t
     assert not np.allclose(theirs[0], theirs[1])  # the tokens reach the model: prompts differ
 
 
+def test_open_clip_hf_tokenizer_text_tower_and_its_offline_error(small_catalog, tmp_path, run_cli):
+    """open_clip's SigLIP configs tokenize with a Hugging Face tokenizer (text_cfg
+    hf_tokenizer_name, open_clip's HFTokenizer): prompts go through it as open_clip does; one
+    that is not on this machine is an Error naming the command that fetches it."""
+    open_clip = pytest.importorskip("open_clip")
+    pytest.importorskip("transformers")
+    from pipeline.cache.store import Cache
+    from pipeline.models.text import text_tower
+
+    # as the hub repository holds it: open_clip reads a local folder's tokenizer from the folder
+    folder = save_open_clip(tmp_path / "clip", hf_tokenizer_name="timm/ViT-B-16-SigLIP")
+    write_clip_tokenizer(folder)
+    assert run_cli("backbones", "import", folder, "--as", "clip-hf-tok").exit_code == 0
+    cache = tmp_path / "f.h5"
+    r = run_cli(
+        "extract", small_catalog, "--out", cache, "--backbone", "clip-hf-tok", "--no-progress", "--workers", "0"
+    )
+    assert r.exit_code == 0, r.output
+    with Cache(cache) as c:
+        tower = text_tower(c.fingerprint)
+    tokenizer = open_clip.get_tokenizer(f"local-dir:{folder}")
+    assert type(tokenizer).__name__ == "HFTokenizer" and "HFTokenizer" in tower.tokenizer
+    prompts = ["a product photo of a handbag", "a photo of a sneaker"]
+    with torch.no_grad():
+        theirs = library_clip(folder).encode_text(tokenizer(prompts)).numpy()
+    np.testing.assert_allclose(tower.encode(prompts), theirs, atol=1e-5, rtol=1e-5)
+    assert not np.allclose(theirs[0], theirs[1])
+
+    gone = save_open_clip(tmp_path / "clip2", hf_tokenizer_name="timm/ViT-B-16-SigLIP")  # weights only
+    assert run_cli("backbones", "import", gone, "--as", "no-tok").exit_code == 0
+    cache2 = tmp_path / "g.h5"
+    r = run_cli("extract", small_catalog, "--out", cache2, "--backbone", "no-tok", "--no-progress", "--workers", "0")
+    assert r.exit_code == 0, r.output
+    r = run_cli(
+        "fit-head",
+        cache2,
+        "--out",
+        tmp_path / "h",
+        "--head",
+        "zeroshot",
+        "--classes",
+        classes_toml(tmp_path / "c.toml"),
+    )
+    assert r.exit_code == 1 and "Error: open_clip cannot load the tokenizer of local-dir:" in r.output, r.output
+    assert "copy the model's tokenizer files (tokenizer.json" in r.output and "Traceback" not in r.output
+
+
 def test_open_clip_zeroshot_head_needs_no_photo(clip_folder, small_catalog, tmp_path, run_cli):
     """Unlabelled photos only: the head is built from prompts, exported (native and ONNX, parity
     checked) and predicts softmax(logit_scale * cos(image, text)) computed by hand."""
@@ -225,6 +273,33 @@ def test_open_clip_zeroshot_head_needs_no_photo(clip_folder, small_catalog, tmp_
         assert float(row["probability"]) == pytest.approx(float(want[i].max()), abs=2e-3)
 
 
+def test_open_clip_hf_hub_name_headstart_backbones_lists_works(small_catalog, tmp_path, run_cli, monkeypatch):
+    """An open_clip repository in the Hugging Face cache is listed as open_clip/hf-hub:REPO-ID;
+    that name extracts, builds a zero-shot head through the library's tokenizer and exports."""
+    pytest.importorskip("open_clip")
+    from huggingface_hub import constants
+    from test_hub_backbones import _fake_hf_cache
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    _fake_hf_cache(tmp_path / "hub", "someone/tiny-clip", save_open_clip(tmp_path / "clip"))
+    name = "open_clip/hf-hub:someone/tiny-clip"
+    listed = run_cli("backbones").output
+    assert any(line.startswith("ready") and f" {name} " in line for line in listed.splitlines()), listed
+    cache, head = tmp_path / "f.h5", tmp_path / "head"
+    r = run_cli("extract", small_catalog, "--out", cache, "--backbone", name, "--no-progress", "--workers", "0")
+    assert r.exit_code == 0, r.output
+    r = run_cli("fit-head", cache, "--out", head, "--head", "zeroshot", "--classes", classes_toml(tmp_path / "c.toml"))
+    assert r.exit_code == 0, r.output
+    meta = json.loads((head / "head.json").read_text())
+    assert (
+        meta["fingerprint"]["backbone"] == f"{name}@32:default" and "SimpleTokenizer" in meta["zeroshot"]["tokenizer"]
+    )
+    r = run_cli("export", head, "--out", tmp_path / "model")
+    assert r.exit_code == 0, r.output
+    r = run_cli("extract", small_catalog, "--out", tmp_path / "g.h5", "--backbone", "open_clip/hf-hub:someone/gone")
+    assert r.exit_code == 1 and "someone/gone is not in the Hugging Face cache on this machine" in r.output
+
+
 # --------------------------------------------------------------------------- Hugging Face CLIP
 
 
@@ -261,6 +336,47 @@ def save_hf_clip(folder: Path) -> Path:
     )
     write_clip_tokenizer(folder)
     return folder
+
+
+def test_hf_clip_keeps_its_own_size_and_resamples_at_another(tmp_path):
+    """An image-text model's default size is its own (the text tower was aligned with features
+    at that size), even above the 224 px ViTs default to; @SIZE resamples the position
+    embedding as transformers does (interpolate_pos_encoding)."""
+    transformers = pytest.importorskip("transformers")
+    from pipeline.data.images import load_pixels
+    from pipeline.models.backbones import load_backbone
+    from pipeline.models.imported import import_backbone
+
+    torch.manual_seed(0)
+    config = transformers.CLIPConfig(
+        text_config={"vocab_size": 64, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+                     "num_attention_heads": 2, "max_position_embeddings": 8},
+        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+                       "image_size": 256, "patch_size": 32},
+        projection_dim=16,
+    )  # fmt: skip
+    model = transformers.CLIPModel(config).eval()
+    model.save_pretrained(str(tmp_path / "clip"))
+    transformers.CLIPImageProcessor(
+        size={"shortest_edge": 256}, crop_size={"height": 256, "width": 256}
+    ).save_pretrained(str(tmp_path / "clip"))
+    import_backbone(tmp_path / "clip", "big-clip")
+    assert load_backbone("big-clip").spec.name == "big-clip@256:default"
+    small = load_backbone("big-clip@64")
+    pixels = torch.from_numpy(load_pixels(PHOTO, small.spec.preprocessing))[None]
+    x = (pixels.float() / 255 - torch.tensor(small.spec.preprocessing.mean).view(1, 3, 1, 1)) / torch.tensor(
+        small.spec.preprocessing.std
+    ).view(1, 3, 1, 1)
+    with torch.no_grad():
+        theirs = model.get_image_features(pixel_values=x, interpolate_pos_encoding=True)
+        theirs = theirs if isinstance(theirs, torch.Tensor) else theirs.pooler_output
+        torch.testing.assert_close(small.net(pixels), theirs, atol=1e-5, rtol=1e-5)
+    # the image backbone holds the vision tower only: fine-tuning's layer groups and model.pt
+    from pipeline.finetune.layers import backbone_units
+
+    assert not any("text" in k for k in small.net.body.state_dict())
+    units = [u.name for u in backbone_units(small.net.body)]
+    assert units[-1] == "model.visual_projection" and any(u.startswith("model.vision_model.encoder") for u in units)
 
 
 def test_hf_clip_zeroshot_calibrates_on_labelled_photos(small_catalog, tmp_path, run_cli):

@@ -41,9 +41,9 @@ def list_backbones(as_json: bool) -> None:
         click.echo(f"{mark}  {r['name']:<20} {dim}  {size}  {r['source']}{star}")
     if any(not r["available"] for r in rows):
         click.echo(
-            "\n'missing': torchvision weights download once with `headstart extract --backbone NAME ...` online "
-            "(or pass --weights-file); a library needs its extra; for a library model copied from elsewhere, "
-            "`headstart backbones import DIR --as NAME`."
+            "\n'missing': headstart never downloads; `headstart extract --backbone NAME ...` prints the one-line "
+            "download to run on a machine with internet (or pass --weights-file); a library needs its extra; for a "
+            "model copied from elsewhere, `headstart backbones import DIR --as NAME`."
         )
 
 

@@ -143,4 +143,4 @@ def demo(**kw: Any) -> None:
     from ..demo import run_demo
 
     cfg = DemoConfig(**kw)
-    click.echo(run_demo(Path(cfg.out), backbone=cfg.backbone, progress=cfg.progress).line())
+    click.echo(run_demo(Path(cfg.out), backbone=cfg.backbone, image_size=cfg.image_size, progress=cfg.progress).line())

@@ -98,6 +98,9 @@ def _work_limit(prep: Preprocessing) -> int:
 
 def _resize_short(img: Image.Image, prep: Preprocessing) -> Image.Image:
     w, h = img.size
+    if prep.squash:  # squashed, as prediction sees it; the random crop then samples within it
+        r = prep.resize
+        return img if img.size == (r, r) else img.resize((r, r), _PIL[prep.interpolation])
     limit = _work_limit(prep)
     if prep.work_pixels(w, h) > limit:
         # Only an extreme aspect ratio gets here (a 1 x 100,000 strip would resize to 256 x

@@ -108,7 +108,7 @@ def apply_orientation(x: torch.Tensor, orientation: int) -> torch.Tensor:
 def resize_crop(x: torch.Tensor, prep: Preprocessing) -> torch.Tensor:
     """uint8 (N, 3, H, W) or (3, H, W) -> uint8 (..., 3, crop, crop): the geometry of
     :func:`pipeline.data.images.preprocess` (short side to ``resize``, centre crop; or letterbox on
-    white), with torch's antialiased resampling. Same-sized photos resize in one call. Only for
+    white; or squash to the square), with torch's antialiased resampling. Same-sized photos resize in one call. Only for
     shapes :func:`fits_gpu_resize` accepts (``decode_batch`` sends the others to the CPU)."""
     single = x.dim() == 3
     x = x[None] if single else x
@@ -121,6 +121,8 @@ def resize_crop(x: torch.Tensor, prep: Preprocessing) -> torch.Tensor:
         canvas[:, :, top : top + h, left : left + w] = x
         size = (prep.crop, prep.crop)
         x = canvas
+    elif prep.squash:
+        size = (prep.resize, prep.resize)
     elif w <= h:
         size = (int(prep.resize * h / w), prep.resize)
     else:

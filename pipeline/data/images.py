@@ -207,7 +207,7 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 
 def preprocess(img: Image.Image, prep: Preprocessing, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """RGB PIL image -> uint8 array ``(3, crop, crop)``: resize short side, centre crop
-    (or letterbox onto white). Normalisation happens in the network (:class:`Normalize`).
+    (or letterbox onto white, or squash to the square). Normalisation happens in the network (:class:`Normalize`).
 
     The plain resize builds an image of ``prep.work_pixels(w, h)`` pixels, which only the aspect
     ratio makes large (a 475-byte 1 x 100,000 PNG: 256 x 25,600,000). Beyond ``max_pixels`` (the
@@ -219,7 +219,13 @@ def preprocess(img: Image.Image, prep: Preprocessing, *, max_pixels: int = DEFAU
     w, h = img.size
     c = prep.crop
     bounded = prep.work_pixels(w, h) > max_pixels
-    if prep.letterbox:
+    if prep.squash and not prep.letterbox:  # builds only resize x resize pixels: never bounded
+        r = prep.resize
+        img = img if img.size == (r, r) else img.resize((r, r), resample)
+        if r != c:
+            left = round((r - c) / 2.0)
+            img = img.crop((left, left, left + c, left + c))
+    elif prep.letterbox:
         side = max(w, h)
         if bounded:
             small = img.resize((max(1, round(w * c / side)), max(1, round(h * c / side))), resample)

@@ -25,6 +25,11 @@ class Preprocessing:
     draft: bool = True
     # Pad to a square on white instead of centre-cropping (tall bottles keep their caps).
     letterbox: bool = False
+    # Resize to ``resize x resize`` whatever the aspect ratio, then centre-crop ``crop`` (with
+    # ``resize == crop``: no crop at all). What a Hugging Face image processor with a fixed
+    # height x width does (ViT, SigLIP, DeiT) and timm's ``crop_mode='squash'``: those weights
+    # saw squashed photos, so their features expect squashed photos.
+    squash: bool = False
 
     def work_pixels(self, w: int, h: int) -> int:
         """Pixels of the largest image the plain resize of a ``w x h`` photo builds: the photo
@@ -33,11 +38,18 @@ class Preprocessing:
         CPU and GPU resizes compare it with the pixel limit and take a bounded road beyond it."""
         if self.letterbox:
             return max(w, h) ** 2
+        if self.squash:
+            return self.resize * self.resize
         short, long = min(w, h), max(w, h)
         return self.resize * int(self.resize * long / max(short, 1))
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        if not self.squash:
+            # Records written before the switch existed stay byte-identical (same cache JSON,
+            # same head.json), and a release that does not know it still reads them.
+            del d["squash"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Preprocessing:

@@ -112,6 +112,29 @@ def get_spec(name: str) -> BackboneSpec:
     return entry
 
 
+def sized_name(name: str, image_size: int | None) -> str:
+    """``--backbone NAME --image-size S`` as the one name it means, ``NAME@S`` (the size is part
+    of a library backbone's name, so of its fingerprint: models/hub.py)."""
+    if image_size is None:
+        return name
+    if name in _REGISTRY:
+        crop = get_spec(name).preprocessing.crop
+        raise BackboneError(
+            f"--image-size applies to timm/, hf/, open_clip/ and imported backbones; {name} runs at the "
+            f"{crop} px its weights were trained at: drop --image-size {image_size}"
+        )
+    from . import hub
+
+    parsed = hub.parse_name(name)
+    if parsed.size is not None:
+        if parsed.size != image_size:
+            raise BackboneError(
+                f"--backbone {name} asks for {parsed.size} px and --image-size for {image_size} px; give one of them"
+            )
+        return name
+    return f"{parsed.base}@{image_size}" + (f":{parsed.pool}" if parsed.pool else "")
+
+
 def with_preprocessing(spec: BackboneSpec, prep: Preprocessing | None = None, **changes: Any) -> BackboneSpec:
     """The same backbone with another preprocessing (as recorded in a cache or an artifact),
     or with some switches changed (draft, letterbox)."""

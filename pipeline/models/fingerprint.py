@@ -13,6 +13,7 @@ This module imports no torch: the cache layer reads fingerprints too. ``load_bac
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Mapping
@@ -61,7 +62,7 @@ def checked_preprocessing(value: Any) -> Preprocessing:
     interpolation = d.get("interpolation", INTERPOLATIONS[0])
     if interpolation not in INTERPOLATIONS:
         raise ValueError(f"preprocessing interpolation is {interpolation!r}, not one of {', '.join(INTERPOLATIONS)}")
-    for key in ("draft", "letterbox"):
+    for key in ("draft", "letterbox", "squash"):
         if key in d and not isinstance(d[key], bool):
             raise ValueError(f"preprocessing {key} is {d[key]!r}, not true or false")
     return Preprocessing.from_dict(d)  # TypeError for a key it does not know
@@ -159,7 +160,8 @@ class Fingerprint:
         """Human-readable differences (empty when the two are the same)."""
         a, b = self.to_record(), other.to_record()
         out = [f"{k}: {mine} {a[k]}, {theirs} {b[k]}" for k in KEYS if a[k] != b[k] and k != "preprocessing"]
-        pa, pb = self.preprocessing.to_dict(), other.preprocessing.to_dict()
+        # every field, the switches left out of to_dict() when off included
+        pa, pb = dataclasses.asdict(self.preprocessing), dataclasses.asdict(other.preprocessing)
         changed = [k for k in pa if pa[k] != pb.get(k)]
         if changed:  # only the switches that differ: the whole JSON twice made a 900-character line
             show = lambda d: json.dumps({k: d.get(k) for k in changed})  # noqa: E731

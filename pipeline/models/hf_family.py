@@ -16,6 +16,7 @@ SigLIP) gives its projected image embedding (``default``), the space its text to
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -34,9 +35,22 @@ _RESAMPLE = {2: "bilinear", 3: "bicubic"}  # PIL's codes, as the image processor
 
 
 class HFBody(nn.Module):
-    def __init__(self, model: nn.Module, pool: str, prefix_tokens: int, image_text: bool, folder: Path) -> None:
+    def __init__(
+        self, model: nn.Module, pool: str, prefix_tokens: int, image_text: bool, folder: Path, *, resized: bool = False
+    ) -> None:
         super().__init__()
+        # an image-text tower at another size than its own: its position embedding is resampled
+        # (transformers' interpolate_pos_encoding); at its own size the library's plain path runs
+        self.resized = resized
         self.folder = str(folder)  # where the weights load from (load_original_state_dict)
+        if image_text:
+            # The image features never run the text tower (the zero-shot head builds its own,
+            # models/text.py): without it, fine-tuning's layer groups are the vision tower's
+            # blocks, not text layers that get no gradient, and model.pt does not carry SigLIP-B's
+            # ~110 M text parameters. get_image_features reads vision_model (+ visual_projection).
+            for name, _ in list(model.named_children()):
+                if name.startswith("text"):
+                    setattr(model, name, None)
         self.model = model
         self.pool = pool
         self.prefix_tokens = prefix_tokens
@@ -44,7 +58,8 @@ class HFBody(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.image_text:
-            out = self.model.get_image_features(pixel_values=x)  # type: ignore[operator]
+            kw = {"interpolate_pos_encoding": True} if self.resized else {}
+            out = self.model.get_image_features(pixel_values=x, **kw)  # type: ignore[operator]
             return out if isinstance(out, torch.Tensor) else out.pooler_output
         kw = {"interpolate_pos_encoding": True} if self.prefix_tokens else {}  # any @SIZE (ViT needs asking)
         out = self.model(pixel_values=x, **kw)
@@ -71,7 +86,8 @@ class HFBody(nn.Module):
             loaded = AutoModel.from_pretrained(str(self.folder), local_files_only=True)
         except (OSError, ValueError) as e:
             raise RuntimeError(str(e)) from None
-        self.model.load_state_dict(loaded.state_dict(), strict=True)
+        own = self.model.state_dict().keys()  # an image-text model's text tower is gone (__init__)
+        self.model.load_state_dict({k: v for k, v in loaded.state_dict().items() if k in own}, strict=True)
 
 
 def _processor(folder: Path) -> dict[str, Any]:
@@ -87,9 +103,16 @@ def preprocessing(folder: Path, size: int | None, *, vit: bool) -> tuple[Preproc
     """The image processor's recipe as a :class:`Preprocessing`, at ``size`` (default: its crop,
     at most ``hub.VIT_DEFAULT_MAX`` for a ViT), keeping its resize-to-crop ratio.
 
-    Processors that resize to a fixed ``height x width`` without a crop (ViTImageProcessor,
-    ConvNeXt at 384+) squash the photo to a square; headstart keeps the aspect ratio and
-    centre-crops instead (its preprocessing has no squash), identical on square photos."""
+    Three recipes, as ``transformers`` applies them (the PIL backend):
+
+    * short side to ``shortest_edge``, centre crop ``crop_size`` (BitImageProcessor: DINOv2, CLIP);
+    * ``crop_pct`` (ConvNextImageProcessor): short side to ``shortest_edge / crop_pct``, centre
+      crop; at 384 px and above it resizes to a square with no crop, i.e. squashes;
+    * a fixed ``height x width`` (ViTImageProcessor, SiglipImageProcessor; DeiT's then crops):
+      the photo is squashed to that square whatever its aspect ratio (``squash``).
+
+    A square is all headstart resizes to, so a ``height != width`` is an Error; so is a processor
+    that resizes the short side and then does not crop (its output shape follows each photo)."""
     p = _processor(folder)
     what = f"the image processor in {folder}"
     s = p.get("size") or {}
@@ -97,14 +120,29 @@ def preprocessing(folder: Path, size: int | None, *, vit: bool) -> tuple[Preproc
     crop_size = p.get("crop_size")
     if isinstance(crop_size, dict):
         crop_size = crop_size.get("height")
+    do_crop = bool(p.get("do_center_crop", True))
+    squash = False
     if "crop_pct" in p and "shortest_edge" in s:  # ConvNextImageProcessor
         edge = int(s["shortest_edge"])
         resize, crop = (math.floor(edge / p["crop_pct"]), edge) if edge < 384 else (edge, edge)
+        squash = edge >= 384
     elif "shortest_edge" in s:
         resize = int(s["shortest_edge"])
-        crop = int(crop_size) if p.get("do_center_crop", True) and crop_size else resize
+        if not (do_crop and crop_size):
+            raise BackboneError(
+                f"{what} resizes the short side to {resize} px and does not crop, so its output shape follows each "
+                "photo; headstart needs a square: set do_center_crop and crop_size in preprocessor_config.json"
+            )
+        crop = int(crop_size)
     elif "height" in s:
-        resize = crop = int(s["height"])
+        height, width = int(s["height"]), int(s.get("width", s["height"]))
+        if height != width:
+            raise BackboneError(f"{what} resizes to {height} x {width}; headstart resizes to a square only")
+        # a fixed square whatever the photo's shape: ViTImageProcessor and SiglipImageProcessor
+        # (no crop), DeiTImageProcessor (squash to 256, then centre-crop 224)
+        squash = True
+        resize = height
+        crop = int(crop_size) if do_crop and crop_size and int(crop_size) < height else height
     else:
         raise BackboneError(f"{what} has a size headstart does not read: {p.get('size')!r}")
     chosen = size or (min(crop, hub.VIT_DEFAULT_MAX) if vit else crop)
@@ -112,7 +150,7 @@ def preprocessing(folder: Path, size: int | None, *, vit: bool) -> tuple[Preproc
     mean, std = p.get("image_mean", (0.5,) * 3), p.get("image_std", (0.5,) * 3)
     exact = resize if chosen == crop else round(chosen * resize / crop)  # no float floor at the native size
     prep = hub.centre_crop_prep(chosen, crop / resize, mean, std, interpolation, what=what, resize=exact)
-    return prep, chosen
+    return dataclasses.replace(prep, squash=squash), chosen
 
 
 def _build(folder: Path) -> nn.Module:
@@ -142,14 +180,20 @@ def _spec(name: hub.Name, folder: Path, weights: Any, source: str, how_to_get: s
     pool = name.pool or own
     if pool not in ("default", own) and not prefix:
         raise BackboneError(f"pooling {pool!r} needs a token model (a ViT); the model in {folder} pools :{own}")
-    prep, size = preprocessing(folder, name.size, vit=vit)
-    first = HFBody(model, pool, prefix, image_text, folder).eval()
+    # An image-text model keeps its own size by default: its text tower was aligned with image
+    # features at that size (zero-shot); other ViTs default to at most hub.VIT_DEFAULT_MAX.
+    prep, size = preprocessing(folder, name.size, vit=vit and not image_text)
+    vision: Any = getattr(model.config, "vision_config", None)
+    resized = image_text and size != int(getattr(vision, "image_size", size))
+    first = HFBody(model, pool, prefix, image_text, folder, resized=resized).eval()
     with torch.no_grad():
         dim = int(first(torch.zeros(1, 3, size, size)).shape[1])
     stash = [first]
 
     def build() -> tuple[nn.Module, nn.Module | None]:
-        return (stash.pop() if stash else HFBody(_build(folder), pool, prefix, image_text, folder)), None
+        return (
+            stash.pop() if stash else HFBody(_build(folder), pool, prefix, image_text, folder, resized=resized)
+        ), None
 
     config: Any = model.config
     arch = (getattr(config, "architectures", None) or [type(model).__name__])[0]

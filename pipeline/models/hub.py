@@ -8,8 +8,9 @@ network through its own library's factory and reads the preprocessing the librar
 **The canonical name carries the image size and the pooling**, ``BASE@SIZE:POOL``
 (``dinov2s@224:cls+mean``). That name is what the feature fingerprint records, so features
 computed at another size or with another pooling never mix with these, and the fingerprint
-module needs no new field. ``--backbone dinov2s`` means the family's default size and pooling;
-``--backbone dinov2s@336:cls`` overrides them.
+module needs no new field. ``--backbone dinov2s`` means the family's default size
+(:data:`DEFAULT_SIZES`) and pooling; ``--backbone dinov2s@336:cls`` (or ``--image-size 336``)
+overrides them.
 
 **No network, ever.** Weights are read from a folder on disk: an imported one, or the snapshot
 a library's own download left in the Hugging Face cache (looked up with
@@ -47,6 +48,13 @@ POOLINGS = ("cls", "mean", "cls+mean")  # + "default": the library's own pooled 
 # token count: DINOv2's native 518 px is ~8.6x the compute of 224 px. So a ViT-style model whose
 # library recipe is above this size defaults to it (``@SIZE`` overrides); CNNs keep theirs.
 VIT_DEFAULT_MAX = 224
+# What each family's default size is, in words (``headstart backbones``, README "Backbones").
+# Image-text models keep theirs: their text tower was aligned with features at that size.
+DEFAULT_SIZES = {
+    "timm": f"ViTs at most {VIT_DEFAULT_MAX} px, CNNs their own",
+    "hf": f"ViTs at most {VIT_DEFAULT_MAX} px, CNNs and CLIP/SigLIP their own",
+    "open_clip": "the tower's own (fixed)",
+}
 
 
 @dataclass(frozen=True)

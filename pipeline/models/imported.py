@@ -158,9 +158,8 @@ def listing(default: str) -> list[dict[str, Any]]:
         have = hub.library_available(family)
         pattern = {"timm": "timm/MODEL", "hf": "hf/REPO-ID", "open_clip": "open_clip/ARCH:TAG"}[family]
         source = f"{lib} installed" if have else f"needs pip install 'headstart[{hub.EXTRAS[family]}]'"
-        rows.append(
-            _row(pattern, None, None, family, have, source + "; weights from its cache or an import", kind="family")
-        )
+        source += f"; weights from its cache or an import; default size: {hub.DEFAULT_SIZES[family]}"
+        rows.append(_row(pattern, None, None, family, have, source, kind="family"))
     return rows
 
 

@@ -7,12 +7,14 @@ The network is ``open_clip.create_model(..., load_weights=False)``; the body is 
 (``model.visual``), whose output is the projected image embedding, the space the text tower
 shares (what a zero-shot head needs); its pooling is the tower's own (``default``). The
 preprocessing is ``open_clip.get_model_preprocess_cfg``'s (size, mean, std, interpolation,
-``resize_mode``), what ``open_clip.image_transform(is_train=False)`` builds. The tower runs at
-its own size (its position embedding is fixed), so ``@SIZE`` must equal it.
+``resize_mode``: ``shortest`` crops the centre, ``squash`` resizes to the square), what
+``open_clip.image_transform(is_train=False)`` builds. The tower runs at its own size (its
+position embedding is fixed), so ``@SIZE`` must equal it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -51,12 +53,20 @@ class OpenClipBody(nn.Module):
 
 def create(model_name: str, **kw: Any) -> nn.Module:
     """The whole CLIP model at random init (the zero-shot head needs its text tower too)."""
+    import logging
+
     import open_clip
 
+    # open_clip warns "No pretrained weights loaded ... initialized randomly": true of this
+    # step, false of the backbone, whose weights are loaded right after (load_backbone).
+    was = logging.root.manager.disable
+    logging.disable(max(was, logging.WARNING))
     try:
         return open_clip.create_model(model_name, pretrained=None, load_weights=False, **kw).eval()  # type: ignore[no-any-return]
     except (RuntimeError, ValueError, KeyError, FileNotFoundError) as e:
         raise BackboneError(f"open_clip cannot build {model_name}: {e}") from None
+    finally:
+        logging.disable(was)
 
 
 def _spec(name: hub.Name, model_name: str, weights: Any, source: str, how_to_get: str, **kw: Any) -> BackboneSpec:
@@ -69,11 +79,14 @@ def _spec(name: hub.Name, model_name: str, weights: Any, source: str, how_to_get
         raise BackboneError(f"{model_name} runs at {size} px (its position embedding is fixed); drop @{name.size}")
     if name.pool not in (None, "default"):
         raise BackboneError("an open_clip image tower has its own pooling (its projected embedding); use :default")
-    if cfg.get("resize_mode", "shortest") != "shortest":
-        raise BackboneError(f"{model_name} resizes with {cfg['resize_mode']!r}; headstart reads 'shortest' only")
+    mode = cfg.get("resize_mode") or "shortest"
+    if mode not in ("shortest", "squash"):
+        raise BackboneError(f"{model_name} resizes with {mode!r}; headstart reads 'shortest' and 'squash'")
     prep = hub.centre_crop_prep(
         size, 1.0, cfg["mean"], cfg["std"], cfg.get("interpolation", "bicubic"), what=model_name
     )
+    # squash (open_clip's SigLIP and CLIPA tags): the photo resized to size x size, no crop
+    prep = dataclasses.replace(prep, squash=mode == "squash")
     visual: Any = model.visual
     stash = [OpenClipBody(visual).eval()]
     with torch.no_grad():
@@ -108,11 +121,38 @@ def imported_spec(name: hub.Name, entry: dict[str, Any]) -> BackboneSpec:
     return _spec(name, f"local-dir:{folder}", find_weights, f"imported open_clip ({folder})", how_to_get)
 
 
+HF_HUB = "hf-hub"  # open_clip/hf-hub:REPO-ID: a repository in open_clip's hub layout
+
+
+def hub_folder(name: hub.Name) -> Path | None:
+    """The cached snapshot of ``open_clip/hf-hub:REPO-ID`` (what ``headstart backbones`` lists
+    for an open_clip folder in the Hugging Face cache), None for ``ARCH:TAG`` names; an Error
+    when it is not cached."""
+    arch, _, repo_id = name.base.split("/", 1)[1].partition(":")
+    if arch != HF_HUB:
+        return None
+    snap = hub.cached_snapshot(repo_id, ("open_clip_config.json",))
+    if snap is None or not (snap / "open_clip_config.json").is_file():
+        raise BackboneError(
+            f"{repo_id} is not in the Hugging Face cache on this machine; download it once on a machine with "
+            f"internet (`hf download {repo_id}`), or {hub.how_to_import(repo_id)}"
+        )
+    return snap
+
+
 def library_spec(name: hub.Name) -> BackboneSpec:
     """``open_clip/<arch>:<tag>``: the architecture from open_clip's configs, the weights from
-    the snapshot open_clip's own download left in the Hugging Face cache."""
+    the snapshot open_clip's own download left in the Hugging Face cache. ``open_clip/hf-hub:
+    REPO-ID``: a cached repository in open_clip's hub layout, read as a ``local-dir``."""
     import open_clip
 
+    snap = hub_folder(name)
+    if snap is not None:
+        weights = hub.weights_in(snap, WEIGHTS)
+        how = f"{snap} holds no weights; download the repository again"
+        if weights is None:
+            raise BackboneError(f"weights for {name.base} are not on this machine; {how}")
+        return _spec(name, f"local-dir:{snap}", lambda: weights, f"open_clip (Hugging Face cache, {snap})", how)
     arch, _, tag = name.base.split("/", 1)[1].partition(":")
     if arch not in open_clip.list_models():
         raise BackboneError(
@@ -122,7 +162,8 @@ def library_spec(name: hub.Name) -> BackboneSpec:
     hub_id = str(cfg.get("hf_hub", "")).strip("/")
     fetch = (
         f'download it once on a machine with internet (python -c "import open_clip; '
-        f"open_clip.create_model('{arch}', pretrained='{tag}')\"), or {hub.how_to_import(name.base)}"
+        f"open_clip.create_model('{arch}', pretrained='{tag}'); open_clip.get_tokenizer('{arch}')\"; "
+        f"the tokenizer is for zero-shot heads), or {hub.how_to_import(name.base)}"
     )
     if not hub_id:
         raise BackboneError(f"open_clip has no Hugging Face copy of {arch}:{tag}; {fetch}")
@@ -130,6 +171,9 @@ def library_spec(name: hub.Name) -> BackboneSpec:
     def find() -> Path | None:
         snap = hub.cached_snapshot(hub_id, WEIGHTS)
         return hub.weights_in(snap, WEIGHTS) if snap is not None else None
+
+    if find() is None:  # before building the model: that alone takes seconds for a ViT-B
+        raise BackboneError(f"weights for {name.base} are not on this machine; {fetch}")
 
     # what the tag was trained with: OpenAI's weights use QuickGELU, and their mean/std
     prep = {k: cfg[k] for k in ("mean", "std", "interpolation", "resize_mode") if k in cfg}
@@ -150,6 +194,9 @@ def config_files(name: hub.Name, entry: dict[str, Any] | None, prep: Any) -> dic
     with the tag's QuickGELU switch and the preprocessing the features were made with."""
     if entry is not None:
         return {"open_clip_config.json": (Path(entry["path"]) / "open_clip_config.json").read_bytes()}
+    snap = hub_folder(name)
+    if snap is not None:
+        return {"open_clip_config.json": (snap / "open_clip_config.json").read_bytes()}
     import open_clip
 
     arch, _, tag = name.base.split("/", 1)[1].partition(":")
@@ -163,7 +210,7 @@ def config_files(name: hub.Name, entry: dict[str, Any] | None, prep: Any) -> dic
         "mean": list(prep.mean),
         "std": list(prep.std),
         "interpolation": prep.interpolation,
-        "resize_mode": "shortest",  # _spec refuses any other
+        "resize_mode": "squash" if prep.squash else "shortest",  # _spec refuses any other
     }
     doc = {"model_cfg": model_cfg, "preprocess_cfg": preprocess}
     return {"open_clip_config.json": (json.dumps(doc, indent=2) + "\n").encode()}

@@ -99,10 +99,15 @@ def _open_clip(parsed: hub.Name, entry: dict[str, Any] | None) -> Tower:
 
     from . import openclip_family as ocf
 
+    snap = ocf.hub_folder(parsed) if entry is None else None
+    weights: Path | None
+    kw: dict[str, Any]
     if entry is not None:
-        folder = Path(entry["path"])
-        model_name, kw = f"local-dir:{folder}", {}
-        weights: Path | None = Path(entry["weights_file"])
+        model_name, kw = f"local-dir:{entry['path']}", {}
+        weights = Path(entry["weights_file"])
+    elif snap is not None:  # open_clip/hf-hub:REPO-ID, cached in open_clip's hub layout
+        model_name, kw = f"local-dir:{snap}", {}
+        weights = hub.weights_in(snap, ocf.WEIGHTS)
     else:
         arch, _, tag = parsed.base.split("/", 1)[1].partition(":")
         cfg = open_clip.get_pretrained_cfg(arch, tag) if tag else {}
@@ -119,7 +124,21 @@ def _open_clip(parsed: hub.Name, entry: dict[str, Any] | None) -> Tower:
     try:
         tokenizer = open_clip.get_tokenizer(model_name)
     except (OSError, ValueError, RuntimeError) as e:
-        raise BackboneError(f"open_clip cannot load the tokenizer of {model_name} offline: {e}") from None
+        # SigLIP's tokenizer is a Hugging Face one that open_clip fetches on first use, apart
+        # from the weights: a machine that only downloaded the weights does not have it. For a
+        # local-dir open_clip reads it from the folder itself.
+        if model_name.startswith("local-dir:"):
+            fix = (
+                f"copy the model's tokenizer files (tokenizer.json, tokenizer_config.json, ...) into "
+                f"{model_name[len('local-dir:') :]}: open_clip reads a folder's tokenizer from the folder itself"
+            )
+        else:
+            fix = (
+                f'fetch it once on a machine with internet (python -c "import open_clip; '
+                f"open_clip.get_tokenizer('{model_name}')\") and copy the Hugging Face cache"
+            )
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise BackboneError(f"open_clip cannot load the tokenizer of {model_name} offline ({first}); {fix}") from None
     if not hasattr(model, "encode_text"):
         raise BackboneError(f"{model_name} has no text tower; {WHICH}")
 

@@ -6,7 +6,8 @@ The network is ``timm.create_model`` of that architecture at random init, then t
 is read with safetensors and passed through the model module's own ``checkpoint_filter_fn``
 (what ``timm.create_model(pretrained=True)`` does: it resamples a ViT's position embedding to
 another image size). The preprocessing is ``timm.data.resolve_model_data_config``'s: resize the
-short side to ``floor(size / crop_pct)``, centre-crop ``size``, its interpolation, mean and std.
+short side to ``floor(size / crop_pct)`` (or, with ``crop_mode='squash'``, both sides), centre-crop
+``size``, its interpolation, mean and std.
 
 Pooling: the model's own pooled output (``forward_head(pre_logits=True)``; ``cls`` for a ViT
 with ``global_pool='token'``, ``mean`` for a CNN's global average) or, for token models,
@@ -17,6 +18,7 @@ concatenated, DINOv2's linear-probe recipe).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -132,6 +134,11 @@ def _spec(name: hub.Name, recipe: _Recipe, weights: Any, source: str, how_to_get
     prep = hub.centre_crop_prep(
         size, float(data.get("crop_pct", 1.0)), data["mean"], data["std"], data["interpolation"], what=recipe.what
     )
+    mode = data.get("crop_mode") or "center"
+    if mode not in ("center", "squash"):
+        raise BackboneError(f"{recipe.what} asks for crop_mode {mode!r}; headstart reads 'center' and 'squash'")
+    # squash: both edges to floor(size / crop_pct), then the centre crop (transforms_imagenet_eval)
+    prep = dataclasses.replace(prep, squash=mode == "squash")
     body0, head0 = _parts(model)
     first = TimmBody(body0, pool, _own_pool(body0)).eval()
     with torch.no_grad():
@@ -208,6 +215,8 @@ def library_spec(name: hub.Name) -> BackboneSpec:
         snap = hub.cached_snapshot(hub_id, WEIGHTS)
         return hub.weights_in(snap, WEIGHTS) if snap is not None else None
 
+    if find() is None:  # before building: a random-init ViT-g takes a minute to say the same
+        raise BackboneError(f"weights for {name.base} are not on this machine; {fetch}")
     return _spec(name, _library_recipe(name)[0], find, f"timm (Hugging Face cache, {hub_id})", fetch)
 
 
