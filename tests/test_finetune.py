@@ -221,6 +221,7 @@ def test_cli_finetune(small_catalog, head_dir, tmp_path, run_cli):
 # --------------------------------------------------------------------------- resume after SIGKILL
 
 
+@pytest.mark.slow  # 15-30 s of real subprocesses; extract's kill -9 tests stay in the default suite
 def test_resume_after_sigkill_matches_an_uninterrupted_run(small_catalog, head_dir, tmp_path):
     """A real process is SIGKILLed in the middle of epoch 2; --resume continues from its last
     checkpoint and ends with exactly the weights of a run that was never interrupted."""
@@ -280,6 +281,7 @@ def even_catalog(small_catalog: Path, tmp_path: Path) -> tuple[Path, Path]:
     return small_catalog, tmp_path / "even_head"
 
 
+@pytest.mark.slow  # 15-30 s; extract's 2-process torchrun test stays in the default suite
 def test_torchrun_two_processes_equal_one_process_with_twice_the_batch(even_catalog, tmp_path):
     """`torchrun --nproc_per_node=2` (gloo, CPU): DDP averages the two ranks' gradients, so 2 x
     batch 2 must train the same network as 1 x batch 4 - through a mid-epoch unfreezing, which
