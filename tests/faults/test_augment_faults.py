@@ -7,6 +7,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 CHILD = """
 import resource, sys
 from PIL import Image
@@ -25,6 +27,7 @@ for size in ((1, 100_000), (100_000, 1)):
 """
 
 
+@pytest.mark.slow  # 10-20 s under a memory limit; decoding's aspect-ratio bomb tests stay in the default suite
 def test_an_extreme_aspect_ratio_is_augmented_in_bounded_memory():
     r = subprocess.run([sys.executable, "-c", CHILD], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and r.stdout.count("ok") == 6, r.stdout + r.stderr[-2000:]

@@ -251,6 +251,7 @@ def test_report_of_mathtext_category_names(mathtext, tmp_path, run_cli):
     assert set(json.loads((out / "metrics.json").read_text())["per_class"]) == {"$\\foo$", "a$b", "trouser"}
 
 
+@pytest.mark.slow  # 8-15 s: a real kill mid-plot
 def test_a_report_killed_while_plotting_leaves_the_previous_one_whole(mathtext, tmp_path, run_cli):
     out = tmp_path / "report"
     assert run_cli("evaluate", mathtext / "head", mathtext / "f.h5", "--out", out).exit_code == 0
