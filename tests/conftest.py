@@ -121,6 +121,18 @@ def run_cli():
     return _run
 
 
+@pytest.fixture
+def own_registry(tmp_path, monkeypatch):
+    """A local backbone registry (and ONNX graph cache) of the test's own: imports made by one
+    test are invisible to the next (``pytestmark = pytest.mark.usefixtures("own_registry")``)."""
+    from pipeline.models import hub
+
+    monkeypatch.setenv("HEADSTART_CACHE_DIR", str(tmp_path / "headstart-cache"))
+    hub.forget()
+    yield
+    hub.forget()
+
+
 @pytest.fixture(scope="session")
 def tiny_head(tmp_path_factory) -> Path:
     """A head fitted on tiny-backbone features of 3 classes x 6 real photos (export/predict

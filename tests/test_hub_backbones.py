@@ -25,15 +25,7 @@ PHOTOS = Path(__file__).parent / "data" / "images"
 REAL = [PHOTOS / "flower_q85_420.jpg", PHOTOS / "pil_sample_rgb.jpg", PHOTOS / "hopper.jpg"]
 
 
-@pytest.fixture(autouse=True)
-def own_registry(tmp_path, monkeypatch):
-    """Each test gets its own local registry (and ONNX graph cache)."""
-    from pipeline.models import hub
-
-    monkeypatch.setenv("HEADSTART_CACHE_DIR", str(tmp_path / "headstart-cache"))
-    hub.forget()
-    yield
-    hub.forget()
+pytestmark = pytest.mark.usefixtures("own_registry")  # conftest: a registry of its own per test
 
 
 def save_timm(arch: str, folder: Path, num_classes: int = 5, **overlay) -> tuple[Path, torch.nn.Module]:

@@ -20,14 +20,7 @@ pytest.importorskip("timm")
 CPU = ("--device", "cpu", "--workers", "0")
 
 
-@pytest.fixture(autouse=True)
-def own_registry(tmp_path, monkeypatch):
-    from pipeline.models import hub
-
-    monkeypatch.setenv("HEADSTART_CACHE_DIR", str(tmp_path / "headstart-cache"))
-    hub.forget()
-    yield
-    hub.forget()
+pytestmark = pytest.mark.usefixtures("own_registry")  # conftest: a registry of its own per test
 
 
 def chain_to_head(run_cli, folder: Path, name: str, images: Path, tmp_path: Path, *extra: str) -> tuple[Path, Path]:

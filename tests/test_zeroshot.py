@@ -27,14 +27,7 @@ PROMPTS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def own_registry(tmp_path, monkeypatch):
-    from pipeline.models import hub
-
-    monkeypatch.setenv("HEADSTART_CACHE_DIR", str(tmp_path / "headstart-cache"))
-    hub.forget()
-    yield
-    hub.forget()
+pytestmark = pytest.mark.usefixtures("own_registry")  # conftest: a registry of its own per test
 
 
 def classes_toml(path: Path, prompts: dict[str, list[str]] = PROMPTS) -> Path:
