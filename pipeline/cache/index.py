@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from operator import itemgetter
@@ -30,7 +31,7 @@ from .h5io import (
     segment_dir,
     utf8_fixed,
 )
-from .segments import remove_unindexed_segments, write_segment
+from .segments import DEFAULT_SEGMENT_ROWS, remove_unindexed_segments, write_segment
 from .store import Cache
 
 
@@ -258,30 +259,41 @@ def commit(path: Path, c: IndexContents) -> int:
     return written
 
 
-def migrate_v1(path: Path) -> None:
+def migrate_v1(path: Path, segment_rows: int | None = None) -> None:
     """Convert a schema-v1 cache (release 0.1.0: the features inside the file) in place: its
-    rows become one segment, the file becomes an index. Under the writer lock. A kill between
-    the two steps leaves the v1 file plus a segment the next run adopts."""
+    rows become segments, the file becomes an index. Under the writer lock. The features are
+    read and written one segment (``segment_rows``, default extract's) at a time, so memory
+    holds one segment's rows and the per-row metadata, never the file's features. A kill
+    before the index is replaced leaves the v1 file intact; the segments written so far are
+    deleted by the next try's commit."""
+    rows = segment_rows or int(os.environ.get("HEADSTART_COMMIT_ROWS", str(DEFAULT_SEGMENT_ROWS)))
+    names: list[str] = []
+    counts: list[int] = []
     with Cache(path) as c:
         if c.schema_version != 1:
             return
-        old = c.read_all()
-    fp = {k: old.attrs[k] for k in FINGERPRINT_KEYS if k in old.attrs}
-    seg = write_segment(path, fp, old.content_hash, old.features)
-    crash_point("migrate-segment-written")
-    commit(
-        path,
-        IndexContents(
-            content_hash=old.content_hash,
-            paths=old.paths,
-            labels=old.labels,
-            class_names=old.class_names,
-            attrs=old.attrs,
-            location=[(seg.name, i) for i in range(seg.n_rows)],
-            segment_rows={seg.name: seg.n_rows},
-            dtype=str(old.features.dtype),
-            feature_dim=int(old.features.shape[1]),
-            duplicates=old.duplicates,
-            skipped=old.skipped,
-        ),
-    )
+        attrs, hashes, dtype, d = c.attrs, c.content_hash, c.dtype, c.feature_dim
+        fp = {k: attrs[k] for k in FINGERPRINT_KEYS if k in attrs}
+        for start, block in c.iter_features(rows, dtype=np.dtype(dtype)):
+            seg = write_segment(path, fp, hashes[start : start + len(block)], block)
+            names.append(seg.name)
+            counts.append(seg.n_rows)
+            crash_point("migrate-segment-written")
+        contents = IndexContents(
+            content_hash=hashes,
+            paths=c.paths,
+            labels=c.labels,
+            class_names=c.class_names,
+            attrs=attrs,
+            location=RowLocations(
+                names,
+                np.repeat(np.arange(len(counts), dtype=np.int32), counts),
+                np.concatenate([np.arange(k, dtype=np.int64) for k in counts] or [np.zeros(0, np.int64)]),
+            ),
+            segment_rows=dict(zip(names, counts, strict=True)),
+            dtype=dtype,
+            feature_dim=d,
+            duplicates=c.duplicates,
+            skipped=c.skipped,
+        )
+    commit(path, contents)

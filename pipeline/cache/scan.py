@@ -60,8 +60,14 @@ def index_contents(
     rows: list[tuple[str, str, int]] = []  # hash, path, label
     duplicates: list[tuple[str, str]] = []
     skipped = list(scan.skipped)
+    location = scan.location
     for h, members in sorted(scan.by_hash.items(), key=lambda kv: rels[kv[1][0]]):
-        if h not in scan.location:
+        if len(members) == 1 and h in location:  # almost every file: no duplicate, no label conflict
+            i = members[0]
+            lab = labels[i]
+            rows.append((h, rels[i], -1 if lab is None else label_id[lab]))
+            continue
+        if h not in location:
             skipped.extend((rels[i], scan.bad.get(h, "no features")) for i in members)
             continue
         item_labels = {lab for i in members if (lab := labels[i]) is not None}
@@ -76,17 +82,18 @@ def index_contents(
     seg_rows = dict(old_segment_rows)
     seg_rows.update(sorted(scan.segment_rows.items()))
     order = {s: k for k, s in enumerate(seg_rows)}
-    rows.sort(key=lambda r: (order[scan.location[r[0]][0]], scan.location[r[0]][1]))
+    rows.sort(key=lambda r: (order[location[r[0]][0]], location[r[0]][1]))
     hashed = [(rels[i], scan.stat[i], h) for h, members in scan.by_hash.items() for i in members]
-    location = [scan.location[h] for h, _, _ in rows]
-    used = {s for s, _ in location}
+    hashes, paths, row_labels = (list(col) for col in zip(*rows, strict=True)) if rows else ([], [], [])
+    row_location = list(map(location.__getitem__, hashes))
+    used = {s for s, _ in row_location}
     return IndexContents(
-        content_hash=[h for h, _, _ in rows],
-        paths=[p for _, p, _ in rows],
-        labels=np.asarray([lab for _, _, lab in rows], dtype=np.int32),
+        content_hash=hashes,
+        paths=paths,
+        labels=np.asarray(row_labels, dtype=np.int32),
         class_names=class_names,
         attrs=attrs,
-        location=location,
+        location=row_location,
         segment_rows={s: n for s, n in seg_rows.items() if s in used},
         dtype=dtype,
         feature_dim=feature_dim,
@@ -102,7 +109,9 @@ def index_contents(
 
 
 def labels_by_hash(hashes: Sequence[str], labels: Sequence[int], class_names: Sequence[str]) -> dict[str, str | None]:
-    return {h: (class_names[lab] if lab >= 0 else None) for h, lab in zip(hashes, labels, strict=True)}
+    # Label -1 (unlabelled) indexes the None at the end: one C-level lookup per row.
+    names: list[str | None] = [*class_names, None]
+    return dict(zip(hashes, map(names.__getitem__, labels), strict=True))
 
 
 def label_changes(before: dict[str, str | None] | None, after: IndexContents) -> tuple[int, int]:

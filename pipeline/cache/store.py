@@ -178,7 +178,7 @@ class Cache:
 
     @property
     def content_hash(self) -> list[str]:
-        return [h.decode() for h in self._f["content_hash"][()]]
+        return _decode(self._f["content_hash"])
 
     @property
     def labels(self) -> np.ndarray:
@@ -205,13 +205,13 @@ class Cache:
         if "rejected" not in self._f:
             return {}
         g = self._f["rejected"]
-        hashes = [h.decode() for h in g["content_hash"][()]]
+        hashes = _decode(g["content_hash"])
         return dict(zip(hashes, zip(_decode(g["reason"]), _decode(g["limits"]), strict=True), strict=True))
 
     @property
     def duplicates(self) -> list[tuple[str, str]]:
         g = self._f["duplicates"]
-        return list(zip(_decode(g["path"]), [h.decode() for h in g["content_hash"][()]], strict=True))
+        return list(zip(_decode(g["path"]), _decode(g["content_hash"]), strict=True))
 
     @property
     def segments(self) -> list[str]:
@@ -229,7 +229,7 @@ class Cache:
         """Per row: (segment name, row in it). Schema v2 only."""
         names = self.segments
         seg, row = self.location_arrays()
-        return [(names[s], r) for s, r in zip(seg.tolist(), row.tolist(), strict=True)]
+        return list(zip(map(names.__getitem__, seg.tolist()), row.tolist(), strict=True))  # no Python code per row
 
     def location_arrays(self) -> tuple[np.ndarray, np.ndarray]:
         """Per row: its segment (index into :attr:`segments`) and its row in that segment, as
@@ -254,7 +254,7 @@ class Cache:
             mtime_ns=g["mtime_ns"][()].tolist(),
             inode=g["inode"][()].tolist(),
             device=g["device"][()].tolist(),
-            content_hash=[h.decode() for h in g["content_hash"][()]],
+            content_hash=_decode(g["content_hash"]),
         )
 
     def _read(self, sel: Any) -> np.ndarray:
