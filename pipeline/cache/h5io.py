@@ -33,14 +33,16 @@ def segment_dir(cache_path: Path) -> Path:
 
 @dataclass
 class StatTable:
-    """The stat cache: (path, size, mtime_ns, inode, device) -> content hash, one per file."""
+    """The stat cache: (path, size, mtime_ns, inode, device) -> content hash, one per file.
+    Columns are lists, or numpy arrays as stored (``Cache.stat_table(as_stored=True)``: bytes
+    for the strings), which the index writer takes as they are."""
 
-    path: list[str] = field(default_factory=list)
-    size: list[int] = field(default_factory=list)
-    mtime_ns: list[int] = field(default_factory=list)
-    inode: list[int] = field(default_factory=list)
-    device: list[int] = field(default_factory=list)
-    content_hash: list[str] = field(default_factory=list)
+    path: list[str] | np.ndarray = field(default_factory=list)
+    size: list[int] | np.ndarray = field(default_factory=list)
+    mtime_ns: list[int] | np.ndarray = field(default_factory=list)
+    inode: list[int] | np.ndarray = field(default_factory=list)
+    device: list[int] | np.ndarray = field(default_factory=list)
+    content_hash: list[str] | np.ndarray = field(default_factory=list)
 
     def lookup(self) -> dict[str, tuple[int, int, int, int, str]]:
         # zip in C, no Python code per file: this runs once per extract over every file.
