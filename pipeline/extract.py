@@ -199,13 +199,13 @@ def _lead(run: _Run, others: bool) -> ExtractSummary:
     with writer_lock(out):
         error: HeadstartError | None = None
         set_aside: list[tuple[str, str]] = []
+        old: _Old | None = None
         try:
-            set_aside = _prepare(cfg, out, run.fp)
+            with _no_cyclic_gc():
+                set_aside, old = _prepare(cfg, out, run.fp)
         except HeadstartError as e:
             error = e
         dist.agree(error)
-        with _no_cyclic_gc():
-            old = _read_old(cfg, out)
         share = _extract_share(run, old)
         if others:
             dist.barrier()  # every rank's segments are in place now
@@ -213,7 +213,9 @@ def _lead(run: _Run, others: bool) -> ExtractSummary:
         with _no_cyclic_gc():
             contents = _assemble(run, share, old)
             commit(out, contents)
-            compact.compact_if_needed(out, lock_held=True)  # over 25 % dead rows: reclaim them (compact.py)
+            # Over 25 % dead rows, or too fragmented: reclaim them (compact.py); the figures come
+            # from the index just committed, without opening it again.
+            compact.compact_if_needed(out, lock_held=True, index=contents)
             extracted = share.computed(share.todo)
             removed, relabelled = label_changes(old.label_of if old else None, contents)
 
@@ -325,19 +327,22 @@ def _take(run: _Run, share: Scan, old: _Old | None, segments: list[SegmentInfo] 
     share.segment_rows.update(adopt(segments, run.fp, dtype, dim, share.by_hash, share.location, share.bad, run.limits))
 
 
-def _prepare(cfg: ExtractConfig, out: Path, fp: Fingerprint) -> list[tuple[str, str]]:
+def _prepare(cfg: ExtractConfig, out: Path, fp: Fingerprint) -> tuple[list[tuple[str, str]], _Old | None]:
     """Under the writer lock, before any rank writes: clean up after killed writers, set
     damaged segment files aside, refuse a cache of another configuration, convert a schema-v1
-    cache (start over on --rebuild). Returns the segments set aside, with why."""
+    cache (start over on --rebuild). Returns the segments set aside, with why, and what the
+    index says (:func:`_read_old`; read in the same open of the index as the checks)."""
     remove_stale_temporaries(out)
     if cfg.rebuild or not out.exists():
-        return [] if cfg.rebuild else set_aside_damaged(out, set())
+        return ([] if cfg.rebuild else set_aside_damaged(out, set())), None
     with Cache(out) as c:
         _check_fingerprint(out, c.fingerprint, fp)
         version, indexed = c.schema_version, set(c.segments)
+        old = _old_of(out, c) if version >= 2 else None
     if version == 1:
         migrate_v1(out)
-    return set_aside_damaged(out, indexed)
+        old = _read_old(cfg, out)
+    return set_aside_damaged(out, indexed), old
 
 
 def _read_old(cfg: ExtractConfig, out: Path) -> _Old | None:
@@ -345,18 +350,22 @@ def _read_old(cfg: ExtractConfig, out: Path) -> _Old | None:
     if cfg.rebuild or not out.exists():
         return None
     with Cache(out) as c:
-        if c.schema_version < 2:
-            raise CacheError(f"{out} is still in schema v{c.schema_version}; run extract again to convert it")
-        hashes = c.content_hash  # decoded once: every file's key, used twice below
-        return _Old(
-            attrs=c.attrs,
-            location=dict(zip(hashes, c.locations, strict=True)),
-            segment_rows=c.segment_rows,
-            dtype=c.dtype,
-            stat=c.stat_table().lookup(),
-            rejected=c.rejected,
-            label_of=labels_by_hash(hashes, c.labels.tolist(), c.class_names),
-        )
+        return _old_of(out, c)
+
+
+def _old_of(out: Path, c: Cache) -> _Old:
+    if c.schema_version < 2:
+        raise CacheError(f"{out} is still in schema v{c.schema_version}; run extract again to convert it")
+    hashes = c.content_hash  # decoded once: every file's key, used twice below
+    return _Old(
+        attrs=c.attrs,
+        location=dict(zip(hashes, c.locations, strict=True)),
+        segment_rows=c.segment_rows,
+        dtype=c.dtype,
+        stat=c.stat_table().lookup(),
+        rejected=c.rejected,
+        label_of=labels_by_hash(hashes, c.labels.tolist(), c.class_names),
+    )
 
 
 def _check_fingerprint(out: Path, have: Fingerprint, want: Fingerprint) -> None:

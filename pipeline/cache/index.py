@@ -99,7 +99,7 @@ class _Rows:
     stat_hash: np.ndarray  # S32
 
 
-def _location_arrays(location: list[tuple[str, int]] | RowLocations) -> tuple[list[str], np.ndarray, np.ndarray]:
+def location_arrays(location: list[tuple[str, int]] | RowLocations) -> tuple[list[str], np.ndarray, np.ndarray]:
     """(segments used, in first-use order; each row's index into them; its row there)."""
     n = len(location)
     if isinstance(location, RowLocations):
@@ -120,7 +120,7 @@ def _location_arrays(location: list[tuple[str, int]] | RowLocations) -> tuple[li
 
 
 def _rows(c: IndexContents) -> _Rows:
-    used, loc_seg, loc_row = _location_arrays(c.location)
+    used, loc_seg, loc_row = location_arrays(c.location)
     return _Rows(
         content_hash=np.array(c.content_hash, dtype="S32"),
         paths=utf8_fixed(c.paths),
