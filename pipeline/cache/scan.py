@@ -119,6 +119,8 @@ def label_changes(before: dict[str, str | None] | None, after: IndexContents) ->
     if before is None:
         return 0, 0
     now = labels_by_hash(after.content_hash, after.labels.tolist(), after.class_names)
-    removed = sum(1 for h in before if h not in now)
-    relabelled = sum(1 for h, lab in now.items() if h in before and before[h] != lab)
+    # Set operations on the dicts' views: C-level, not a Python step per row. A (key, label)
+    # pair of ``now`` that ``before`` lacks is a new row or a relabelled one.
+    removed = len(before.keys() - now.keys())
+    relabelled = len(now.items() - before.items()) - len(now.keys() - before.keys())
     return removed, relabelled
