@@ -1,9 +1,10 @@
 """An unchanged re-run of ``extract``: the stat cache against reading and hashing every file.
 
-    python bench/rerun_unchanged.py [--files 20000] [--kb 200] [--workdir artifacts/bench]
+    python bench/rerun_unchanged.py [--files 20000] [--kb 200] [--workdir artifacts/bench] [--keep]
 
 Makes a folder of ``--files`` distinct PNG files in 10 class folders (8x8 pixels, padded with
-a private ancillary chunk to ``--kb`` KB; 200 KB is the issue's 2 TB for 10 M photos), so
+a private ancillary chunk to ``--kb`` KB; 200 KB is the issue's 2 TB for 10 M photos; ``--kb 0``
+makes tiny files of about 150 bytes, as for the issue's folder of 100,000), so
 hashing has photo-like bytes to read while decoding stays cheap. Extracts it once with the
 ``tiny`` backbone, then times, in the same process and interleaved: the unchanged re-run
 (the stat cache: one ``stat`` per file, no file read) and the same re-run with ``--rehash``
@@ -35,6 +36,7 @@ def _png(i: int, pad: int) -> bytes:
 
     rows = b"".join(b"\0" + bytes((i * 7 + x * 31 + y * 17) % 256 for x in range(8 * 3)) for y in range(8))
     ihdr = struct.pack(">IIBBBBB", 8, 8, 8, 2, 0, 0, 0)
+    pad = max(pad, 8)  # the file's number in it: every file distinct, even with --kb 0 (about 150 bytes)
     filler = (i.to_bytes(8, "little") * (pad // 8 + 1))[:pad]
     body = chunk(b"IHDR", ihdr) + chunk(b"hsPd", filler) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
     return b"\x89PNG\r\n\x1a\n" + body
@@ -56,14 +58,16 @@ def main() -> None:
     ap.add_argument("--kb", type=int, default=200, help="size of each file")
     ap.add_argument("--workdir", default="artifacts/bench")
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--keep", action="store_true", help="keep the folder and cache, and reuse them next time")
     args = ap.parse_args()
-    root = Path(args.workdir) / "rerun"
-    shutil.rmtree(root, ignore_errors=True)
+    root = Path(args.workdir) / f"rerun-{args.files}-{args.kb}"
     images = root / "images"
-    t0 = time.perf_counter()
-    make_folder(images, args.files, args.kb)
-    print(f"made {args.files} files of {args.kb} KB in {time.perf_counter() - t0:.1f} s")
     out = root / "features.h5"
+    if not (args.keep and out.is_file()):  # a kept folder of the same settings is reused as it is
+        shutil.rmtree(root, ignore_errors=True)
+        t0 = time.perf_counter()
+        make_folder(images, args.files, args.kb)
+        print(f"made {args.files} files of {args.kb} KB in {time.perf_counter() - t0:.1f} s")
 
     def run(rehash: bool) -> tuple[float, int]:
         opts = dict(backbone="tiny", precision="fp32", workers=0, batch_size=64, progress=False)
@@ -73,7 +77,7 @@ def main() -> None:
         return time.perf_counter() - t, s.extracted
 
     first, n = run(False)
-    print(f"first extraction: {n} rows in {first:.1f} s")
+    print(f"first extraction: {n} rows in {first:.1f} s" + (" (kept from an earlier run)" if n == 0 else ""))
     stat_t, hash_t = [], []
     for _ in range(args.repeats):  # interleaved pairs: load on a shared machine hits both
         t, k = run(False)
@@ -102,7 +106,8 @@ def main() -> None:
         f"hashing every file {check[True]:.2f} s: {check[True] / check[False]:.0f}x"
     )
     print(f"load {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
-    shutil.rmtree(root, ignore_errors=True)
+    if not args.keep:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.cache.index import IndexContents, StatTable, commit
+from pipeline.cache.index import IndexContents, RowLocations, StatTable, commit
 from pipeline.cache.segments import DEFAULT_SEGMENT_ROWS as SEGMENT_ROWS
 from pipeline.cache.segments import SegmentWriter
 from pipeline.cache.store import Cache, segment_dir
@@ -49,6 +49,7 @@ def _fingerprint(dim: int) -> Fingerprint:
 
 
 _KEYS: tuple[list[str], list[str]] = ([], [])
+_STAT: dict[str, list[int]] = {}
 
 
 def _rows(start: int, n: int) -> tuple[list[str], list[str]]:
@@ -58,11 +59,42 @@ def _rows(start: int, n: int) -> tuple[list[str], list[str]]:
 
 
 def _make_keys(n: int) -> None:
+    """The synthetic photos' keys, paths and stat entries (size, mtime, inode, device), as the
+    caller of the store (``extract``'s scan) has them: Python lists, made outside the timings."""
     _KEYS[0][:] = [hashlib.blake2b(i.to_bytes(8, "little"), digest_size=16).hexdigest() for i in range(n)]
     _KEYS[1][:] = [f"{CLASSES[i % len(CLASSES)]}/photo-{i:09d}.jpg" for i in range(n)]
+    _STAT.update(
+        size=[150_000 + (i * 7919) % 200_000 for i in range(n)],
+        mtime_ns=[1_700_000_000 * 10**9 + i for i in range(n)],
+        inode=list(range(n)),
+        device=[2049] * n,
+    )
 
 
-def _write(out: Path, fp: Fingerprint, dim: int, start: int, n: int) -> dict[str, tuple[str, int]]:
+class Rows:
+    """Where the synthetic rows went, in the order they were written (row k of the catalog is
+    the k-th row added): the segment names in order and each one's row count, as the
+    ``SegmentWriter`` reports them. The caller keeps them as arrays, as the store takes them."""
+
+    def __init__(self) -> None:
+        self.names: list[str] = []
+        self.counts: list[int] = []
+
+    def locations(self, rows: np.ndarray | None = None) -> RowLocations:
+        """Of every row written so far, or of the catalog rows ``rows`` (ascending)."""
+        counts = np.array(self.counts, dtype=np.int64)
+        seg = np.repeat(np.arange(len(counts), dtype=np.int32), counts)
+        row = np.arange(int(counts.sum()), dtype=np.int64) - np.repeat(np.cumsum(counts) - counts, counts)
+        if rows is not None:
+            seg, row = seg[rows], row[rows]
+        return RowLocations(list(self.names), seg, row)
+
+    @property
+    def segment_rows(self) -> dict[str, int]:
+        return dict(zip(self.names, self.counts, strict=True))
+
+
+def _write(out: Path, fp: Fingerprint, dim: int, start: int, n: int, rows: Rows) -> None:
     rng = np.random.default_rng(start)
     w = SegmentWriter(out, fp, np.float16, dim, SEGMENT_ROWS)
     for a in range(start, start + n, 4096):
@@ -70,27 +102,21 @@ def _write(out: Path, fp: Fingerprint, dim: int, start: int, n: int) -> dict[str
         hashes, _ = _rows(a, k)
         w.add(hashes, rng.standard_normal((k, dim), dtype=np.float32).astype(np.float16))
     w.flush()
-    return w.locations
+    rows.names += [s.name for s in w.segments]
+    rows.counts += [s.n_rows for s in w.segments]
 
 
-def _index(out: Path, dim: int, n: int, loc: dict[str, tuple[str, int]], seg_rows: dict[str, int], shift: int) -> int:
+def _index(out: Path, dim: int, n: int, rows: Rows, shift: int) -> int:
     hashes, paths = _rows(0, n)
-    stat = StatTable(
-        path=paths,
-        size=[150_000 + (i * 7919) % 200_000 for i in range(n)],
-        mtime_ns=[1_700_000_000 * 10**9 + i for i in range(n)],
-        inode=list(range(n)),
-        device=[2049] * n,
-        content_hash=hashes,
-    )
+    stat = StatTable(path=paths, content_hash=hashes, **{k: v[:n] for k, v in _STAT.items()})
     c = IndexContents(
         content_hash=hashes,
         paths=paths,
-        labels=np.array([(i + shift) % len(CLASSES) for i in range(n)], np.int32),
+        labels=(np.arange(n, dtype=np.int32) + shift) % len(CLASSES),
         class_names=CLASSES,
         attrs=dict(_fingerprint(dim).to_record()),
-        location=[loc[h] for h in hashes],
-        segment_rows=seg_rows,
+        location=rows.locations(),
+        segment_rows=rows.segment_rows,
         dtype="float16",
         feature_dim=dim,
         stat=stat,
@@ -98,28 +124,28 @@ def _index(out: Path, dim: int, n: int, loc: dict[str, tuple[str, int]], seg_row
     return commit(out, c)
 
 
-def _index_rows(out: Path, dim: int, keep: list[int], loc: dict[str, tuple[str, int]], seg_rows: dict[str, int]) -> int:
+def _index_rows(out: Path, dim: int, keep: np.ndarray, rows: Rows) -> int:
     """An index holding only the rows ``keep``: what extract commits once the others are deleted."""
-    hashes, paths = _rows(0, max(keep) + 1)
+    hashes, paths = _rows(0, int(keep[-1]) + 1)
     c = IndexContents(
-        content_hash=[hashes[i] for i in keep],
-        paths=[paths[i] for i in keep],
-        labels=np.array([i % len(CLASSES) for i in keep], np.int32),
+        content_hash=[hashes[i] for i in keep.tolist()],
+        paths=[paths[i] for i in keep.tolist()],
+        labels=(keep % len(CLASSES)).astype(np.int32),
         class_names=CLASSES,
         attrs=dict(_fingerprint(dim).to_record()),
-        location=[loc[hashes[i]] for i in keep],
-        segment_rows=seg_rows,
+        location=rows.locations(keep),
+        segment_rows=rows.segment_rows,
         dtype="float16",
         feature_dim=dim,
     )
     return commit(out, c)
 
 
-def _compact_cost(out: Path, dim: int, total: int, loc: dict[str, tuple[str, int]], seg_rows: dict[str, int]) -> dict:
+def _compact_cost(out: Path, dim: int, total: int, rows: Rows) -> dict:
     """Delete 30 % of the rows evenly, then run ``headstart cache compact`` as its own process."""
-    keep = [i for i in range(total) if i % 10 >= 3]
+    keep = np.flatnonzero(np.arange(total) % 10 >= 3)
     t0 = time.perf_counter()
-    _index_rows(out, dim, keep, loc, seg_rows)
+    _index_rows(out, dim, keep, rows)
     delete_s = time.perf_counter() - t0
     before = _disk_bytes(out)
     old = {p.name for p in segment_dir(out).glob("seg-*.h5")}
@@ -153,7 +179,7 @@ def _disk_bytes(out: Path) -> int:
     return out.stat().st_size + sum(p.stat().st_size for p in segment_dir(out).glob("seg-*.h5"))
 
 
-def one(n: int, dim: int, workdir: Path) -> dict[str, float]:
+def one(n: int, dim: int, workdir: Path, compaction: bool = True) -> dict[str, float]:
     root = workdir / f"store-{n}"
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
@@ -162,24 +188,24 @@ def one(n: int, dim: int, workdir: Path) -> dict[str, float]:
     k = n // 20
     _make_keys(n + k)
 
+    written = Rows()
     t0 = time.perf_counter()
-    loc = _write(out, fp, dim, 0, n)
-    seg_rows = {s: sum(1 for v in loc.values() if v[0] == s) for s in dict.fromkeys(v[0] for v in loc.values())}
-    _index(out, dim, n, loc, seg_rows, 0)
+    _write(out, fp, dim, 0, n, written)
+    _index(out, dim, n, written, 0)
     full_s = time.perf_counter() - t0
     full_bytes = _disk_bytes(out)
 
     before = {p.name for p in segment_dir(out).glob("seg-*.h5")}
     t0 = time.perf_counter()
-    new = _write(out, fp, dim, n, k)
-    loc.update(new)
-    seg_rows.update({s: sum(1 for v in new.values() if v[0] == s) for s in dict.fromkeys(v[0] for v in new.values())})
-    index_bytes = _index(out, dim, n + k, loc, seg_rows, 0)
+    _write(out, fp, dim, n, k, written)
+    t_index = time.perf_counter()
+    index_bytes = _index(out, dim, n + k, written, 0)
     add_s = time.perf_counter() - t0
+    add_index_s = time.perf_counter() - t_index
     add_bytes = index_bytes + sum(p.stat().st_size for p in segment_dir(out).glob("seg-*.h5") if p.name not in before)
 
     t0 = time.perf_counter()
-    relabel_bytes = _index(out, dim, n + k, loc, seg_rows, 1)
+    relabel_bytes = _index(out, dim, n + k, written, 1)
     relabel_s = time.perf_counter() - t0
 
     write_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # builds and commits only
@@ -193,12 +219,13 @@ def one(n: int, dim: int, workdir: Path) -> dict[str, float]:
         rates.append(rows / (time.perf_counter() - t0))
     assert rows == n + k
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    compaction = _compact_cost(out, dim, n + k, loc, seg_rows)
+    compacted = _compact_cost(out, dim, n + k, written) if compaction else {}
     result = dict(
         n=n,
         full_s=full_s,
         full_bytes=full_bytes,
         add_s=add_s,
+        add_index_s=add_index_s,
         add_bytes=add_bytes,
         relabel_s=relabel_s,
         relabel_bytes=relabel_bytes,
@@ -208,8 +235,8 @@ def one(n: int, dim: int, workdir: Path) -> dict[str, float]:
         peak_rss=rss,
         write_rss=write_rss,
         index_bytes=index_bytes,
-        segments=len(seg_rows),
-        **compaction,
+        segments=len(written.names),
+        **compacted,
     )
     shutil.rmtree(root, ignore_errors=True)
     return result
@@ -220,18 +247,20 @@ def main() -> None:
     ap.add_argument("--n", type=int, nargs="+", default=[100_000, 400_000])
     ap.add_argument("--dim", type=int, default=1280)
     ap.add_argument("--workdir", default="artifacts/bench")
+    ap.add_argument("--no-compact", action="store_true", help="skip the deletion and compaction part")
     ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
-        print(json.dumps(one(args.n[0], args.dim, Path(args.workdir))))
+        print(json.dumps(one(args.n[0], args.dim, Path(args.workdir), not args.no_compact)))
         return
     print(f"D = {args.dim} float16, segments of {SEGMENT_ROWS} rows; load {os.getloadavg()[0]:.1f}")
     for n in args.n:
         cmd = [sys.executable, __file__, "--one", "--n", str(n), "--dim", str(args.dim), "--workdir", args.workdir]
+        cmd += ["--no-compact"] if args.no_compact else []
         r = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
         print(
             f"N={n:>9,}: full build {r['full_s']:.2f} s, {r['full_bytes'] / 1e6:.0f} MB ({r['segments']} segments) | "
-            f"+5 %: {r['add_s']:.2f} s ({r['add_s'] / r['full_s']:.3f} of full), "
+            f"+5 %: {r['add_s']:.2f} s ({r['add_s'] / r['full_s']:.3f} of full; index {r['add_index_s']:.2f} s), "
             f"{r['add_bytes'] / 1e6:.1f} MB ({r['add_bytes'] / r['full_bytes']:.3f} of full; "
             f"index {r['index_bytes'] / 1e6:.1f} MB) | relabel {r['relabel_s']:.2f} s, "
             f"{r['relabel_bytes'] / 1e6:.1f} MB | peak RSS {r['write_rss'] / 1e6:.0f} MB writing, "
@@ -239,6 +268,8 @@ def main() -> None:
             f"read {r['read_rows_s']:,.0f} rows/s ({r['read_mb_s']:.0f} MB/s), "
             f"as float32 {r['read_f32_rows_s']:,.0f} rows/s"
         )
+        if args.no_compact:
+            continue
         print(
             f"{'':13}delete 30 % evenly: commit {r['delete_s']:.2f} s | cache compact (own process): "
             f"{r['compact_s']:.2f} s = {r['compact_s'] / r['full_s']:.3f} of a full build, copied "

@@ -23,7 +23,7 @@ import pytest
 from conftest import copy_sample_photos
 
 from pipeline.cache import compact as compact_mod
-from pipeline.cache.index import IndexContents, commit
+from pipeline.cache.index import IndexContents, RowLocations, commit, migrate_v1
 from pipeline.cache.inspection import info, verify
 from pipeline.cache.segments import SegmentWriter
 from pipeline.cache.store import Cache, segment_dir
@@ -335,6 +335,105 @@ def test_migrate_converts_the_release_0_1_0_cache(tmp_path, run_cli):
         np.testing.assert_array_equal(c.features(), want[3])
     r = run_cli("cache", "migrate", cache)
     assert r.exit_code == 0 and "already schema v2; nothing to do" in r.output
+
+
+def _record_feature_reads(monkeypatch, cache: Path) -> list[int]:
+    """Rows of every read of ``cache``'s ``/features`` (h5py is the only way in)."""
+    reads: list[int] = []
+    real = h5py.Dataset.__getitem__
+
+    def recording(self, sel):  # type: ignore[no-untyped-def]
+        out = real(self, sel)
+        if self.name == "/features" and Path(self.file.filename) == cache:
+            reads.append(len(out) if getattr(out, "ndim", 0) == 2 else 0)
+        return out
+
+    monkeypatch.setattr(h5py.Dataset, "__getitem__", recording)
+    return reads
+
+
+def _v1_cache_like_the_release(out: Path, n: int) -> None:
+    """A schema-v1 cache of ``n`` rows laid out as release 0.1.0 wrote one (its attributes,
+    dataset types and chunked, resizable ``/features``; ``tests/data/release-0.1.0`` is the
+    template): bigger than the 12-row file, so that converting it takes several segments."""
+    rng = np.random.default_rng(0)
+    string = h5py.string_dtype("utf-8")
+    with h5py.File(OLD / "features.h5", "r") as src, h5py.File(out, "w") as f:
+        d = src["features"].shape[1]
+        f.create_dataset(
+            "features", data=rng.standard_normal((n, d)).astype(np.float16), chunks=(64, d), maxshape=(None, d)
+        )
+        f.create_dataset("content_hash", data=np.array([f"{i:032x}" for i in range(n)], dtype="S32"))
+        f.create_dataset("paths", data=np.array([f"bag/p{i:05d}.png" for i in range(n)], dtype=object), dtype=string)
+        f.create_dataset("labels", data=(np.arange(n) % 3).astype(np.int32))
+        f.create_dataset("class_names", data=src["class_names"][()], dtype=string)
+        for group, names in (("duplicates", ("path", "content_hash")), ("skipped", ("path", "reason"))):
+            for name in names:
+                f.create_dataset(f"{group}/{name}", data=src[f"{group}/{name}"][()], dtype=src[f"{group}/{name}"].dtype)
+        f.attrs.update(dict(src.attrs))
+        f.attrs["n_rows"] = n
+
+
+@pytest.mark.parametrize("source", ["release", "larger"])
+def test_migrate_streams_the_features_one_segment_at_a_time(tmp_path, monkeypatch, source):
+    """The v1 file's features are read and written a segment at a time (memory: one segment,
+    not the file); every row keeps its key, path, label and features. On the release's own
+    bytes (12 rows, segments of 5) and on a larger v1 file laid out the same way."""
+    cache = tmp_path / "features.h5"
+    n, rows = (12, 5) if source == "release" else (1000, 256)
+    if source == "release":
+        shutil.copy(OLD / "features.h5", cache)
+    else:
+        _v1_cache_like_the_release(cache, n)
+    with Cache(cache) as c:
+        assert c.schema_version == 1 and c.n_rows == n
+        want = (c.content_hash, c.paths, c.labels.tolist(), c.features(dtype=np.float16))
+    reads = _record_feature_reads(monkeypatch, cache)
+    migrate_v1(cache, segment_rows=rows)
+    assert reads and max(reads) <= rows, reads  # never the whole /features at once
+    monkeypatch.undo()
+    assert not verify(cache)
+    with Cache(cache) as c:
+        assert c.schema_version == 2 and list(c.segment_rows.values()) == [rows] * (n // rows) + [n % rows]
+        assert (c.content_hash, c.paths, c.labels.tolist()) == want[:3]
+        np.testing.assert_array_equal(c.features(dtype=np.float16), want[3])
+        assert _files(cache) == set(c.segments)
+
+
+def test_row_locations_index_as_the_list_of_pairs(tmp_path):
+    """An index committed with ``RowLocations`` (arrays) is the one the list of (segment, row)
+    pairs gives, byte for byte in every dataset, and names the segments in first-use order."""
+    out = tmp_path / "a" / "features.h5"
+    c = _synthetic(out, 150, seg_rows=50)  # three segments of 50
+    order = np.r_[np.arange(100, 150), np.arange(0, 100)]  # the last segment's rows first
+    names = list(dict.fromkeys(s for s, _ in c.location))
+    pairs = [c.location[i] for i in order.tolist()]
+    keys = [c.content_hash[i] for i in order.tolist()]
+    paths = [c.paths[i] for i in order.tolist()]
+    as_list = IndexContents(
+        **{**vars(c), "location": pairs, "content_hash": keys, "paths": paths, "labels": c.labels[order]}
+    )
+    seg = np.array([names.index(s) for s, _ in pairs])
+    row = np.array([r for _, r in pairs])
+    as_arrays = IndexContents(**{**vars(as_list), "location": RowLocations(names, seg, row)})
+    other = tmp_path / "b" / "features.h5"
+    shutil.copytree(segment_dir(out), segment_dir(other))
+    commit(out, as_list)
+    commit(other, as_arrays)
+    with h5py.File(out, "r") as f, h5py.File(other, "r") as g:
+        assert f.attrs["contents_digest"] == g.attrs["contents_digest"]
+        for name in (
+            "content_hash",
+            "paths",
+            "labels",
+            "segments/name",
+            "segments/rows",
+            "location/segment",
+            "location/row",
+        ):
+            np.testing.assert_array_equal(f[name][()], g[name][()], err_msg=name)
+        np.testing.assert_array_equal(f["features"][()], g["features"][()])
+        assert [s.decode() for s in f["segments/name"][()]] == [names[2], names[0], names[1]]
 
 
 def test_kill_9_while_migrating_keeps_the_v1_file(tmp_path, run_cli):

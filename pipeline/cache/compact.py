@@ -47,7 +47,7 @@ from ..core.atomic import fsync_dir
 from ..errors import CacheError
 from ..models.fingerprint import KEYS as FINGERPRINT_KEYS
 from .h5io import crash_point, segment_dir
-from .index import IndexContents, mapping_runs, migrate_v1, write_index
+from .index import IndexContents, RowLocations, location_arrays, mapping_runs, migrate_v1, write_index
 from .lock import writer_lock
 from .segments import DEFAULT_SEGMENT_ROWS, remove_stale_temporaries, unindexed_segments, write_segment
 from .store import Cache
@@ -156,13 +156,22 @@ def compact_if_needed(
     threshold: float = AUTO_DEAD_SHARE,
     lock_held: bool = False,
     say: Callable[[str], None] | None = None,
+    index: IndexContents | None = None,
 ) -> CompactResult | None:
     """Compact when more than ``threshold`` of the rows in the cache's segments are dead (what
     ``extract`` calls after its commit, under its lock). ``say`` gets the summary line
-    (default: standard error, beside extract's own output). None when below the threshold."""
-    with Cache(path) as c:  # one open: every figure below is the index's metadata
-        dead, total = _dead_rows(c)
-        fragmented = _mappings(c) > max(MAX_MAPPINGS, 4 * len(c.segments))
+    (default: standard error, beside extract's own output). None when below the threshold.
+    ``index``: what the caller just committed to ``path``, so the figures need no new open of
+    the index (an unchanged re-run of a large catalog spent about 2 us a file here)."""
+    if index is not None:
+        _, seg, row = location_arrays(index.location)
+        total = sum(index.segment_rows.values())
+        dead, n_segments = total - len(seg), len(index.segment_rows)
+        fragmented = len(mapping_runs(seg, row)[0]) > max(MAX_MAPPINGS, 4 * n_segments)
+    else:
+        with Cache(path) as c:  # one open: every figure below is the index's metadata
+            dead, total = _dead_rows(c)
+            fragmented = _mappings(c) > max(MAX_MAPPINGS, 4 * len(c.segments))
     if not fragmented and (not total or dead / total <= threshold):
         return None
     # Scattered deletions leave few dead rows but many runs of live ones: every run is one
@@ -209,7 +218,7 @@ def _disk_bytes(path: Path) -> int:
 def _compact(path: Path, min_dead_share: float, segment_rows: int) -> CompactResult:
     t0 = time.perf_counter()
     remove_stale_temporaries(path)  # under the lock: no live writer owns one
-    with Cache(path) as c:
+    with Cache(path, features=False) as c:  # the segments are read directly, never /features
         if c.schema_version < 2:
             raise CacheError(
                 f"{path} is in schema v{c.schema_version} (one file, nothing to compact); "
@@ -217,7 +226,9 @@ def _compact(path: Path, min_dead_share: float, segment_rows: int) -> CompactRes
             )
         contents = _read_index(c)
     bytes_before = _disk_bytes(path)
-    live = Counter(s for s, _ in contents.location)
+    loc = contents.location
+    assert isinstance(loc, RowLocations)  # _read_index's form
+    live = Counter(dict(zip(loc.names, np.bincount(loc.seg, minlength=len(loc.names)).tolist(), strict=True)))
     total = contents.segment_rows
     dead_before = sum(total.values()) - len(contents.location)
     chosen = [s for s, n in total.items() if n > live[s] and (n - live[s]) / n >= min_dead_share]
@@ -225,13 +236,11 @@ def _compact(path: Path, min_dead_share: float, segment_rows: int) -> CompactRes
     # (it names them, so they are told apart from a killed extract's segments, which hold new
     # content and are kept for the next extract to adopt), and new segments whose index was
     # never written (every row already in the index, no skip records).
-    keys = set(contents.content_hash)
+    candidates = unindexed_segments(path, set(total))
+    keys = set(contents.content_hash) if candidates else set()  # a set of every key only when needed
     superseded = json.loads(str(contents.attrs.get(SUPERSEDED, "[]")))
-    orphans = [
-        s.name
-        for s in unindexed_segments(path, set(total))
-        if s.name in superseded or (not s.bad and keys.issuperset(s.content_hash))
-    ]
+    orphans = [s.name for s in candidates if s.name in superseded or (not s.bad and keys.issuperset(s.content_hash))]
+    del keys
 
     written: list[str] = []
     if chosen:
@@ -267,69 +276,77 @@ def _compact(path: Path, min_dead_share: float, segment_rows: int) -> CompactRes
 def _read_index(c: Cache) -> IndexContents:
     """Everything the index holds, to be written back with new locations. Every field of
     ``IndexContents`` must be carried over (tests/test_cache_tools.py compares every dataset of
-    the index before and after a compaction)."""
+    the index before and after a compaction). Locations and the stat cache stay arrays as
+    stored (no Python object per row: memory per row is what grows with the catalog here)."""
+    seg, row = c.location_arrays()
     return IndexContents(
         content_hash=c.content_hash,
         paths=c.paths,
         labels=c.labels,
         class_names=c.class_names,
         attrs=c.attrs,
-        location=c.locations,
+        location=RowLocations(c.segments, seg, row),
         segment_rows=c.segment_rows,
         dtype=c.dtype,
         feature_dim=c.feature_dim,
         duplicates=c.duplicates,
         skipped=c.skipped,
         rejected=[(h, why, limits) for h, (why, limits) in c.rejected.items()],
-        stat=c.stat_table(),
+        stat=c.stat_table(as_stored=True),
         attributes=c.attributes(),
     )
 
 
 def _copy_live_rows(
     path: Path, c: IndexContents, chosen: list[str], record: dict[str, object], segment_rows: int
-) -> tuple[list[tuple[str, int]], dict[str, int]]:
+) -> tuple[RowLocations, dict[str, int]]:
     """Copy the live rows of ``chosen`` into new segments of ``segment_rows`` rows (the last one
     fewer). Returns every index row's new location and the new segments' row counts. The
-    index's row order is kept; only where the rows live changes."""
-    location = list(c.location)
-    wanted: dict[str, list[tuple[int, int]]] = {s: [] for s in chosen}  # segment -> (index row, its row)
-    for i, (s, r) in enumerate(location):
-        if s in wanted:
-            wanted[s].append((i, r))
+    index's row order is kept; only where the rows live changes. Arrays throughout: the index
+    rows of each segment come from one stable sort of the segment column."""
+    loc = c.location
+    assert isinstance(loc, RowLocations)
+    names = list(loc.names)
+    seg0 = np.asarray(loc.seg, dtype=np.int64)
+    seg, row = seg0.copy(), np.asarray(loc.row, dtype=np.int64).copy()
+    by_seg = np.argsort(seg0, kind="stable")
+    bounds = np.searchsorted(seg0[by_seg], np.arange(len(names) + 1))
     new_rows: dict[str, int] = {}
-    pos: list[int] = []  # index rows waiting in ``feats``, in order
+    pos: list[np.ndarray] = []  # index rows waiting in ``feats``, in order
     feats: list[np.ndarray] = []
 
     def flush(n: int) -> None:
-        block = np.concatenate(feats)
-        seg = write_segment(path, record, [c.content_hash[i] for i in pos[:n]], block[:n])
+        waiting, block = np.concatenate(pos), np.concatenate(feats)
+        take = waiting[:n]
+        seg_info = write_segment(path, record, [c.content_hash[i] for i in take.tolist()], block[:n])
         crash_point("compact-segment-written")
-        for k, i in enumerate(pos[:n]):
-            location[i] = (seg.name, k)
-        new_rows[seg.name] = seg.n_rows
-        del pos[:n]
+        seg[take] = len(names)
+        row[take] = np.arange(n, dtype=np.int64)
+        names.append(seg_info.name)
+        new_rows[seg_info.name] = seg_info.n_rows
+        pos[:] = [waiting[n:]]
         feats[:] = [block[n:].copy()]  # not a view: the concatenated block is freed
 
     for name in chosen:
-        rows = sorted(wanted[name], key=lambda ir: ir[1])
-        for idx, block in _live_blocks(path, c, name, rows):
-            pos.extend(idx)
+        k = loc.names.index(name)
+        idx = by_seg[bounds[k] : bounds[k + 1]]
+        idx = idx[np.argsort(row[idx], kind="stable")]  # by row in the segment: read in order
+        for block_idx, block in _live_blocks(path, c, name, idx, row[idx]):
+            pos.append(block_idx)
             feats.append(block)
-            while len(pos) >= segment_rows:
+            while sum(map(len, pos)) >= segment_rows:
                 flush(segment_rows)
-    if pos:
-        flush(len(pos))
-    return location, new_rows
+    if sum(map(len, pos)):
+        flush(sum(map(len, pos)))
+    return RowLocations(names, seg, row), new_rows
 
 
 def _live_blocks(
-    path: Path, c: IndexContents, name: str, rows: list[tuple[int, int]]
-) -> Iterator[tuple[list[int], np.ndarray]]:
-    """The features of ``rows`` ((index row, segment row), by segment row) of segment ``name``,
-    read a block of ``_READ_ROWS`` at a time (blocks without a live row are not read), after
-    checking that each segment row holds the content the index says."""
-    src = np.array([r for _, r in rows], dtype=np.int64)
+    path: Path, c: IndexContents, name: str, idx: np.ndarray, src: np.ndarray
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """The features of index rows ``idx``, rows ``src`` (ascending) of segment ``name``, read a
+    block of ``_READ_ROWS`` at a time (blocks without a live row are not read), after checking
+    that each segment row holds the content the index says."""
     try:
         with h5py.File(segment_dir(path) / name, "r") as f:
             ds, hashes = f["features"], f["content_hash"]
@@ -343,14 +360,16 @@ def _live_blocks(
                 if lo == hi:
                     continue
                 block = ds[a : a + _READ_ROWS]  # decoding checks every chunk's checksum
-                block_hashes = hashes[a : a + _READ_ROWS]
-                for i, r in rows[lo:hi]:
-                    if block_hashes[r - a].decode() != c.content_hash[i]:
-                        raise CacheError(
-                            f"{path}: row {i} points at row {r} of segment {name}, which holds other "
-                            f"content; nothing was changed. Run `headstart cache verify {path}`"
-                        )
-                yield [i for i, _ in rows[lo:hi]], block[src[lo:hi] - a]
+                held = hashes[a : a + _READ_ROWS][src[lo:hi] - a]
+                want = np.array([c.content_hash[i] for i in idx[lo:hi].tolist()], dtype="S32")
+                wrong = np.flatnonzero(held != want)
+                if len(wrong):
+                    i, r = int(idx[lo + wrong[0]]), int(src[lo + wrong[0]])
+                    raise CacheError(
+                        f"{path}: row {i} points at row {r} of segment {name}, which holds other "
+                        f"content; nothing was changed. Run `headstart cache verify {path}`"
+                    )
+                yield idx[lo:hi], block[src[lo:hi] - a]
     except (OSError, KeyError) as e:
         raise CacheError(
             f"cannot read segment {name} of {path} ({e}): it is damaged; nothing was changed. "

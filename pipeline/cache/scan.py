@@ -64,8 +64,14 @@ def index_contents(
     rows: list[tuple[str, str, int]] = []  # hash, path, label
     duplicates: list[tuple[str, str]] = []
     skipped = list(scan.skipped)
+    location = scan.location
     for h, members in sorted(scan.by_hash.items(), key=lambda kv: rels[kv[1][0]]):
-        if h not in scan.location:
+        if len(members) == 1 and h in location:  # almost every file: no duplicate, no label conflict
+            i = members[0]
+            lab = labels[i]
+            rows.append((h, rels[i], -1 if lab is None else label_id[lab]))
+            continue
+        if h not in location:
             skipped.extend((rels[i], scan.bad.get(h, "no features")) for i in members)
             continue
         item_labels = {lab for i in members if (lab := labels[i]) is not None}
@@ -80,19 +86,22 @@ def index_contents(
     seg_rows = dict(old_segment_rows)
     seg_rows.update(sorted(scan.segment_rows.items()))
     order = {s: k for k, s in enumerate(seg_rows)}
-    rows.sort(key=lambda r: (order[scan.location[r[0]][0]], scan.location[r[0]][1]))
+    rows.sort(key=lambda r: (order[location[r[0]][0]], location[r[0]][1]))
     hashed = [(rels[i], scan.stat[i], h) for h, members in scan.by_hash.items() for i in members]
-    location = [scan.location[h] for h, _, _ in rows]
-    used = {s for s, _ in location}
-    members_of = [scan.by_hash[h] for h, _, _ in rows]
-    columns = {name: _column(name, cells, members_of, rels, skipped) for name, cells in (attributes or {}).items()}
+    hashes, paths, row_labels = (list(col) for col in zip(*rows, strict=True)) if rows else ([], [], [])
+    row_location = list(map(location.__getitem__, hashes))
+    used = {s for s, _ in row_location}
+    columns: dict[str, Column] = {}
+    if attributes:
+        members_of = [scan.by_hash[h] for h in hashes]
+        columns = {name: _column(name, cells, members_of, rels, skipped) for name, cells in attributes.items()}
     return IndexContents(
-        content_hash=[h for h, _, _ in rows],
-        paths=[p for _, p, _ in rows],
-        labels=np.asarray([lab for _, _, lab in rows], dtype=np.int32),
+        content_hash=hashes,
+        paths=paths,
+        labels=np.asarray(row_labels, dtype=np.int32),
         class_names=class_names,
         attrs=attrs,
-        location=location,
+        location=row_location,
         segment_rows={s: n for s, n in seg_rows.items() if s in used},
         dtype=dtype,
         feature_dim=feature_dim,
@@ -138,12 +147,12 @@ def labels_by_hash(
     class_names: Sequence[str],
     columns: dict[str, Column] | None = None,
 ) -> dict[str, tuple[str | None, ...]]:
-    """Content hash -> (its label, then its cell of every attribute column): what a relabel changes."""
-    cols = [(c.labels.tolist(), c.values) for c in (columns or {}).values()]
-    return {
-        h: (class_names[lab] if lab >= 0 else None, *((vals[ids[i]] if ids[i] >= 0 else None) for ids, vals in cols))
-        for i, (h, lab) in enumerate(zip(hashes, labels, strict=True))
-    }
+    """Content hash -> (its label, then its cell of every attribute column): what a relabel
+    changes. Label -1 (unlabelled; -2 in a column, a conflict) indexes a None at the end: one
+    C-level lookup per row and column, no Python step per row."""
+    names: list[str | None] = [*class_names, None]
+    per_column = [map([*c.values, None, None].__getitem__, c.labels.tolist()) for c in (columns or {}).values()]
+    return dict(zip(hashes, zip(map(names.__getitem__, labels), *per_column, strict=True), strict=True))
 
 
 def label_changes(before: dict[str, tuple[str | None, ...]] | None, after: IndexContents) -> tuple[int, int]:
@@ -152,6 +161,8 @@ def label_changes(before: dict[str, tuple[str | None, ...]] | None, after: Index
     if before is None:
         return 0, 0
     now = labels_by_hash(after.content_hash, after.labels.tolist(), after.class_names, after.attributes)
-    removed = sum(1 for h in before if h not in now)
-    relabelled = sum(1 for h, lab in now.items() if h in before and before[h] != lab)
+    # Set operations on the dicts' views: C-level, not a Python step per row. A (key, labels)
+    # pair of ``now`` that ``before`` lacks is a new row or a relabelled one.
+    removed = len(before.keys() - now.keys())
+    relabelled = len(now.items() - before.items()) - len(now.keys() - before.keys())
     return removed, relabelled

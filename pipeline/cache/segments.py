@@ -98,9 +98,9 @@ def read_segment_info(path: Path) -> SegmentInfo:
         if f.attrs.get("kind") != SEGMENT_KIND:
             raise KeyError("not a headstart segment")
         attrs = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in f.attrs.items()}
-        hashes = [h.decode() for h in f["content_hash"][()]]
+        hashes = _decode(f["content_hash"])
         g = f["skipped"]
-        bad = dict(zip([h.decode() for h in g["content_hash"][()]], _decode(g["reason"]), strict=True))
+        bad = dict(zip(_decode(g["content_hash"]), _decode(g["reason"]), strict=True))
         return SegmentInfo(
             path.name,
             int(f["features"].shape[0]),

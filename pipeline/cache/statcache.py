@@ -62,14 +62,11 @@ def hash_files(
 
 def table(entries: Sequence[tuple[str, StatKey | None, str]], scan_ns: int) -> StatTable:
     """The index's stat cache from ``(rel, stat, content hash)`` of the files hashed this run."""
-    t = StatTable()
     racy = scan_ns - RACY_NS
-    for rel, key, h in entries:
-        if key is not None and key[1] < racy:
-            t.path.append(rel)
-            t.size.append(key[0])
-            t.mtime_ns.append(key[1])
-            t.inode.append(key[2])
-            t.device.append(key[3])
-            t.content_hash.append(h)
-    return t
+    kept = [e for e in entries if e[1] is not None and e[1][1] < racy]
+    if not kept:
+        return StatTable()
+    # Columns by transposing in C (zip), not six appends per file in Python.
+    paths, keys, hashes = zip(*kept, strict=True)
+    size, mtime_ns, inode, device = zip(*keys, strict=True)
+    return StatTable(list(paths), list(size), list(mtime_ns), list(inode), list(device), list(hashes))
