@@ -14,7 +14,8 @@ Per setting, the noisy labels are written as a manifest and applied to a copy of
 real `headstart audit` runs on it. From its ``oof.npz`` (the out-of-fold probabilities):
 
 * ours: the flagged set of ``label_issues.csv`` (checked to equal the library's answer on
-  ``oof.npz``) and its ranking;
+  ``oof.npz``), and the ranking by self-confidence (the order ``label_issues.csv`` lists its
+  photos in; it lists only the flagged ones);
 * cleanlab 2.x on the **same** probabilities: ``filter.find_label_issues`` (its default,
   ``prune_by_noise_rate``) for the flagged set, ``rank.get_label_quality_scores`` (its default,
   self-confidence) for the ranking; and its ``filter_by="low_self_confidence"`` (the rule ours
@@ -23,7 +24,8 @@ real `headstart audit` runs on it. From its ``oof.npz`` (the out-of-fold probabi
 Reported: precision and recall of the flipped photos among the top k of each ranking (k = the
 number flipped; precision = recall then), and precision, recall and F1 of each flagged set.
 Fashion-MNIST has label errors of its own, so some "false positives" are right: the top-ranked
-ones are listed for a reader to judge. Also: the variants (filters, and ranking by margin) that
+ones are listed for a reader to judge. ``--seeds`` also takes seeds the rule was not chosen on
+(it was chosen on 0, 1, 2). Also: the variants (filters, and ranking by margin) that
 the docstring of pipeline/probe/label_issues.py compares. Each setting is run with every seed of
 ``--seeds`` (a different draw of flipped photos; the photos stay the same); means are printed.
 
@@ -145,6 +147,7 @@ def run_setting(base: Path, work: Path, truth: dict[str, str], kind: str, rate: 
     assert all(names[g] == noisy[p] for g, p in zip(given, row_paths, strict=True))
 
     ours = find_label_issues(proba, given, scored=z["scored"])
+    by_score = np.argsort(-ours.score, kind="stable")  # the ranking the CSV's rows follow
     with open(work / "audit" / "label_issues.csv", encoding="utf-8") as f:
         listed = {row["path"] for row in csv.DictReader(f)}
     assert listed == {paths[int(z["row"][i])] for i in np.flatnonzero(ours.flagged)}  # the CSV is the library's answer
@@ -156,7 +159,7 @@ def run_setting(base: Path, work: Path, truth: dict[str, str], kind: str, rate: 
         "flipped": int(is_flipped.sum()),
         "oof_accuracy_vs_noisy": float((proba.argmax(1) == given).mean()),
         "audit_seconds": seconds,
-        "ours": scores(ours.order, ours.flagged, is_flipped),
+        "ours": scores(by_score, ours.flagged, is_flipped),
         "cleanlab": scores(cl_rank, cl_find(labels=given, pred_probs=proba), is_flipped),
         "cleanlab_low_self_confidence": scores(
             cl_rank, cl_find(labels=given, pred_probs=proba, filter_by="low_self_confidence"), is_flipped
@@ -164,10 +167,10 @@ def run_setting(base: Path, work: Path, truth: dict[str, str], kind: str, rate: 
         "ours_ranked_by_margin": scores(np.argsort(margin, kind="stable"), ours.flagged, is_flipped),
         "label_issues_csv": summary.counts["label_issues"],
     }
-    for variant in ("off_diagonal", "prune_by_noise_rate"):
+    for variant in ("self_confidence", "by_class", "off_diagonal", "prune_by_noise_rate"):
         v = find_label_issues(proba, given, scored=z["scored"], filter_by=variant)
         out[f"ours_{variant}"] = scores(v.order, v.flagged, is_flipped)
-    top_fp = [i for i in ours.order[: out["flipped"]] if not is_flipped[i]][:5]
+    top_fp = [i for i in by_score[: out["flipped"]] if not is_flipped[i]][:5]
     out["top_false_positives"] = [
         {
             "photo": Path(row_paths[i]).name,
@@ -184,6 +187,8 @@ METRICS = (
     "ours",
     "cleanlab",
     "cleanlab_low_self_confidence",
+    "ours_self_confidence",
+    "ours_by_class",
     "ours_off_diagonal",
     "ours_prune_by_noise_rate",
     "ours_ranked_by_margin",
@@ -223,10 +228,15 @@ def main() -> None:
             f"P@k ours {o['p_at_k']:.3f} cleanlab {c['p_at_k']:.3f} | F1 ours {o['f1']:.3f} (P {o['precision']:.3f} "
             f"R {o['recall']:.3f}, {o['flagged']:.0f} flagged), cleanlab {c['f1']:.3f} (P {c['precision']:.3f} "
             f"R {c['recall']:.3f}, {c['flagged']:.0f}), cleanlab low_self_confidence {cs['f1']:.3f} | F1 off_diagonal "
-            f"{m['ours_off_diagonal']['f1']:.3f}, prune_by_noise_rate {m['ours_prune_by_noise_rate']['f1']:.3f}; "
+            f"{m['ours_off_diagonal']['f1']:.3f}, self_confidence {m['ours_self_confidence']['f1']:.3f}, by_class "
+            f"{m['ours_by_class']['f1']:.3f}, prune_by_noise_rate {m['ours_prune_by_noise_rate']['f1']:.3f}; "
             f"P@k by margin {m['ours_ranked_by_margin']['p_at_k']:.3f} | oof accuracy {acc:.3f}, audit {secs:.1f} s",
             flush=True,
         )
+    wins = [r["ours"]["f1"] >= r["cleanlab"]["f1"] for r in results]
+    print(f"F1 ours >= cleanlab default in {sum(wins)} of {len(wins)} runs; per run (setting, ours, cleanlab):")
+    for r in results:
+        print(f"  {r['setting']:>15} {r['ours']['f1']:.3f} {r['cleanlab']['f1']:.3f}")
     (out / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
     for res in results[:: len(args.seeds.split(","))]:
         print(res["setting"], "top-ranked false positives (first seed):", res["top_false_positives"])

@@ -14,12 +14,14 @@ class, drawn at random from the pool; the rest of the pool is unlabelled. Each r
 After each round both labelled sets train the same head (logistic regression, C swept on a
 validation split as fit-head does) and are scored on the test photos. Mean over ``--seeds``.
 
-``--variants`` compares weightings of the pick offline, with the library functions on the cached
-features (no audit run, so ungrouped folds and the C of a plain sweep): ``margin*dist`` (what
-label_next.csv uses), ``entropy*dist``, ``dist`` (plain k-center), ``margin`` (uncertainty only)
-and ``random``.
+``--variants`` compares strategies offline, with the library functions on the cached features
+(no audit run, so ungrouped folds and the C of a plain sweep): ``wkmeans`` (what label_next.csv
+uses: uncertainty-weighted k-means over the 10 x budget most uncertain photos, Zhdanov 2019),
+``badge`` (k-means++ on the last layer's gradient embeddings, Ash et al. 2020), ``margin*dist``
+(uncertainty-weighted k-center, what label_next.csv used before), ``entropy*dist``, ``dist``
+(plain k-center), ``margin`` (uncertainty only) and ``random``; ``--only`` picks some.
 
-    python bench/audit_label_next.py [--rounds 5] [--round 50] [--seeds 0,1,2] [--variants]
+    python bench/audit_label_next.py [--rounds 5] [--round 50] [--seeds 0,1,2] [--variants [--only wkmeans,random]]
 """
 
 from __future__ import annotations
@@ -36,13 +38,13 @@ import numpy as np
 from pipeline.audit import audit
 from pipeline.cache.store import Cache
 from pipeline.config import AuditConfig
-from pipeline.probe import neighbours
+from pipeline.probe import label_next, neighbours
 from pipeline.probe.crossfit import cross_fit, grouped_folds
 from pipeline.probe.estimators import LogisticHead
 from pipeline.probe.selection import sweep_c
 from pipeline.probe.splits import grouped_split
 
-VARIANTS = ("margin*dist", "entropy*dist", "dist", "margin", "random")
+VARIANTS = ("badge", "wkmeans", "margin*dist", "entropy*dist", "dist", "margin", "random")
 
 
 def accuracy(X: np.ndarray, y: np.ndarray, Xt: np.ndarray, yt: np.ndarray) -> float:
@@ -83,6 +85,11 @@ def offline_pick(X: np.ndarray, U: np.ndarray, y: np.ndarray, labelled: list[int
     folds = grouped_folds(y[lab], np.arange(len(lab)), 5, 0)
     P = cross_fit(X[lab], y[lab], folds, lambda: LogisticHead(C=c), extra=X[free]).extra
     assert P is not None
+    if variant == "badge":
+        return free[label_next.badge(U[free], P, n, seed=len(labelled))[0]].tolist()
+    if variant == "wkmeans":
+        picks = label_next.weighted_kmeans(U[free], neighbours.margin_uncertainty(P), n, seed=len(labelled))[0]
+        return free[picks].tolist()
     if variant == "margin":
         return free[np.argsort(-neighbours.margin_uncertainty(P), kind="stable")[:n]].tolist()
     if variant == "entropy*dist":
@@ -102,13 +109,14 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--out", default="artifacts/bench/label_next")
     ap.add_argument("--variants", action="store_true", help="compare weightings offline (see the docstring)")
+    ap.add_argument("--only", default="", help="with --variants: a comma-separated subset")
     args = ap.parse_args()
     base = Path(args.base)
     with Cache(base) as c:
         X, y_all, names, paths = c.features(), c.labels, c.class_names, c.paths
         root = Path(str(c.attrs["image_root"]))
     U = neighbours.unit(X)
-    strategies = VARIANTS if args.variants else ("suggested", "random")
+    strategies = (tuple(args.only.split(",")) if args.only else VARIANTS) if args.variants else ("suggested", "random")
     curves: dict[str, list[list[float]]] = {s: [] for s in strategies}
     for seed in [int(s) for s in args.seeds.split(",")]:
         rng = np.random.default_rng(seed)

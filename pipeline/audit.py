@@ -9,8 +9,11 @@ Everything comes from the cached features; no photo is decoded again (thumbnails
    (:mod:`pipeline.probe.crossfit`).
 4. ``label_issues.csv`` (confident learning, :mod:`pipeline.probe.label_issues`),
    ``overlaps.csv`` (pairs photos move between out of fold, with a ``[rename]`` line),
-   ``duplicates.csv``, ``outliers.csv`` and ``label_next.csv`` (:mod:`pipeline.probe.neighbours`),
-   and ``report.html`` (:mod:`pipeline.artifacts.audit_report`, which says what each file holds).
+   ``duplicates.csv`` and ``outliers.csv`` (:mod:`pipeline.probe.neighbours`), ``label_next.csv``
+   (uncertainty-weighted k-means over the most uncertain unlabelled rows,
+   :func:`pipeline.probe.label_next.weighted_kmeans`; docs/benchmarks.md "Audit" compares it with
+   k-center, BADGE, margin alone and random), and ``report.html``
+   (:mod:`pipeline.artifacts.audit_report`, which says what each file holds).
 
 ``--apply FILE`` does none of that: it reads the rows of ``label_issues.csv`` a person kept and
 writes ``OUT/relabelled.csv``, a manifest for ``headstart extract`` with their new labels.
@@ -39,7 +42,7 @@ from .cache.store import Cache, require_finite
 from .config import AuditConfig, FitHeadConfig, save_resolved
 from .data.labels import LabelMap, apply_label_map
 from .errors import CacheError, InputError
-from .probe import neighbours
+from .probe import label_next, neighbours
 from .probe.crossfit import cross_fit, grouped_folds
 from .probe.kinds import head_kind
 from .probe.label_issues import find_label_issues, overlapping_pairs
@@ -241,9 +244,9 @@ def audit(cfg: AuditConfig) -> AuditSummary:
     dup_clusters = neighbours.clusters(len(U), dup_pairs)
     geometry = neighbours.class_geometry(U, lab, y, len(names))
     out_score, out_nearest = neighbours.outlier_scores(U, geometry)
-    picks, gains = neighbours.label_next(
-        U[pool], neighbours.margin_uncertainty(cf.extra) if cf.extra is not None else np.ones(0),
-        U, lab, cfg.budget if len(pool) else 0, seed=cfg.seed, progress=_bar(cfg, "label next"),
+    picks, gains = label_next.weighted_kmeans(
+        U[pool], label_next.margin_uncertainty(cf.extra) if cf.extra is not None else np.ones(0),
+        cfg.budget if len(pool) else 0, seed=cfg.seed, progress=_bar(cfg, "label next"),
     )  # fmt: skip
 
     label_of = np.full(len(U), -1, np.int64)

@@ -296,6 +296,33 @@ def test_confident_learning_on_known_probabilities():
     assert np.flatnonzero(pbnr.flagged).tolist() == [5]
 
 
+def test_the_class_cut_keeps_a_hard_class_from_taking_another_class_s_flag():
+    # Class 0 is hard: its honest photo 5 has p0 0.3 and no confident class. Photo 11, given 1, is
+    # confidently 0: the confident joint counts one error, in class 1. The global cut alone spends
+    # it on photo 5 (lower self-confidence); the class cut gives class 0 none and class 1 one.
+    proba = np.array([[0.55, 0.45]] * 5 + [[0.3, 0.7]] + [[0.1, 0.9]] * 5 + [[0.6, 0.4]])
+    y = np.array([0] * 6 + [1] * 6)
+    assert np.flatnonzero(find_label_issues(proba, y, filter_by="self_confidence").flagged).tolist() == [5]
+    assert np.flatnonzero(find_label_issues(proba, y, filter_by="by_class").flagged).tolist() == [11]
+    both = find_label_issues(proba, y)  # the default: flagged only where both cuts agree
+    assert not both.flagged.any() and both.order[0] == 5  # still ranked, by self-confidence
+
+
+def test_label_next_takes_one_photo_per_uncertain_group_and_none_the_head_is_sure_of():
+    from pipeline.probe.label_next import weighted_kmeans
+
+    rng = np.random.default_rng(0)
+    centres = unit(rng.normal(size=(3, 64)))
+    groups = np.repeat(np.arange(3), [40, 25, 60])  # group 2, the largest, the head is sure of
+    U = unit(centres[groups] + 0.05 * rng.normal(size=(len(groups), 64)))
+    uncertainty = np.where(groups == 2, 0.02, 0.9) + 0.01 * rng.random(len(groups))
+    picks, mass = weighted_kmeans(U, uncertainty, 2, seed=0, beta=40)
+    assert sorted(groups[picks].tolist()) == [0, 1]  # one each, and the sure group none
+    assert groups[picks[0]] == 0 and mass[0] > mass[1]  # the group that holds more uncertainty first
+    again, _ = weighted_kmeans(U, uncertainty, 2, seed=0, beta=40)
+    assert again.tolist() == picks.tolist()
+
+
 def test_folds_keep_near_duplicate_groups_whole_and_every_class_in_two_folds():
     y = np.repeat(np.arange(3), 20)
     groups = np.arange(60)

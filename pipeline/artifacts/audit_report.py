@@ -16,7 +16,8 @@ previous report whole; other files a user put there are carried over):
 * ``outliers.csv`` - ``rank, path, label, nearest_class, score``: photos further from every
   class than the threshold (robust z-score), furthest first;
 * ``label_next.csv`` - ``rank, path, predicted, uncertainty, gain``: unlabelled photos to label
-  next, in pick order;
+  next, one per cluster of uncertain photos; ``gain`` is the summed uncertainty of the cluster the
+  photo stands for, largest first;
 * ``oof.npz`` - the out-of-fold probabilities for scripts: ``row`` (cache row), ``given``
   (class index), ``scored`` (False: a class of one photo), ``proba`` ``[N, K]`` float32 and
   ``class_names`` (read with ``np.load(..., allow_pickle=False)``);
@@ -45,7 +46,7 @@ from ..core.atomic import replace_dir, stage_dir
 from ..core.csvcells import safe_cell
 from ..errors import InputError
 from ..probe.label_issues import LabelIssues
-from ..probe.neighbours import margin_uncertainty
+from ..probe.label_next import margin_uncertainty
 from .report import save_thumbnail
 
 AUDIT_FILES = (

@@ -29,7 +29,9 @@ same placeholder image are each other's nearest neighbour but still far from eve
 A photo that is mislabelled, not foreign, is close to its true class and so not an outlier: it
 is a label issue.
 
-**Label next** (:func:`label_next`): uncertainty-weighted k-center greedy. Each pick is the
+**Label next, k-center** (:func:`label_next`): uncertainty-weighted k-center greedy, what
+``label_next.csv`` used before :func:`pipeline.probe.label_next.weighted_kmeans` (kept for
+``bench/audit_label_next.py --variants``, which measured the two). Each pick is the
 unlabelled row maximising ``uncertainty x distance to the nearest labelled or already picked
 row``: uncertain photos first, but never two of the same kind, because a pick makes its
 neighbours close to a labelled row. Uncertainty is ``1 - (p1 - p2)`` (one minus the margin of
@@ -46,6 +48,7 @@ from dataclasses import dataclass
 import numpy as np
 from threadpoolctl import threadpool_limits
 
+from .label_next import margin_uncertainty as margin_uncertainty  # re-exported
 from .splits import _union_find
 
 BLOCK = 2048
@@ -203,11 +206,6 @@ def outlier_scores(U: np.ndarray, geometry: ClassGeometry) -> tuple[np.ndarray, 
 
 
 # --------------------------------------------------------------------------- label next
-
-
-def margin_uncertainty(proba: np.ndarray) -> np.ndarray:
-    top2 = -np.sort(-proba, axis=1)[:, :2]
-    return 1.0 - (top2[:, 0] - (top2[:, 1] if proba.shape[1] > 1 else 0.0))
 
 
 def label_next(

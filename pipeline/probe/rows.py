@@ -53,9 +53,31 @@ def standardisation(X: RowSource | np.ndarray, chunk_rows: int = CHUNK_ROWS) -> 
     return mean.astype(np.float32), (np.sqrt(var) + 1e-6).astype(np.float32)
 
 
+_limited = 0  # depth of the one-thread limits in force
+
+
+@contextlib.contextmanager
+def _one_blas_thread() -> Iterator[None]:
+    global _limited
+    if _limited:  # an outer limit holds already: threadpoolctl would re-scan every loaded library
+        _limited += 1  # for nothing (a few ms each time; fit-head nests three inside its own)
+        try:
+            yield
+        finally:
+            _limited -= 1
+        return
+    with threadpool_limits(limits=1):
+        _limited += 1
+        try:
+            yield
+        finally:
+            _limited -= 1
+
+
 def blas_threads_for(n_values: int) -> contextlib.AbstractContextManager[Any]:
-    """One BLAS thread for problems of up to SINGLE_THREAD_VALUES values, else no limit."""
-    return threadpool_limits(limits=1) if n_values <= SINGLE_THREAD_VALUES else contextlib.nullcontext()
+    """One BLAS thread for problems of up to SINGLE_THREAD_VALUES values, else no limit. Nested
+    inside another such limit it costs nothing (the outer one is still in force)."""
+    return _one_blas_thread() if n_values <= SINGLE_THREAD_VALUES else contextlib.nullcontext()
 
 
 @contextlib.contextmanager
