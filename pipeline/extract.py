@@ -17,17 +17,14 @@ segments straight into the cache's folder, so no feature byte passes through ran
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import datetime as _dt
-import gc
 import json
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import PIL
 import torch
@@ -36,7 +33,7 @@ from tqdm.auto import tqdm
 from . import __version__
 from .cache import compact, statcache
 from .cache.index import IndexContents, commit, migrate_v1
-from .cache.scan import Scan, index_contents, label_changes, labels_by_hash
+from .cache.scan import PreviousIndex, Scan, index_contents, label_changes, previous_index
 from .cache.segments import (
     DEFAULT_SEGMENT_ROWS,
     SegmentInfo,
@@ -113,36 +110,6 @@ class _Run:
     t0: float
 
 
-@dataclass
-class _Old:
-    """What the committed index says, without any feature bytes."""
-
-    attrs: dict[str, Any]
-    location: dict[str, tuple[str, int]]  # content hash -> (segment, row)
-    segment_rows: dict[str, int]  # the index's segments, in its order
-    dtype: str
-    stat: dict[str, tuple[int, int, int, int, str]]  # rel path -> size, mtime_ns, inode, device, hash
-    rejected: dict[str, tuple[str, str]]  # content hash -> (reason, limits): known not to decode
-    label_of: dict[str, tuple[str | None, ...]]  # content hash -> its labels (for the relabelled count)
-
-
-@contextlib.contextmanager
-def _no_cyclic_gc() -> Iterator[None]:
-    """Python's cyclic garbage collector off for the block: for the per-file bookkeeping (the
-    folder walk, the stat scan, the index read, assembled and committed). Those phases make a
-    few objects per file, none of them in a cycle, and every full collection walks every live
-    container, torch's included: in an unchanged re-run of 20,000 files the collector took a
-    third of the time. Not around the backbone, which runs for hours on a large catalog:
-    whatever cycles it leaves are collected as usual."""
-    was = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was:
-            gc.enable()
-
-
 def extract(cfg: ExtractConfig) -> ExtractSummary:
     """Extract (or update) the cache ``cfg.out``. Under ``torchrun`` every rank runs this; the
     ranks split the new photos between them and rank 0 writes the cache (``distributed.py``)."""
@@ -166,7 +133,7 @@ def _start(cfg: ExtractConfig) -> _Run:
         raise InputError(f"--decode must be cpu or gpu, not {cfg.decode!r}")
     if cfg.decode == "gpu":
         require_cuda(device)  # before hashing thousands of files, not after
-    with _no_cyclic_gc():
+    with runtime.no_cyclic_gc():
         catalog = discover(cfg.images)
     loaded = load_backbone(spec, cfg.weights_file)
     fp = loaded.fingerprint(precision)
@@ -200,9 +167,9 @@ def _lead(run: _Run, others: bool) -> ExtractSummary:
     with writer_lock(out):
         error: HeadstartError | None = None
         set_aside: list[tuple[str, str]] = []
-        old: _Old | None = None
+        old: PreviousIndex | None = None
         try:
-            with _no_cyclic_gc():
+            with runtime.no_cyclic_gc():
                 set_aside, old = _prepare(cfg, out, run.fp)
         except HeadstartError as e:
             error = e
@@ -211,7 +178,7 @@ def _lead(run: _Run, others: bool) -> ExtractSummary:
         if others:
             dist.barrier()  # every rank's segments are in place now
             _take(run, share, old)
-        with _no_cyclic_gc():
+        with runtime.no_cyclic_gc():
             contents = _assemble(run, share, old)
             commit(out, contents)
             # Over 25 % dead rows, or too fragmented: reclaim them (compact.py); the figures come
@@ -247,7 +214,7 @@ def _follow(run: _Run) -> ExtractSummary:
     run = dataclasses.replace(run, cfg=dataclasses.replace(run.cfg, progress=False))  # one set of bars, rank 0's
     dist, out = run.dist, run.out
     dist.agree(None)  # rank 0's _prepare: a refused cache stops every rank here
-    with _no_cyclic_gc():
+    with runtime.no_cyclic_gc():
         old = _read_old(run.cfg, out)
     share = _extract_share(run, old)
     dist.barrier()  # rank 0 writes the index only after this
@@ -262,12 +229,12 @@ def _follow(run: _Run) -> ExtractSummary:
     )
 
 
-def _cache_dtype(cfg: ExtractConfig, old: _Old | None) -> str:
+def _cache_dtype(cfg: ExtractConfig, old: PreviousIndex | None) -> str:
     """A cache keeps the dtype it was created with (its segments must agree)."""
     return old.dtype if old is not None else cfg.dtype
 
 
-def _scan(run: _Run, old: _Old | None) -> Scan:
+def _scan(run: _Run, old: PreviousIndex | None) -> Scan:
     """Stat (hash where needed) this process's slice of the files, learn the rest from the
     other ranks, reuse rows the index or finished segments hold, and list the new content."""
     catalog = run.catalog
@@ -300,11 +267,11 @@ def _scan(run: _Run, old: _Old | None) -> Scan:
     return share
 
 
-def _extract_share(run: _Run, old: _Old | None) -> Scan:
+def _extract_share(run: _Run, old: PreviousIndex | None) -> Scan:
     """The work every process does: adopt finished segments a killed run left, stat (hash where
     needed) its slice of the files and learn the rest from the other ranks, run the backbone on
     the new content this process owns and write those rows as segments."""
-    with _no_cyclic_gc():  # the scan; the backbone below runs with the collector on
+    with runtime.no_cyclic_gc():  # the scan; the backbone below runs with the collector on
         share = _scan(run, old)
     if share.mine:
         dtype = _cache_dtype(run.cfg, old)
@@ -319,7 +286,7 @@ def _extract_share(run: _Run, old: _Old | None) -> Scan:
     return share
 
 
-def _take(run: _Run, share: Scan, old: _Old | None, segments: list[SegmentInfo] | None = None) -> None:
+def _take(run: _Run, share: Scan, old: PreviousIndex | None, segments: list[SegmentInfo] | None = None) -> None:
     """Rows and skips of segments outside the index that this run may use (``adopt``); by
     default (rank 0, after the barrier) those the other ranks wrote."""
     if segments is None:
@@ -328,7 +295,7 @@ def _take(run: _Run, share: Scan, old: _Old | None, segments: list[SegmentInfo] 
     share.segment_rows.update(adopt(segments, run.fp, dtype, dim, share.by_hash, share.location, share.bad, run.limits))
 
 
-def _prepare(cfg: ExtractConfig, out: Path, fp: Fingerprint) -> tuple[list[tuple[str, str]], _Old | None]:
+def _prepare(cfg: ExtractConfig, out: Path, fp: Fingerprint) -> tuple[list[tuple[str, str]], PreviousIndex | None]:
     """Under the writer lock, before any rank writes: clean up after killed writers, set
     damaged segment files aside, refuse a cache of another configuration, convert a schema-v1
     cache (start over on --rebuild). Returns the segments set aside, with why, and what the
@@ -339,34 +306,19 @@ def _prepare(cfg: ExtractConfig, out: Path, fp: Fingerprint) -> tuple[list[tuple
     with Cache(out) as c:
         _check_fingerprint(out, c.fingerprint, fp)
         version, indexed = c.schema_version, set(c.segments)
-        old = _old_of(out, c) if version >= 2 else None
+        old = previous_index(out, c) if version >= 2 else None
     if version == 1:
         migrate_v1(out)
         old = _read_old(cfg, out)
     return set_aside_damaged(out, indexed), old
 
 
-def _read_old(cfg: ExtractConfig, out: Path) -> _Old | None:
+def _read_old(cfg: ExtractConfig, out: Path) -> PreviousIndex | None:
     """The committed index, if it is to be reused: keys, row locations and the stat cache."""
     if cfg.rebuild or not out.exists():
         return None
     with Cache(out) as c:
-        return _old_of(out, c)
-
-
-def _old_of(out: Path, c: Cache) -> _Old:
-    if c.schema_version < 2:
-        raise CacheError(f"{out} is still in schema v{c.schema_version}; run extract again to convert it")
-    hashes = c.content_hash  # decoded once: every file's key, used twice below
-    return _Old(
-        attrs=c.attrs,
-        location=dict(zip(hashes, c.locations, strict=True)),
-        segment_rows=c.segment_rows,
-        dtype=c.dtype,
-        stat=c.stat_table().lookup(),
-        rejected=c.rejected,
-        label_of=labels_by_hash(hashes, c.labels.tolist(), c.class_names, c.attributes()),
-    )
+        return previous_index(out, c)
 
 
 def _check_fingerprint(out: Path, have: Fingerprint, want: Fingerprint) -> None:
@@ -435,7 +387,7 @@ def _run_backbone(
         bar.close()
 
 
-def _assemble(run: _Run, share: Scan, old: _Old | None) -> IndexContents:
+def _assemble(run: _Run, share: Scan, old: PreviousIndex | None) -> IndexContents:
     """The next index: this scan's rows, labels and paths, with the run's provenance."""
     now = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
     attrs: dict[str, object] = dict(run.fp.to_record())

@@ -10,15 +10,18 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ..data.attributes import looks_multi_label
+from ..errors import CacheError
 from . import statcache
 from .h5io import CONFLICT, Column
 from .index import IndexContents
 from .statcache import StatKey
+from .store import Cache
 
 
 @dataclass
@@ -166,3 +169,33 @@ def label_changes(before: dict[str, tuple[str | None, ...]] | None, after: Index
     removed = len(before.keys() - now.keys())
     relabelled = len(now.items() - before.items()) - len(now.keys() - before.keys())
     return removed, relabelled
+
+
+@dataclass
+class PreviousIndex:
+    """What the committed index says that the next run needs, without any feature bytes."""
+
+    attrs: dict[str, Any]
+    location: dict[str, tuple[str, int]]  # content hash -> (segment, row)
+    segment_rows: dict[str, int]  # the index's segments, in its order
+    dtype: str
+    stat: dict[str, tuple[int, int, int, int, str]]  # rel path -> size, mtime_ns, inode, device, hash
+    rejected: dict[str, tuple[str, str]]  # content hash -> (reason, limits): known not to decode
+    label_of: dict[str, tuple[str | None, ...]]  # content hash -> its labels (for the relabelled count)
+
+
+def previous_index(out: Path, c: Cache) -> PreviousIndex:
+    """The index ``c`` (at ``out``) as :class:`PreviousIndex`; a schema-v1 cache is an error
+    (extract converts it first)."""
+    if c.schema_version < 2:
+        raise CacheError(f"{out} is still in schema v{c.schema_version}; run extract again to convert it")
+    hashes = c.content_hash  # decoded once: every file's key, used twice below
+    return PreviousIndex(
+        attrs=c.attrs,
+        location=dict(zip(hashes, c.locations, strict=True)),
+        segment_rows=c.segment_rows,
+        dtype=c.dtype,
+        stat=c.stat_table().lookup(),
+        rejected=c.rejected,
+        label_of=labels_by_hash(hashes, c.labels.tolist(), c.class_names, c.attributes()),
+    )
