@@ -29,8 +29,9 @@ def extract(**kw: Any) -> None:
     """Run the backbone once over IMAGES and cache the features in HDF5.
 
     IMAGES is a folder of class folders (images/lipstick/*.jpg), a folder of unlabelled
-    images, or a CSV manifest with columns path,label. Re-running on a grown folder extracts
-    only the new photos; an interrupted run resumes where it stopped.
+    images, or a CSV manifest with columns path,label (or one column per attribute:
+    path,category,finish,tags; ';' separates the labels of a multi-label cell). Re-running on
+    a grown folder extracts only the new photos; an interrupted run resumes where it stopped.
     """
     from ..extract import extract as run
 
@@ -56,7 +57,8 @@ def extract(**kw: Any) -> None:
     "zeroshot (from the class prompts of --classes; CLIP/SigLIP backbones, no photo needed).",
 )
 def fit_head(**kw: Any) -> None:
-    """Train a classification head on a feature cache, in seconds."""
+    """Train a classification head on a feature cache, in seconds: one per attribute of a
+    manifest (multi-label ones one-vs-rest, with a threshold per label)."""
     from ..fit_head import fit_head as run
 
     click.echo(run(FitHeadConfig(**kw)).line())
