@@ -51,11 +51,13 @@ def _cfg(images: Path, out: Path, **kw) -> ExtractConfig:
     return ExtractConfig(images=str(images), out=str(out), **base)
 
 
-def _cli(images: Path, out: Path, env: dict[str, str] | None = None, **kw) -> subprocess.CompletedProcess[str]:
+def _cli(
+    images: Path, out: Path, env: dict[str, str] | None = None, args: tuple[str, ...] = (), **kw
+) -> subprocess.CompletedProcess[str]:
     # Commit every 8 rows and never by time, so a loaded machine cannot change where batches end.
     full_env = {**os.environ, "HEADSTART_COMMIT_ROWS": "8", "HEADSTART_COMMIT_SECONDS": "3600", **(env or {})}
     return subprocess.run(
-        [sys.executable, "-m", "pipeline", "extract", str(images), "--out", str(out), *OPTS],
+        [sys.executable, "-m", "pipeline", "extract", str(images), "--out", str(out), *OPTS, *args],
         capture_output=True,
         text=True,
         env=full_env,
@@ -149,14 +151,15 @@ def test_kill_9_at_more_points(reference, tmp_path, point):
 
 @pytest.mark.slow
 def test_kill_9_while_removing_unused_segments(reference, tmp_path):
-    """A re-run tries the broken file again; its skip-only segment is unused by the new index
+    """A re-run under other decode limits tries the broken file again (an unchanged broken file
+    is otherwise remembered, not decoded again); its skip-only segment is unused by the new index
     and removed after it. A kill right there leaves a valid cache; the next run cleans up."""
     root, want = reference
     images = tmp_path / "images"
     shutil.copytree(root, images, symlinks=True)
     out = tmp_path / "f.h5"
     extract(_cfg(images, out))
-    r = _cli(images, out, env={"HEADSTART_CRASH_AT": "segments-removing"})
+    r = _cli(images, out, env={"HEADSTART_CRASH_AT": "segments-removing"}, args=("--max-pixels", "50000000"))
     assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
     _assert_same(_snapshot(out), want)  # the new index is in place and sound
     extract(_cfg(images, out))
