@@ -51,6 +51,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import tomllib
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -240,6 +241,19 @@ def apply_label_map(label_map: LabelMap | None, category_names: list[str], label
         for new, old in enumerate(present):
             lut[old] = new
         return Mapped(lut[labels], names, list(range(len(names))), [])
+    _check_drop(label_map, category_names)
+    targets = {i: label_map.target(category_names[i]) for i in present}
+    names, ids, absent = _output_classes(label_map, targets.values())
+    index = {n: j for j, n in enumerate(names)}
+    lut = np.full(len(category_names) + 1, -1, np.int64)  # lut[-1] = -1 keeps unlabelled rows
+    for i, t in targets.items():
+        if t is not None:
+            lut[i] = index[t]
+    return Mapped(lut[labels], names, ids, absent)
+
+
+def _check_drop(label_map: LabelMap, category_names: list[str]) -> None:
+    """Every ``drop`` entry names one of ``category_names``: a typo would drop nothing."""
     unknown = sorted(label_map.drop - set(category_names))
     if unknown:
         close = difflib.get_close_matches(unknown[0], category_names, n=1)
@@ -249,16 +263,14 @@ def apply_label_map(label_map: LabelMap | None, category_names: list[str], label
             + (f" (did you mean {close[0]!r}?)" if close else "")
             + f"; the categories are: {', '.join(category_names[:20])}{', ...' if len(category_names) > 20 else ''}"
         )
-    targets = {i: label_map.target(category_names[i]) for i in present}
-    used = {t for t in targets.values() if t is not None}
+
+
+def _output_classes(label_map: LabelMap, targets: Iterable[str | None]) -> tuple[list[str], list[int], list[str]]:
+    """(the output classes the targets use, in id order; their ids; the map's classes unused)."""
+    used = {t for t in targets if t is not None}
     names = sorted(used, key=lambda n: label_map.classes[n])
-    index = {n: j for j, n in enumerate(names)}
-    lut = np.full(len(category_names) + 1, -1, np.int64)  # lut[-1] = -1 keeps unlabelled rows
-    for i, t in targets.items():
-        if t is not None:
-            lut[i] = index[t]
     absent = sorted(set(label_map.classes) - used, key=lambda n: label_map.classes[n])
-    return Mapped(lut[labels], names, [label_map.classes[n] for n in names], absent)
+    return names, [label_map.classes[n] for n in names], absent
 
 
 @dataclass(frozen=True)
@@ -289,12 +301,9 @@ def apply_multi_label(label_map: LabelMap | None, values: list[str], cells: np.n
         target: dict[str, str | None] = {n: n for n in present}
         absent: list[str] = []
     else:
-        apply_label_map(label_map, present, np.zeros(0, np.int64))  # the same checks of drop = [...]
+        _check_drop(label_map, present)
         target = {n: label_map.target(n) for n in present}
-        used = {t for t in target.values() if t is not None}
-        names = sorted(used, key=lambda n: label_map.classes[n])
-        ids = [label_map.classes[n] for n in names]
-        absent = sorted(set(label_map.classes) - used, key=lambda n: label_map.classes[n])
+        names, ids, absent = _output_classes(label_map, target.values())
     index = {n: j for j, n in enumerate(names)}
     per_value = np.zeros((len(values) + 1, len(names)), np.uint8)  # the last row: the empty cell
     for v, labs in enumerate(parts):
