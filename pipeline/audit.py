@@ -114,14 +114,9 @@ def _column(cache: Cache, attribute: str | None, label_map: LabelMap | None) -> 
     confident-learning rule ranks one given class per photo against the others)."""
     from .data.attributes import looks_multi_label
 
-    name = attribute or cache.label_column or "label"
-    if attribute is None or attribute == (cache.label_column or "label"):
-        values, labels = cache.class_names, cache.labels
-    elif attribute in cache.attribute_names:
-        col = cache.attribute(attribute)
-        values, labels = col.values, col.labels
-    else:
-        raise InputError(f"{cache.path} has no column {attribute!r}; its attributes: {cache.attribute_names}")
+    name = attribute or cache.label_column
+    col = cache.column(name)
+    values, labels = col.values, col.labels
     if looks_multi_label(values) or (label_map is not None and label_map.multi_label):
         raise InputError(
             f"{name!r} is a multi-label attribute; audit finds label issues of single-label ones "

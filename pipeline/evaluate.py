@@ -181,12 +181,8 @@ def _from_cache(scorer: Scorer, path: Path) -> Rows:
                 f"  {scorer.path} expects {want.backbone} (weights {want.weights_sha256[:12]}) with its preprocessing\n"
                 f"evaluate on the image folder, or extract it with --backbone {want.backbone}"
             )
-        labels, names = c.labels, c.class_names
-        if scorer.attribute is not None and scorer.attribute != (c.label_column or "label"):
-            if scorer.attribute not in c.attribute_names:
-                raise InputError(f"{path} has no column {scorer.attribute!r}; its attributes: {c.attribute_names}")
-            col = c.attribute(scorer.attribute)
-            labels, names = col.labels, col.values
+        col = c.column(scorer.attribute)
+        labels, names = col.labels, col.values
         # multi-label: every row (an empty cell is a photo with none of the labels)
         rows = np.flatnonzero(labels >= -1) if scorer.multi_label else np.flatnonzero(labels >= 0)
         cats: list[str | None] = [names[int(v)] if v >= 0 else "" for v in labels[rows]]

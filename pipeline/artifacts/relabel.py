@@ -48,17 +48,13 @@ def apply_accepted(
     if rows and ("path" not in columns or not {"suggested", "label"} & set(columns)):
         raise InputError(f"{accepted} needs a 'path' column and a 'suggested' or 'label' column; found {list(columns)}")
     with Cache(cache_path) as cache:
-        main = cache.label_column or "label"
-        columns = {main: (cache.class_names, cache.labels)}
-        columns.update({n: (col.values, col.labels) for n, col in cache.attributes().items()})
+        columns = cache.columns()
+        target_column = attribute or cache.label_column
+        given = columns.get(target_column) or cache.column(target_column)  # the latter: its error
         paths = cache.paths
         row_of_hash = {h: i for i, h in enumerate(cache.content_hash)}
         duplicates = cache.duplicates
         root = Path(str(cache.attrs.get("image_root", "")))
-    target_column = attribute or main
-    if target_column not in columns:
-        raise InputError(f"{cache_path} has no column {target_column!r}; its columns: {', '.join(columns)}")
-    names, labels = columns[target_column]
     row_of = {p: i for i, p in enumerate(paths)}
     new: dict[int, str] = {}
     unknown = []
@@ -81,8 +77,8 @@ def apply_accepted(
 
     def cells_of(row: int) -> list[str]:
         cells = []
-        for name, (values, ids) in columns.items():
-            old = values[int(ids[row])] if ids[row] >= 0 else ""
+        for name, col in columns.items():
+            old = col.values[int(col.labels[row])] if col.labels[row] >= 0 else ""
             cells.append(new.get(row) or old if name == target_column else old)
         return cells
 
@@ -96,5 +92,5 @@ def apply_accepted(
     target = out / "relabelled.csv"
     with atomic_file(target) as fh:
         fh.write(buf.getvalue().encode("utf-8"))
-    changed = sum(1 for i, lab in new.items() if labels[i] < 0 or names[int(labels[i])] != lab)
+    changed = sum(1 for i, lab in new.items() if given.labels[i] < 0 or given.values[int(given.labels[i])] != lab)
     return target, {"relabelled": changed, "rows": len(listed)}

@@ -51,7 +51,7 @@ def info(path: str | os.PathLike[str]) -> dict[str, Any]:
             "size_bytes": path.stat().st_size + sum((segment_dir(path) / s).stat().st_size for s in c.segments),
             "segments": len(c.segments),
             "dead_rows": sum(c.segment_rows.values()) - c.n_rows if c.segments else 0,
-            "label_column": c.label_column,
+            "label_column": str(c.attrs.get("label_column") or ""),  # "" for class folders
             "attributes": {name: _column_summary(c.attribute(name)) for name in c.attribute_names},
         }
         indexed = set(c.segments)

@@ -70,7 +70,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from ..errors import BackboneError, CacheError
+from ..errors import BackboneError, CacheError, InputError
 from ..models.fingerprint import Fingerprint
 from . import validation
 from .h5io import CONFLICT, SCHEMA_VERSION, Column, StatTable, _decode, crash_point, segment_dir
@@ -210,8 +210,9 @@ class Cache:
 
     @property
     def label_column(self) -> str:
-        """The manifest column ``/labels`` holds ("" for class folders and older caches)."""
-        return str(self._f.attrs.get("label_column", ""))
+        """The name of the column ``/labels`` holds: the manifest's, or ``label`` for class
+        folders and caches from before attributes."""
+        return str(self._f.attrs.get("label_column") or "label")
 
     @property
     def attribute_names(self) -> list[str]:
@@ -228,6 +229,23 @@ class Cache:
         labels = np.asarray(g["labels"][()], dtype=np.int64)
         validation.check_labels(self.path, labels, int(g["class_names"].shape[0]), f"/attributes/{name}", CONFLICT)
         return Column(labels, _decode(g["class_names"]))
+
+    def columns(self) -> dict[str, Column]:
+        """Every label column by name: :attr:`label_column` (``/labels``) first, then the
+        attributes in the manifest's order. What fit-head, audit, evaluate and ``audit --apply``
+        choose a column from."""
+        return {self.label_column: Column(self.labels, self.class_names), **self.attributes()}
+
+    def column(self, name: str | None = None) -> Column:
+        """The label column ``name`` (None: :attr:`label_column`); an ``InputError`` naming the
+        columns there are when the cache has none of that name (``--attribute`` is a user's)."""
+        name = self.label_column if name is None else name
+        if name == self.label_column:
+            return Column(self.labels, self.class_names)
+        if name in self.attribute_names:
+            return self.attribute(name)
+        names = ", ".join([self.label_column, *self.attribute_names])
+        raise InputError(f"{self.path} has no column {name!r}; its columns are: {names}")
 
     def attributes(self) -> dict[str, Column]:
         return {name: self.attribute(name) for name in self.attribute_names}

@@ -80,8 +80,5 @@ def fit_head(cfg: FitHeadConfig) -> FitSummary:
 
 def attribute_targets(cache: Cache, label_maps: list[LabelMap], wanted: tuple[str, ...] = ()) -> list[Target]:
     """The attributes of ``cache`` to fit, through their label maps (data/attributes.py)."""
-    label_column = cache.label_column or "label"
-    columns = {label_column: (cache.class_names, cache.labels)}
-    for name, col in cache.attributes().items():
-        columns[name] = (col.values, col.labels)
-    return resolve_targets(label_column, columns, label_maps, wanted)
+    columns = {name: (col.values, col.labels) for name, col in cache.columns().items()}
+    return resolve_targets(cache.label_column, columns, label_maps, wanted)
