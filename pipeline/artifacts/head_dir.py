@@ -158,18 +158,18 @@ def write_head(
     if out.exists() and not (out.is_dir() and (not any(out.iterdir()) or (out / "head.json").is_file())):
         raise InputError(f"{given} exists and is not a headstart head directory; choose another --out")
     attributes = attributes or []
+    folders = [f"{ATTRIBUTES_DIR}/{d}" for d in attribute_dir_names([a.name for a in attributes])]
     meta = dict(meta)
     if attributes:
-        dirs = attribute_dir_names([a.name for a in attributes])
         meta["attributes"] = [
-            {"name": a.name, "dir": f"{ATTRIBUTES_DIR}/{d}", "multi_label": bool(a.meta.get("multi_label"))}
-            for a, d in zip(attributes, dirs, strict=True)
+            {"name": a.name, "dir": folder, "multi_label": bool(a.meta.get("multi_label"))}
+            for a, folder in zip(attributes, folders, strict=True)
         ]
     stage = stage_dir(out)
     try:
         _write_head_files(stage, estimator, kind, meta, split)
-        for a, entry in zip(attributes, meta.get("attributes", []), strict=False):
-            sub = stage / entry["dir"]
+        for a, folder in zip(attributes, folders, strict=True):
+            sub = stage / folder
             sub.mkdir(parents=True)
             _write_head_files(sub, a.estimator, a.kind, {**a.meta, "attribute": a.name}, a.split)
         if write_config is not None:
