@@ -88,14 +88,14 @@ def offline_pick(X: np.ndarray, U: np.ndarray, y: np.ndarray, labelled: list[int
     if variant == "badge":
         return free[label_next.badge(U[free], P, n, seed=len(labelled))[0]].tolist()
     if variant == "wkmeans":
-        picks = label_next.weighted_kmeans(U[free], neighbours.margin_uncertainty(P), n, seed=len(labelled))[0]
+        picks = label_next.weighted_kmeans(U[free], label_next.margin_uncertainty(P), n, seed=len(labelled))[0]
         return free[picks].tolist()
     if variant == "margin":
-        return free[np.argsort(-neighbours.margin_uncertainty(P), kind="stable")[:n]].tolist()
+        return free[np.argsort(-label_next.margin_uncertainty(P), kind="stable")[:n]].tolist()
     if variant == "entropy*dist":
         weight = -(P * np.log(P + 1e-12)).sum(1) / np.log(P.shape[1])
     else:
-        weight = neighbours.margin_uncertainty(P) if variant == "margin*dist" else np.ones(len(free))
+        weight = label_next.margin_uncertainty(P) if variant == "margin*dist" else np.ones(len(free))
     picks, _ = neighbours.label_next(U[free], weight, U, lab, n)
     return free[picks].tolist()
 

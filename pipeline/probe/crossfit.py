@@ -16,7 +16,7 @@ uniform photography, the random ``tiny`` backbone) is split ignoring its groups 
 **The head** is the one fit-head would fit: the same kind, options and C (the stage chooses C
 once with :func:`.selection.sweep_c` on fit-head's validation split, or takes them from a
 fitted head). The ``k`` fold heads also score photos outside the folds (the cache's unlabelled
-rows): their mean probability, for :func:`.neighbours.label_next`.
+rows): their mean probability, for :func:`.label_next.weighted_kmeans` (what to label next).
 """
 
 from __future__ import annotations

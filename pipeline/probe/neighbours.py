@@ -48,7 +48,6 @@ from dataclasses import dataclass
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from .label_next import margin_uncertainty as margin_uncertainty  # re-exported
 from .splits import _union_find
 
 BLOCK = 2048
