@@ -26,6 +26,10 @@ from pipeline.predict import Predictor
 from pipeline.probe.multilabel import choose_thresholds, multilabel_metrics
 
 FIT = ("--near-duplicate-threshold", "1", "--c", "0.01")  # random tiny features: plain split, C fixed
+# fp32 features whatever this CPU's `--precision auto` picks: the native model then runs in fp32
+# as ONNX does, so native and ONNX (and a head on the cache against ONNX on the photos) agree to
+# 1e-6 on any CPU; bf16 features on an AMX CPU would differ by 1e-2 and could flip a near tie.
+TINY = ("--backbone", "tiny", "--precision", "fp32")
 FOOTWEAR = {"sneaker", "sandal", "ankle_boot"}
 
 
@@ -92,7 +96,7 @@ def tiny(tmp_path_factory) -> dict[str, Path]:
     images = copy_sample_photos(root / "images", 6, ("bag", "sneaker", "trouser"))
     manifest = _manifest(images, root / "catalog.csv")
     cache = root / "f.h5"
-    _cli("extract", manifest, "--out", cache, "--backbone", "tiny", "--no-progress", "--workers", "0")
+    _cli("extract", manifest, "--out", cache, *TINY, "--no-progress", "--workers", "0")
     head = root / "head"
     _cli("fit-head", cache, "--out", head, *FIT)
     native, onnx = root / "native", root / "onnx"
@@ -122,7 +126,7 @@ def test_relabelling_a_column_rewrites_the_index_and_reextracts_nothing(tiny, tm
     shutil.copytree(tiny["root"] / "images", root / "images")
     manifest = _manifest(root / "images", root / "catalog.csv")
     cache = root / "f.h5"
-    args = ("extract", manifest, "--out", cache, "--backbone", "tiny", "--no-progress", "--workers", "0")
+    args = ("extract", manifest, "--out", cache, *TINY, "--no-progress", "--workers", "0")
     _cli(*args)
     text = manifest.read_text(encoding="utf-8").replace(",matte,", ",satin,")
     manifest.write_text(text, encoding="utf-8")
@@ -290,7 +294,7 @@ def test_audit_an_attribute_and_apply_keeps_every_column(tiny, tmp_path):
     shutil.copytree(tiny["root"] / "images", root / "images")
     manifest = _manifest(root / "images", root / "catalog.csv")
     cache = root / "f.h5"
-    extract = ("extract", None, "--out", cache, "--backbone", "tiny", "--no-progress", "--workers", "0")
+    extract = ("extract", None, "--out", cache, *TINY, "--no-progress", "--workers", "0")
     _cli(*[manifest if a is None else a for a in extract])
     report = tmp_path / "audit"
     _cli("audit", cache, "--out", report, "--attribute", "finish", "--no-progress")
@@ -350,7 +354,7 @@ def test_identical_files_that_disagree_are_left_out_of_that_attribute(tmp_path):
     with open(manifest, "w", newline="", encoding="utf-8") as f:
         csv.writer(f).writerows(rows)
     cache = tmp_path / "f.h5"
-    out = _cli("extract", manifest, "--out", cache, "--backbone", "tiny", "--no-progress", "--workers", "0")
+    out = _cli("extract", manifest, "--out", cache, *TINY, "--no-progress", "--workers", "0")
     assert "left out of the probability head" in out and "left out of the tags head" in out
     with Cache(cache) as c:
         row = c.paths.index(first[0])
