@@ -58,7 +58,10 @@ def built(tmp_path_factory) -> dict[str, Path]:
         for p in sorted((SAMPLE_CATALOG / "test" / c).glob("*.png"))[:2]:
             shutil.copy(p, test / c / p.name)
     (root / "classes.toml").write_text(TREE, encoding="utf-8")
-    _cli("extract", images, "--out", root / "f.h5", "--backbone", "tiny", "--workers", "0", "--no-progress")
+    # fp32 features whatever --precision auto picks here: native predict then runs fp32 as ONNX
+    # does, so their nodes agree on any CPU (bf16 features on an AMX CPU differ by 1e-2)
+    _cli("extract", images, "--out", root / "f.h5", "--backbone", "tiny", "--precision", "fp32", "--workers", "0",
+         "--no-progress")  # fmt: skip
     _cli("fit-head", root / "f.h5", "--out", root / "head", "--classes", root / "classes.toml", *FIT)
     _cli("export", root / "head", "--out", root / "model")
     _cli("export", root / "head", "--out", root / "onnx", "--format", "onnx")
