@@ -32,15 +32,15 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .cache import compact, statcache
-from .cache.index import IndexContents, commit, migrate_v1
-from .cache.scan import PreviousIndex, Scan, index_contents, label_changes, previous_index
+from .cache.h5io import SCHEMA_VERSION
+from .cache.index import IndexContents, commit
+from .cache.previous import PreviousIndex, prepare, read_previous
+from .cache.scan import INPUTS_ATTR, Scan, index_contents, inputs_digest, label_changes
 from .cache.segments import (
     DEFAULT_SEGMENT_ROWS,
     SegmentInfo,
     SegmentWriter,
     adopt,
-    remove_stale_temporaries,
-    set_aside_damaged,
     unindexed_segments,
 )
 from .cache.store import Cache, writer_lock
@@ -51,7 +51,7 @@ from .data.catalog import Catalog, discover
 from .data.gpu_decode import require_cuda
 from .data.images import DEFAULT_MAX_PIXELS
 from .data.loader import DECODERS, Source, embed_batches, make_loader
-from .errors import CacheError, HeadstartError, InputError, WorkerError
+from .errors import HeadstartError, InputError, WorkerError
 from .models import engine as engines
 from .models.backbones import LoadedBackbone, get_spec, load_backbone, sized_name, with_preprocessing
 from .models.fingerprint import Fingerprint
@@ -157,7 +157,7 @@ def _precision_asked(cfg: ExtractConfig) -> str:
         with Cache(Path(cfg.out)) as c:
             return c.fingerprint.precision
     except HeadstartError:
-        return cfg.precision  # a damaged cache: _prepare says what is wrong with it
+        return cfg.precision  # a damaged cache: prepare() says what is wrong with it
 
 
 def _lead(run: _Run, others: bool) -> ExtractSummary:
@@ -170,7 +170,7 @@ def _lead(run: _Run, others: bool) -> ExtractSummary:
         old: PreviousIndex | None = None
         try:
             with runtime.no_cyclic_gc():
-                set_aside, old = _prepare(cfg, out, run.fp)
+                set_aside, old = prepare(out, run.fp, rebuild=cfg.rebuild)
         except HeadstartError as e:
             error = e
         dist.agree(error)
@@ -178,25 +178,32 @@ def _lead(run: _Run, others: bool) -> ExtractSummary:
         if others:
             dist.barrier()  # every rank's segments are in place now
             _take(run, share, old)
-        with runtime.no_cyclic_gc():
-            contents = _assemble(run, share, old)
-            commit(out, contents)
-            # Over 25 % dead rows, or too fragmented: reclaim them (compact.py); the figures come
-            # from the index just committed, without opening it again.
-            compact.compact_if_needed(out, lock_held=True, index=contents)
-            extracted = share.computed(share.todo)
-            removed, relabelled = label_changes(old.label_of if old else None, contents)
+        if share.unchanged and old is not None and not set_aside:
+            # The index is what this run would write again (scan.inputs_digest): keep it as it is.
+            rows, skipped, class_names, extracted, removed, relabelled = (
+                old.n_rows, old.skipped, old.class_names, 0, 0, 0,
+            )  # fmt: skip
+        else:
+            with runtime.no_cyclic_gc():
+                contents = _assemble(run, share, old)
+                commit(out, contents)
+                # Over 25 % dead rows, or too fragmented: reclaim them (compact.py); the figures
+                # come from the index just committed, without opening it again.
+                compact.compact_if_needed(out, lock_held=True, index=contents)
+                extracted = share.computed(share.todo)
+                removed, relabelled = label_changes(old.label_of if old else None, contents)
+            rows, skipped, class_names = len(contents.content_hash), contents.skipped, contents.class_names
 
     resolved = out.with_name(out.name + ".config.json")
     save_resolved(cfg, resolved, resolved_precision=run.precision, engine=run.engine, device=str(run.device))
     summary = ExtractSummary(
         path=out,
-        rows=len(contents.content_hash),
+        rows=rows,
         extracted=extracted,
-        reused=len(contents.content_hash) - extracted,
-        skipped=contents.skipped,
+        reused=rows - extracted,
+        skipped=skipped,
         seconds=time.perf_counter() - run.t0,
-        class_names=contents.class_names,
+        class_names=class_names,
         known_bad=share.known_bad,
         removed=removed,
         relabelled=relabelled,
@@ -213,9 +220,9 @@ def _follow(run: _Run) -> ExtractSummary:
     segments in the cache's folder and waits until every rank has done the same."""
     run = dataclasses.replace(run, cfg=dataclasses.replace(run.cfg, progress=False))  # one set of bars, rank 0's
     dist, out = run.dist, run.out
-    dist.agree(None)  # rank 0's _prepare: a refused cache stops every rank here
+    dist.agree(None)  # rank 0's prepare(): a refused cache stops every rank here
     with runtime.no_cyclic_gc():
-        old = _read_old(run.cfg, out)
+        old = read_previous(out, rebuild=run.cfg.rebuild)
     share = _extract_share(run, old)
     dist.barrier()  # rank 0 writes the index only after this
     mine, todo = share.computed(share.mine), len(share.todo)
@@ -246,12 +253,17 @@ def _scan(run: _Run, old: PreviousIndex | None) -> Scan:
     values = statcache.hash_files(mine, old.stat if old else {}, rehash=run.cfg.rehash, progress=run.cfg.progress)
     merged = merge_shards(run.dist.gather(values), len(items))  # and the other ranks' slices
     share.stat = [k for _, k in merged]
+    context = [run.fp.to_record(), run.limits, _cache_dtype(run.cfg, old), __version__, SCHEMA_VERSION]
+    share.inputs = inputs_digest(catalog, merged, context)
+    if old is not None and not orphans and old.inputs == share.inputs and len(old.stat) == len(items):
+        share.unchanged, share.known_bad = True, len(old.rejected)
+        return share
     by_hash = share.by_hash
     for i, (h, _) in enumerate(merged):
         if type(h) is str:  # the common case first: one type check per file, not isinstance
             by_hash[h].append(i)
         else:
-            share.skipped.append((items[i].rel, f"cannot read file: {h}"))
+            share.skipped.append((items[i].rel, statcache.unreadable(h)))
     if old is not None:
         share.location.update((h, old.location[h]) for h in old.location.keys() & by_hash.keys())
     _take(run, share, old, orphans)
@@ -293,42 +305,6 @@ def _take(run: _Run, share: Scan, old: PreviousIndex | None, segments: list[Segm
         segments = unindexed_segments(run.out, set(old.segment_rows if old else ()) | set(share.segment_rows))
     dtype, dim = _cache_dtype(run.cfg, old), run.fp.feature_dim
     share.segment_rows.update(adopt(segments, run.fp, dtype, dim, share.by_hash, share.location, share.bad, run.limits))
-
-
-def _prepare(cfg: ExtractConfig, out: Path, fp: Fingerprint) -> tuple[list[tuple[str, str]], PreviousIndex | None]:
-    """Under the writer lock, before any rank writes: clean up after killed writers, set
-    damaged segment files aside, refuse a cache of another configuration, convert a schema-v1
-    cache (start over on --rebuild). Returns the segments set aside, with why, and what the
-    index says (:func:`_read_old`; read in the same open of the index as the checks)."""
-    remove_stale_temporaries(out)
-    if cfg.rebuild or not out.exists():
-        return ([] if cfg.rebuild else set_aside_damaged(out, set())), None
-    with Cache(out) as c:
-        _check_fingerprint(out, c.fingerprint, fp)
-        version, indexed = c.schema_version, set(c.segments)
-        old = previous_index(out, c) if version >= 2 else None
-    if version == 1:
-        migrate_v1(out)
-        old = _read_old(cfg, out)
-    return set_aside_damaged(out, indexed), old
-
-
-def _read_old(cfg: ExtractConfig, out: Path) -> PreviousIndex | None:
-    """The committed index, if it is to be reused: keys, row locations and the stat cache."""
-    if cfg.rebuild or not out.exists():
-        return None
-    with Cache(out) as c:
-        return previous_index(out, c)
-
-
-def _check_fingerprint(out: Path, have: Fingerprint, want: Fingerprint) -> None:
-    diff = have.diff(want)
-    if diff:
-        raise CacheError(
-            f"{out} was extracted with {have.describe()} but this run uses {want.describe()} "
-            f"({'; '.join(diff)}); re-run with --backbone {have.backbone} and the same options, "
-            f"or pass --rebuild to start the cache over, or choose another --out"
-        )
 
 
 def _run_backbone(
@@ -398,6 +374,8 @@ def _assemble(run: _Run, share: Scan, old: PreviousIndex | None) -> IndexContent
         layout=run.catalog.layout,
         label_column=run.catalog.label_column,
         headstart_version=__version__,
+        # Only for a run that left nothing to do: the next run with these inputs keeps the index.
+        **{INPUTS_ATTR: "" if share.forget else share.inputs},
         torch_version=torch.__version__,
         config=json.dumps({**vars(run.cfg), "engine_used": run.engine}, default=str, ensure_ascii=False),
     )

@@ -7,21 +7,22 @@ distinct content, labels and paths from this scan, rows in storage order. No tor
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
+from operator import attrgetter
 from typing import Any
 
 import numpy as np
 
 from ..data.attributes import looks_multi_label
-from ..errors import CacheError
+from ..data.catalog import Catalog
 from . import statcache
 from .h5io import CONFLICT, Column
 from .index import IndexContents
 from .statcache import StatKey
-from .store import Cache
 
 
 @dataclass
@@ -39,6 +40,8 @@ class Scan:
     segment_rows: dict[str, int] = field(default_factory=dict)  # segments outside the index rows may come from
     stat: list[StatKey | None] = field(default_factory=list)  # per catalog item, as stat-ed before hashing
     scan_ns: int = 0  # when the scan began (see statcache.RACY_NS)
+    inputs: str = ""  # inputs_digest of this scan
+    unchanged: bool = False  # the committed index is what this run would write (inputs_digest)
 
     def computed(self, hashes: Sequence[str]) -> int:
         """How many of ``hashes`` got a row."""
@@ -171,31 +174,29 @@ def label_changes(before: dict[str, tuple[str | None, ...]] | None, after: Index
     return removed, relabelled
 
 
-@dataclass
-class PreviousIndex:
-    """What the committed index says that the next run needs, without any feature bytes."""
-
-    attrs: dict[str, Any]
-    location: dict[str, tuple[str, int]]  # content hash -> (segment, row)
-    segment_rows: dict[str, int]  # the index's segments, in its order
-    dtype: str
-    stat: dict[str, tuple[int, int, int, int, str]]  # rel path -> size, mtime_ns, inode, device, hash
-    rejected: dict[str, tuple[str, str]]  # content hash -> (reason, limits): known not to decode
-    label_of: dict[str, tuple[str | None, ...]]  # content hash -> its labels (for the relabelled count)
+INPUTS_ATTR = "inputs_digest"
+_NO_STAT = (-1, -1, -1, -1)
 
 
-def previous_index(out: Path, c: Cache) -> PreviousIndex:
-    """The index ``c`` (at ``out``) as :class:`PreviousIndex`; a schema-v1 cache is an error
-    (extract converts it first)."""
-    if c.schema_version < 2:
-        raise CacheError(f"{out} is still in schema v{c.schema_version}; run extract again to convert it")
-    hashes = c.content_hash  # decoded once: every file's key, used twice below
-    return PreviousIndex(
-        attrs=c.attrs,
-        location=dict(zip(hashes, c.locations, strict=True)),
-        segment_rows=c.segment_rows,
-        dtype=c.dtype,
-        stat=c.stat_table().lookup(),
-        rejected=c.rejected,
-        label_of=labels_by_hash(hashes, c.labels.tolist(), c.class_names, c.attributes()),
-    )
+def inputs_digest(catalog: Catalog, merged: Sequence[tuple[Any, StatKey | None]], context: list[Any]) -> str:
+    """SHA-256 of everything the next index is made from, besides the index before it: every
+    file's path, labels, content hash (or why it cannot be read) and stat, the files the folder
+    scan skipped, and ``context`` (fingerprint, decode limits, dtype, release). A run that
+    leaves nothing to do records it in the index it commits (``INPUTS_ATTR``); a later run with
+    the same digest, nothing new to extract and every file in the stat cache would write that
+    same index again, so it reads nothing more of it (:attr:`Scan.unchanged`). Why: at 100,000
+    files, rebuilding and digesting every row's metadata to find no change cost as much as the
+    stat of every file. Paths and hashes hold no NUL (catalog.py skips such names), so NUL
+    keeps them apart; the rest goes through JSON, whose C encoder keeps fields apart too."""
+    h = hashlib.sha256()
+    enc = json.JSONEncoder(check_circular=False, separators=(",", ":"), default=str).encode
+    items = catalog.items
+    h.update(enc([context, str(catalog.root), catalog.layout, catalog.label_column, catalog.attribute_names]).encode())
+    h.update(enc([(s.rel, s.reason) for s in catalog.skipped]).encode())
+    h.update(enc(list(map(attrgetter("label"), items))).encode())
+    h.update(enc(list(map(attrgetter("attributes"), items))).encode())
+    for texts in (list(map(attrgetter("rel"), items)), [v if type(v) is str else f"{v}" for v, _ in merged]):
+        h.update(b"\n")
+        h.update("\0".join(texts).encode("utf-8", "surrogateescape"))
+    h.update(np.array([k or _NO_STAT for _, k in merged], dtype=np.int64).reshape(-1, 4).tobytes())
+    return h.hexdigest()[:32]
