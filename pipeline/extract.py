@@ -51,9 +51,17 @@ from .data.catalog import Catalog, discover
 from .data.gpu_decode import require_cuda
 from .data.images import DEFAULT_MAX_PIXELS
 from .data.loader import DECODERS, Source, embed_batches, make_loader
-from .errors import HeadstartError, InputError, WorkerError
+from .errors import BackboneError, HeadstartError, InputError, WorkerError
 from .models import engine as engines
-from .models.backbones import LoadedBackbone, get_spec, load_backbone, sized_name, with_preprocessing
+from .models.backbones import (
+    BackboneSpec,
+    LoadedBackbone,
+    get_spec,
+    load_backbone,
+    sized_name,
+    spec_fingerprint,
+    with_preprocessing,
+)
 from .models.fingerprint import Fingerprint
 
 # A segment is written every this many new rows or seconds, whichever comes first: a kill
@@ -104,7 +112,7 @@ class _Run:
     engine: str  # how the backbone runs (models.engine); not part of the fingerprint
     precision: str
     catalog: Catalog
-    loaded: LoadedBackbone
+    spec: BackboneSpec  # the network is built only when there are new photos (_extract_share)
     fp: Fingerprint
     limits: str  # what decides whether a file decodes (see decode_limits)
     t0: float
@@ -120,7 +128,7 @@ def extract(cfg: ExtractConfig) -> ExtractSummary:
 
 
 def _start(cfg: ExtractConfig) -> _Run:
-    """Check the options, find the photos and load the backbone (every process)."""
+    """Check the options, find the photos and the backbone's fingerprint (every process)."""
     t0 = time.perf_counter()
     if cfg.dtype not in ("float16", "float32"):
         raise InputError(f"--dtype must be float16 or float32, not {cfg.dtype!r}")
@@ -135,9 +143,8 @@ def _start(cfg: ExtractConfig) -> _Run:
         require_cuda(device)  # before hashing thousands of files, not after
     with runtime.no_cyclic_gc():
         catalog = discover(cfg.images)
-    loaded = load_backbone(spec, cfg.weights_file)
-    fp = loaded.fingerprint(precision)
-    return _Run(cfg, Path(cfg.out), dist, device, engine, precision, catalog, loaded, fp, decode_limits(cfg), t0)
+    fp = spec_fingerprint(spec, cfg.weights_file, precision)
+    return _Run(cfg, Path(cfg.out), dist, device, engine, precision, catalog, spec, fp, decode_limits(cfg), t0)
 
 
 def decode_limits(cfg: ExtractConfig) -> str:
@@ -290,7 +297,10 @@ def _extract_share(run: _Run, old: PreviousIndex | None) -> Scan:
         writer = SegmentWriter(run.out, run.fp, dtype, run.fp.feature_dim, SEGMENT_ROWS, run.limits)
         items, by_hash = run.catalog.items, share.by_hash
         sources = [items[by_hash[h][0]].file for h in share.mine]
-        _run_backbone(run.cfg, run.loaded, run.device, run.engine, run.precision, sources, share.mine, writer)
+        loaded = load_backbone(run.spec, run.cfg.weights_file)
+        if loaded.fingerprint(run.precision) != run.fp:  # the weights file changed since _start
+            raise BackboneError(f"the {run.spec.name} weights file changed while this run was scanning; run it again")
+        _run_backbone(run.cfg, loaded, run.device, run.engine, run.precision, sources, share.mine, writer)
         share.location.update(writer.locations)
         share.bad.update(writer.bad)
         share.forget.update(writer.forget)

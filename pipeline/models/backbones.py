@@ -68,10 +68,11 @@ class LoadedBackbone:
 
     def fingerprint(self, precision: str) -> Fingerprint:
         """What must match before two sets of features may be mixed."""
-        spec = self.spec
-        return Fingerprint(
-            spec.name, spec.weights_name, self.weights_sha256, spec.preprocessing, precision, spec.feature_dim
-        )
+        return _fingerprint(self.spec, self.weights_sha256, precision)
+
+
+def _fingerprint(spec: BackboneSpec, sha: str, precision: str) -> Fingerprint:  # one place for both
+    return Fingerprint(spec.name, spec.weights_name, sha, spec.preprocessing, precision, spec.feature_dim)
 
 
 # name -> spec, or a function that builds it on first use: a torchvision spec reads its
@@ -156,13 +157,8 @@ def load_backbone(
     body, imagenet_head = spec.build()
     net = FeatureNet(body, imagenet_head, spec.preprocessing, spec.feature_dim)
     sha = "none"
-    if load_weights and not spec.offline_ready_without_file:
-        path = Path(weights_file) if weights_file is not None else spec.find_weights()
-        if path is None or not path.is_file():
-            where = f" at {weights_file}" if weights_file is not None else ""
-            raise BackboneError(
-                f"weights for {spec.name} ({spec.weights_name}) are not on this machine{where}; {spec.how_to_get}"
-            )
+    path = _weights_path(spec, weights_file) if load_weights else None
+    if path is not None:
         try:
             state = spec.read_state(path)
         except Exception as e:
@@ -171,6 +167,26 @@ def load_backbone(
         sha = sha256_file(path)
     net.eval()
     return LoadedBackbone(spec=spec, net=net, weights_sha256=sha)
+
+
+def _weights_path(spec: BackboneSpec, weights_file: str | os.PathLike[str] | None) -> Path | None:
+    """The weights file ``spec`` loads (None: it needs none), or an error saying how to get it."""
+    if spec.offline_ready_without_file:
+        return None
+    path = Path(weights_file) if weights_file is not None else spec.find_weights()
+    if path is None or not path.is_file():
+        where = f" at {weights_file}" if weights_file is not None else ""
+        what = f"weights for {spec.name} ({spec.weights_name})"
+        raise BackboneError(f"{what} are not on this machine{where}; {spec.how_to_get}")
+    return path
+
+
+def spec_fingerprint(spec: BackboneSpec, weights_file: str | os.PathLike[str] | None, precision: str) -> Fingerprint:
+    """``load_backbone(spec, weights_file).fingerprint(precision)`` without building the network:
+    ``extract`` builds it only when there are new photos (an unchanged re-run loads no weights)."""
+    path = _weights_path(spec, weights_file)
+    sha = "none" if path is None else sha256_file(path)
+    return _fingerprint(spec, sha, precision)
 
 
 def _load_into(spec: BackboneSpec, body: nn.Module, head: nn.Module | None, state: dict[str, torch.Tensor]) -> None:
