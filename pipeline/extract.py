@@ -185,8 +185,9 @@ def _lead(run: _Run, others: bool) -> ExtractSummary:
         if others:
             dist.barrier()  # every rank's segments are in place now
             _take(run, share, old)
-        if share.unchanged and old is not None and not set_aside:
-            # The index is what this run would write again (scan.inputs_digest): keep it as it is.
+        if share.unchanged and old is not None:
+            # The index is what this run would write again (scan.inputs_digest): keep it as it
+            # is. Segments set aside as damaged were never in it, so they change nothing here.
             rows, skipped, class_names, extracted, removed, relabelled = (
                 old.n_rows, old.skipped, old.class_names, 0, 0, 0,
             )  # fmt: skip

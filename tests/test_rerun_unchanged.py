@@ -158,3 +158,13 @@ def test_a_removed_photo_or_a_segment_left_by_a_killed_run_take_the_full_path(tm
     assert assembled == [1, 1, 1] and not verify(out)
     with Cache(out) as c:
         assert {p.name for p in segments.glob("seg-*.h5")} == set(c.segments)
+
+
+def test_a_damaged_segment_outside_the_index_is_set_aside_and_the_index_kept(tmp_path, assembled):
+    manifest, out = _settled(tmp_path)
+    rows = extract(_cfg(manifest, out)).rows
+    junk = out.with_name(out.name + ".segments") / "seg-99999999-junk.h5"
+    junk.write_bytes(b"not an HDF5 file")
+    s = extract(_cfg(manifest, out))
+    assert assembled == [1] and s.rows == rows and s.set_aside and not junk.exists()
+    assert junk.with_name(junk.name + ".damaged").exists() and not verify(out)
