@@ -35,7 +35,7 @@ from .cache import compact, statcache
 from .cache.h5io import SCHEMA_VERSION
 from .cache.index import IndexContents, commit
 from .cache.previous import PreviousIndex, prepare, read_previous
-from .cache.scan import INPUTS_ATTR, Scan, index_contents, inputs_digest, label_changes
+from .cache.scan import INDEX_RULES, INPUTS_ATTR, Scan, index_contents, inputs_digest, label_changes
 from .cache.segments import (
     DEFAULT_SEGMENT_ROWS,
     SegmentInfo,
@@ -261,7 +261,7 @@ def _scan(run: _Run, old: PreviousIndex | None) -> Scan:
     values = statcache.hash_files(mine, old.stat if old else {}, rehash=run.cfg.rehash, progress=run.cfg.progress)
     merged = merge_shards(run.dist.gather(values), len(items))  # and the other ranks' slices
     share.stat = [k for _, k in merged]
-    context = [run.fp.to_record(), run.limits, _cache_dtype(run.cfg, old), __version__, SCHEMA_VERSION]
+    context = [run.fp.to_record(), run.limits, _cache_dtype(run.cfg, old), __version__, SCHEMA_VERSION, INDEX_RULES]
     share.inputs = inputs_digest(catalog, merged, context)
     if old is not None and not orphans and old.inputs == share.inputs and len(old.stat) == len(items):
         share.unchanged, share.known_bad = True, len(old.rejected)
