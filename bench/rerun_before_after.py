@@ -20,7 +20,7 @@ from pathlib import Path
 
 files, kb, rounds, before = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 workdir = Path(sys.argv[6]) if len(sys.argv) > 6 and sys.argv[5] == "--workdir" else Path("artifacts/bench")
-root = workdir / f"rerun-before-after-{files}-{kb}"
+root = (workdir / f"rerun-before-after-{files}-{kb}").resolve()
 images = root / "images"
 PY = sys.executable
 TREES = {"before": str(Path(before).resolve()), "after": str(Path(__file__).resolve().parent.parent)}
@@ -36,6 +36,8 @@ ts = []
 for _ in range(reps):
     t = time.perf_counter(); s = extract(cfg(rehash)); ts.append(time.perf_counter() - t)
     assert s.extracted == 0 and s.rows == int(sys.argv[5]), s.line()
+import pipeline
+assert pipeline.__file__.startswith(sys.argv[6]), (pipeline.__file__, sys.argv[6])  # the tree asked for
 print(json.dumps(ts))
 """
 if not (root / "after.h5").exists():
@@ -68,11 +70,12 @@ for r in range(rounds):
     for tree, path in TREES.items():
         for rehash in (0, 1):
             out = subprocess.run(
-                [PY, "-c", CHILD, str(images), str(root / f"{tree}.h5"), str(rehash), "1", str(files)],
+                [PY, "-c", CHILD, str(images), str(root / f"{tree}.h5"), str(rehash), "1", str(files), path],
                 check=True,
                 capture_output=True,
                 text=True,
                 env={**os.environ, "PYTHONPATH": path},
+                cwd=path,  # ``python -c`` puts the working directory first on sys.path: each tree its own
             )
             res.setdefault((tree, rehash), []).extend(json.loads(out.stdout.splitlines()[-1]))
     print(
