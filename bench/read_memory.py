@@ -11,7 +11,9 @@ each reader in a process of its own (``python -c``, exec'd: its ``VmHWM`` from
 with ``Cache.iter_features(65536)`` as float16 and as float32 and prints its peak RSS, its RSS
 after opening, the rows/s and the file descriptors open at the end of the stream. ``--before
 DIR``: also run the readers with ``DIR`` (e.g. ``git archive COMMIT | tar -x -C DIR``) first on
-``PYTHONPATH``, interleaved with this tree, ``--rounds`` times. ``--keep`` / ``--reuse``: keep
+``PYTHONPATH``, interleaved with this tree, ``--rounds`` times. After the stream (and its
+peak), each reader also times ``Cache.features`` of 20,000 random rows (sorted), as
+``fit-head``'s row sources and ``audit`` ask for them. ``--keep`` / ``--reuse``: keep
 the caches built, read the ones kept.
 """
 
@@ -49,10 +51,15 @@ with Cache(path) as c:
         rows += len(chunk)
         total += float(chunk[:, 0].astype(np.float64).sum())
     fds = len(os.listdir('/proc/self/fd'))
-s = time.perf_counter() - t
+    s = time.perf_counter() - t
+    hwm = status('VmHWM')
+    pick = np.sort(np.random.default_rng(0).choice(c.n_rows, min(20000, c.n_rows), replace=False))
+    t = time.perf_counter()
+    c.features(pick, dtype=dtype)
+    pick_s = time.perf_counter() - t
 tree = os.path.dirname(os.path.dirname(pipeline.__file__))
-print(json.dumps(dict(tree=tree, rows=rows, s=s, rows_s=rows / s, hwm=status('VmHWM'), base=base, opened=opened,
-                      fds=fds, checksum=total)))
+print(json.dumps(dict(tree=tree, rows=rows, s=s, rows_s=rows / s, hwm=hwm, base=base, opened=opened, fds=fds,
+                      checksum=total, pick_rows_s=len(pick) / pick_s)))
 """
 
 
@@ -116,7 +123,8 @@ def main() -> None:
                         f"peak RSS {r['hwm'] / 1e6:,.0f} MB (imports {r['base'] / 1e6:.0f}, "
                         f"opened {r['opened'] / 1e6:.0f}) | {r['rows_s']:,.0f} rows/s "
                         f"({r['rows']:,} rows, {r['s']:.1f} s) | {r['fds']} fds open at the end | "
-                        f"checksum {r['checksum']:.3f} | load {r['load']:.1f} | {r['tree']}",
+                        f"checksum {r['checksum']:.3f} | 20,000 random rows {r['pick_rows_s']:,.0f} rows/s | "
+                        f"load {r['load']:.1f} | {r['tree']}",
                         flush=True,
                     )
         if not args.keep:
