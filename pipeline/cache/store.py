@@ -10,6 +10,8 @@ Layout (schema v2). ``CACHE.h5`` is a small *index*; the feature rows live in im
 The index's ``/features`` is an HDF5 *virtual dataset* that maps ranges of the segments'
 ``/features``, with source paths relative to the index's folder, so plain h5py reads it as one
 ``[N, D]`` dataset from any working directory and after the folder is moved or copied.
+:class:`Cache` itself reads the rows from the segments, by ``/location`` (:mod:`.reader`: memory
+flat in N, where the virtual dataset keeps every source it has read open with its chunk cache).
 
 Why segments instead of appending to one file: HDF5 is not crash-safe (a process killed while
 h5py writes can leave the file's metadata half-flushed and the whole file unreadable), and
