@@ -60,10 +60,6 @@ class SegmentFiles:
             raise CacheError(f"segment {name} of {self.index} has no /features dataset; {fix_hint(self.index)}")
         return name, ds
 
-    @property
-    def open_count(self) -> int:
-        return len(self._open)
-
     def close(self) -> None:
         while self._open:
             self._open.popitem()[1].close()
