@@ -304,9 +304,12 @@ def test_info_and_verify(reference, tmp_path, run_cli):
         h[1] = h[0]
         f["content_hash"][...] = h
         f.attrs["n_rows"] = 47
-        feats = f["features"][()]
-        feats[5, 0] = np.nan
-        f["features"][...] = feats
+        # The NaN goes into bad.h5's own copy of the segment, which its reader reads (writing
+        # through the virtual /features would write into f.h5's segments: the source names are
+        # the index's name when it was written).
+        name = f["segments/name"][int(f["location/segment"][5])].decode()
+        with h5py.File(segment_dir(bad) / name, "r+") as g:
+            g["features"][int(f["location/row"][5]), 0] = np.nan
     problems = verify(bad)
     assert any("1 duplicate value(s) in /content_hash" in p for p in problems)
     assert any("n_rows is 47 but /features has 48 rows" in p for p in problems)

@@ -10,6 +10,8 @@ Layout (schema v2). ``CACHE.h5`` is a small *index*; the feature rows live in im
 The index's ``/features`` is an HDF5 *virtual dataset* that maps ranges of the segments'
 ``/features``, with source paths relative to the index's folder, so plain h5py reads it as one
 ``[N, D]`` dataset from any working directory and after the folder is moved or copied.
+:class:`Cache` itself reads the rows from the segments, by ``/location`` (:mod:`.reader`: memory
+flat in N, where the virtual dataset keeps every source it has read open with its chunk cache).
 
 Why segments instead of appending to one file: HDF5 is not crash-safe (a process killed while
 h5py writes can leave the file's metadata half-flushed and the whole file unreadable), and
@@ -75,6 +77,7 @@ from ..models.fingerprint import Fingerprint
 from . import validation
 from .h5io import CONFLICT, SCHEMA_VERSION, Column, StatTable, _decode, crash_point, segment_dir
 from .lock import writer_lock
+from .reader import SegmentFiles, locate, read_into
 
 __all__ = ["SCHEMA_VERSION", "Cache", "CacheContents", "crash_point", "segment_dir", "writer_lock"]
 
@@ -104,10 +107,12 @@ class Cache:
         damaged or hand-made file is one CacheError here, whichever reader opened it. With
         ``check=False`` (``cache verify``) layout problems are listed in :attr:`problems`
         instead; a file that is not a readable headstart cache is refused either way.
-        ``features=False``: for metadata only (compaction), ``/features`` is not held open.
-        Why: HDF5 keeps every mapping of an open virtual dataset in memory (about 6.5 KB each;
-        700 MB for an index fragmented by scattered deletions, 100,000 mappings at 1M rows), and
-        a reader of the per-row metadata would otherwise add its own memory on top of that."""
+        ``features=False``: for metadata only (compaction): the features cannot be read.
+        ``/features`` is opened only for its shape and dtype, never held: HDF5 keeps every
+        mapping of an open virtual dataset in memory (about 6.5 KB each; 700 MB for an index
+        fragmented by scattered deletions, 100,000 mappings at 1M rows) and every source file
+        it has read from open, with its chunk cache. The rows are read from the segments
+        (:mod:`.reader`)."""
         self.path = Path(path)
         if not self.path.is_file():
             raise CacheError(_not_a_file(self.path))
@@ -140,13 +145,17 @@ class Cache:
         except BaseException:
             self._f.close()
             raise
-        # Held: a virtual dataset opens its sources once. None only for check=False on a file
-        # whose /features is unusable (verify reports it and reads nothing).
-        self._ds: Any = self._f["features"] if isinstance(self._f.get("features"), h5py.Dataset) else None
-        self._shape: tuple[int, ...] = tuple(self._ds.shape) if self._ds is not None else ()
-        self._dtype = str(self._ds.dtype) if self._ds is not None else ""
-        if not features:
-            self._ds = None  # closes it (the only reference): HDF5 frees the mappings
+        # Unusable only for check=False on a file whose /features is not a dataset (verify reports
+        # it and reads nothing).
+        ds = self._f.get("features")
+        usable = isinstance(ds, h5py.Dataset)
+        self._shape: tuple[int, ...] = tuple(ds.shape) if usable else ()
+        self._dtype = str(ds.dtype) if usable else ""
+        del ds  # closes it (the only reference)
+        self._features = features and usable
+        self._files: SegmentFiles | None = None
+        if self._features and self.schema_version >= 2:
+            self._files = SegmentFiles(self.path, segment_dir(self.path), self.segments)
 
     def __enter__(self) -> Cache:
         return self
@@ -155,6 +164,8 @@ class Cache:
         self.close()
 
     def close(self) -> None:
+        if self._files is not None:
+            self._files.close()
         self._f.close()
 
     @property
@@ -319,36 +330,42 @@ class Cache:
             content_hash=_decode(g["content_hash"]),
         )
 
-    def _read(self, sel: Any) -> np.ndarray:
-        if self._ds is None:
+    def _read(self, rows: slice | np.ndarray, dtype: Any = None) -> np.ndarray:
+        """Index rows ``rows`` (a slice, or row numbers in any order) as ``dtype`` (None: as
+        stored), read straight from the segments (:mod:`.reader`; v1: from ``/features``)."""
+        if not self._features:
             raise CacheError(f"{self.path} was opened for its metadata only; its features cannot be read")
+        n_segments = len(self._files.names) if self._files is not None else None
+        seg, row = locate(self._f, rows, self.n_rows, n_segments, self.path)
+        out = np.empty((len(seg), self.feature_dim), dtype=self._dtype if dtype is None else dtype)
         try:
-            return np.asarray(self._ds[sel])
+            read_into(out, seg, row, self._source, self.path)
         except OSError as e:
             raise CacheError(
                 f"cannot read the features of {self.path} ({e}): a segment is damaged (its checksum "
                 f"does not match); run `headstart cache verify {self.path}`, then extract again with --rebuild"
             ) from None
-
-    def features(self, rows: np.ndarray | None = None, dtype: Any = np.float32) -> np.ndarray:
-        """Features as ``dtype``. ``rows`` (any order) selects rows; read in row chunks so a
-        cache larger than memory can be consumed piecewise by the caller."""
-        if rows is None:
-            return np.asarray(self._read(()), dtype=dtype)
-        rows = np.asarray(rows, dtype=np.int64)
-        order = np.argsort(rows)
-        out = np.empty((len(rows), self.feature_dim), dtype=dtype)
-        if len(rows):
-            out[order] = self._read(rows[order])
         return out
 
+    def _source(self, i: int) -> tuple[str, Any]:
+        if self._files is None:  # schema v1: the rows are the file's own /features
+            return self.path.name, self._f["features"]
+        return self._files.dataset(i)
+
+    def features(self, rows: np.ndarray | None = None, dtype: Any = np.float32) -> np.ndarray:
+        """Features as ``dtype``. ``rows`` (any order, repeats allowed) selects rows; read in
+        row chunks so a cache larger than memory can be consumed piecewise by the caller."""
+        return self._read(slice(0, self.n_rows) if rows is None else np.asarray(rows), dtype)
+
     def iter_features(self, chunk_rows: int = 65536, dtype: Any = np.float32) -> Iterator[tuple[int, np.ndarray]]:
+        """``(start, rows start .. start + chunk_rows as dtype)`` over the whole cache. Memory:
+        one chunk (and, converting, one piece of a segment), whatever the cache's size."""
         for start in range(0, self.n_rows, chunk_rows):
-            yield start, np.asarray(self._read(slice(start, start + chunk_rows)), dtype=dtype)
+            yield start, self._read(slice(start, start + chunk_rows), dtype)
 
     def read_all(self, *, check: bool = True) -> CacheContents:
         return CacheContents(
-            features=self._read(()),
+            features=self._read(slice(0, self.n_rows)),
             content_hash=self.content_hash,
             paths=self.paths,
             labels=self.read_labels(check=check),
