@@ -7,7 +7,8 @@ the rows deleted either evenly (3 of every 10: each run of live rows is one mapp
 virtual ``/features``, about N / 10) or as one block per segment (one mapping per segment), then
 ``headstart cache compact`` in a process of its own that prints its ``VmHWM`` (peak resident
 memory, which starts afresh at exec). Also the ``VmHWM`` of a process that only imports the CLI,
-and of one that only opens the index's ``/features`` with h5py."""
+and of one that only opens the index's ``/features`` with h5py; and the rows/s of a process that
+reads the deleted index's features through ``Cache.iter_features`` (float32) before compacting."""
 
 import json
 import os
@@ -56,6 +57,13 @@ opened = subprocess.run(
     text=True,
     check=True,
 ).stdout.split()[-1]
+read = (
+    "import sys, time; from pipeline.cache.store import Cache; c = Cache(sys.argv[1]); t = time.perf_counter(); "
+    "k = sum(len(b) for _, b in c.iter_features()); print(round(k / (time.perf_counter() - t)))"
+)
+read_rows_s = subprocess.run(
+    [sys.executable, "-c", read, str(out)], capture_output=True, text=True, check=True
+).stdout.split()[-1]
 code = (
     "import sys; from pipeline.cli import cli; cli.main(['cache', 'compact', sys.argv[1]], standalone_mode=False); "
     + hwm
@@ -72,6 +80,7 @@ print(
             compact_s=round(time.perf_counter() - t, 1),
             hwm_imports_mb=int(base) // 1024,
             hwm_open_index_mb=int(opened) // 1024,
+            read_rows_s=int(read_rows_s),
             hwm_compact_mb=int(r.stdout.split()[-1]) // 1024,
             line=r.stdout.splitlines()[0][-90:],
             load=os.getloadavg()[0],
