@@ -1,6 +1,6 @@
 """One mapping per run against one mapping per segment, with h5py alone (no headstart code).
 
-    python bench/vds_layout.py [N] [--dim D] [--deleted even|quarter] [--workdir DIR]
+    python bench/vds_layout.py [N] [--dim D] [--deleted even|quarter] [--caps 64 ...] [--workdir DIR]
 
 N synthetic float16 rows (default 1,000,000, rounded up to whole segments; D = 32) in segment
 files of 8,192 rows (chunks of 512 rows, Fletcher-32, as ``pipeline/cache/segments.py`` writes
@@ -9,8 +9,9 @@ them), rows deleted evenly
 most extract leaves uncompacted, 2,048 runs a segment), and three virtual ``/features`` over the
 remaining rows: one mapping per run of consecutive rows (h5py's ``VirtualLayout``, what the
 index wrote before), one mapping per segment whose source selection is the union of its runs
-(an irregular hyperslab), and the same split every 64 runs (what ``pipeline/cache/index.py``
-writes: HDF5 decodes an irregular selection in time quadratic in its runs). For each:
+(an irregular hyperslab), and the same split every 64 runs (``--caps``: each a layout; 64 is
+what ``pipeline/cache/index.py`` writes: HDF5 decodes an irregular selection in time quadratic
+in its runs). For each:
 the seconds to write the index, its bytes, the seconds to open ``/features`` (best of 3), the
 ``VmHWM`` of a process that only opens it, and the rows/s of a process that reads all of it in
 slices of 65,536 rows as float32 (as ``Cache.iter_features``; best of 3 processes), summing
@@ -87,6 +88,7 @@ def main() -> None:
     ap.add_argument("n", type=int, nargs="?", default=1_000_000)
     ap.add_argument("--dim", type=int, default=32)
     ap.add_argument("--deleted", choices=["even", "quarter"], default="even")
+    ap.add_argument("--caps", type=int, nargs="+", default=[64], help="runs per mapping, a layout each")
     ap.add_argument("--workdir", default="artifacts/bench")
     a = ap.parse_args()
     n, d = a.n, a.dim
@@ -105,8 +107,8 @@ def main() -> None:
     seg, row = (keep // SEG).astype(np.int64), (keep % SEG).astype(np.int64)
     result: dict[str, object] = dict(n=n, dim=d, deleted=a.deleted, segments=len(names), rows_kept=len(keep))
     sums = {}
-    capped = functools.partial(per_segment, cap=64)
-    for label, write in (("per_run", per_run), ("per_segment", per_segment), ("per_64_runs", capped)):
+    capped = [(f"per_{k}_runs", functools.partial(per_segment, cap=k)) for k in a.caps]
+    for label, write in [("per_run", per_run), ("per_segment", per_segment), *capped]:
         out = root / f"{label}.h5"
         t = time.perf_counter()
         with h5py.File(out, "w") as f:

@@ -24,8 +24,8 @@ live rows per reclaimed row, so at 25 % at most 3; after a compaction every segm
 share exceeds :data:`AUTO_DEAD_SHARE` (25 %): a catalog whose photos are deleted at a steady
 rate then spends at most about 3 rows of copying per deleted row, and never holds more than
 about a third more bytes than its live rows need. Scattered deletions are no reason of their
-own: the index maps each segment once whatever rows of it are live (``index._create_features``),
-so a run of live rows costs it bytes, not a mapping.
+own: the index maps each segment once (per 64 runs of live rows) whatever rows of it are live
+(``index._create_features``), so a run of live rows costs it bytes, not a mapping.
 
 Memory: the index's per-row metadata (as every commit needs) plus one segment of rows being
 copied and one block being read; never the catalog's features.
@@ -120,9 +120,9 @@ def _dead_rows(c: Cache) -> tuple[int, int]:
 
 def mappings(path: str | Path) -> int:
     """How many mappings the index's virtual ``/features`` has, as HDF5 reads them: one per
-    segment (per block of index rows from one segment, :func:`index.mapping_blocks`) in an
-    index written since one mapping per segment, one per run of consecutive rows in older
-    ones, 0 for schema v1 or an empty cache."""
+    segment (per block of index rows from one segment, :func:`index.mapping_blocks`, and per
+    ``index.RUNS_PER_MAPPING`` runs of rows) in indexes written since commit ``e88743b``, one
+    per run of consecutive rows in older ones; 0 for schema v1 or an empty cache."""
     with Cache(path, features=False) as c:
         if c.schema_version < 2:
             return 0
@@ -174,8 +174,8 @@ def compact_if_needed(
             dead, total = _dead_rows(c)
     # Only the dead share: scattered deletions once made every run of live rows a mapping of the
     # virtual /features (about 7 KB per reader and 0.6 ms per commit each; 105,000 at 1M rows,
-    # 30 % deleted evenly), and extract compacted them early. Now each segment is one mapping
-    # whatever is deleted, and a run inside it costs bytes (docs/benchmarks.md).
+    # 30 % deleted evenly), and extract compacted them early. Now a segment is one mapping per
+    # 64 runs whatever is deleted, and a run inside one costs bytes (docs/benchmarks.md).
     if not total or dead / total <= threshold:
         return None
     result = compact(path, lock_held=lock_held)
