@@ -3,11 +3,14 @@
     python bench/compact_memory.py N even|block [--workdir DIR]
 
 A cache of N synthetic rows (D = 32) through the store API (as ``bench/store_scale.py``), 30 % of
-the rows deleted either evenly (3 of every 10: each run of live rows is one mapping of the index's
-virtual ``/features``, about N / 10) or as one block per segment (one mapping per segment), then
+the rows deleted either evenly (3 of every 10: about N / 10 runs of live rows, each one mapping of
+the index's virtual ``/features`` before commit ``e88743b``, one mapping per 64 runs since) or as
+one block per segment (one mapping per segment), then
 ``headstart cache compact`` in a process of its own that prints its ``VmHWM`` (peak resident
 memory, which starts afresh at exec). Also the ``VmHWM`` of a process that only imports the CLI,
-and of one that only opens the index's ``/features`` with h5py."""
+and of one that only opens the index's ``/features`` with h5py; and the rows/s of a process that
+reads the deleted index's features through ``Cache.iter_features`` (float32) before compacting
+(best of 3), and the seconds ``Cache(path)`` takes to open it (best of 3)."""
 
 import json
 import os
@@ -56,6 +59,15 @@ opened = subprocess.run(
     text=True,
     check=True,
 ).stdout.split()[-1]
+read = (
+    "import sys, time; from pipeline.cache.store import Cache; t = time.perf_counter(); c = Cache(sys.argv[1]); "
+    "o = time.perf_counter() - t; t = time.perf_counter(); k = sum(len(b) for _, b in c.iter_features()); "
+    "print(round(k / (time.perf_counter() - t)), o)"
+)
+reads = [  # best of 3 processes: (rows/s, seconds to open the Cache)
+    subprocess.run([sys.executable, "-c", read, str(out)], capture_output=True, text=True, check=True).stdout.split()
+    for _ in range(3)
+]
 code = (
     "import sys; from pipeline.cli import cli; cli.main(['cache', 'compact', sys.argv[1]], standalone_mode=False); "
     + hwm
@@ -72,6 +84,8 @@ print(
             compact_s=round(time.perf_counter() - t, 1),
             hwm_imports_mb=int(base) // 1024,
             hwm_open_index_mb=int(opened) // 1024,
+            read_rows_s=max(int(r) for r, _ in reads),
+            cache_open_s=round(min(float(o) for _, o in reads), 2),
             hwm_compact_mb=int(r.stdout.split()[-1]) // 1024,
             line=r.stdout.splitlines()[0][-90:],
             load=os.getloadavg()[0],

@@ -23,7 +23,9 @@ live rows per reclaimed row, so at 25 % at most 3; after a compaction every segm
 25 % dead, and so is the whole cache. ``extract`` compacts on its own when the cache's dead
 share exceeds :data:`AUTO_DEAD_SHARE` (25 %): a catalog whose photos are deleted at a steady
 rate then spends at most about 3 rows of copying per deleted row, and never holds more than
-about a third more bytes than its live rows need.
+about a third more bytes than its live rows need. Scattered deletions are no reason of their
+own: the index maps each segment once (per 64 runs of live rows) whatever rows of it are live
+(``index._create_features``), so a run of live rows costs it bytes, not a mapping.
 
 Memory: the index's per-row metadata (as every commit needs) plus one segment of rows being
 copied and one block being read; never the catalog's features.
@@ -47,14 +49,13 @@ from ..core.atomic import fsync_dir
 from ..errors import CacheError
 from ..models.fingerprint import KEYS as FINGERPRINT_KEYS
 from .h5io import crash_point, segment_dir
-from .index import IndexContents, RowLocations, location_arrays, mapping_runs, migrate_v1, write_index
+from .index import IndexContents, RowLocations, migrate_v1, write_index
 from .lock import writer_lock
 from .segments import DEFAULT_SEGMENT_ROWS, remove_stale_temporaries, unindexed_segments, write_segment
 from .store import Cache
 
 AUTO_DEAD_SHARE = 0.25  # extract compacts when more than this share of the segments' rows is dead
 SEGMENT_DEAD_SHARE = 0.25  # a segment is rewritten when at least this share of its rows is dead
-MAX_MAPPINGS = 1024  # more mappings than this (and than 4 a segment) make extract compact every dead row
 SUPERSEDED = "superseded_segments"  # index attribute: JSON list of the segments it replaced
 _READ_ROWS = 8192  # rows read from an old segment at a time (its chunks are 512 rows)
 
@@ -118,14 +119,16 @@ def _dead_rows(c: Cache) -> tuple[int, int]:
 
 
 def mappings(path: str | Path) -> int:
-    """How many mappings the index's virtual ``/features`` has: one per run of rows that are
-    consecutive in one segment (0 for schema v1)."""
-    with Cache(path) as c:
-        return _mappings(c)
-
-
-def _mappings(c: Cache) -> int:
-    return len(mapping_runs(*c.location_arrays())[0]) if c.schema_version >= 2 else 0
+    """How many mappings the index's virtual ``/features`` has, as HDF5 reads them: one per
+    segment (per block of index rows from one segment, :func:`index.mapping_blocks`, and per
+    ``index.RUNS_PER_MAPPING`` runs of rows) in indexes written since commit ``e88743b``, one
+    per run of consecutive rows in older ones; 0 for schema v1 or an empty cache."""
+    with Cache(path, features=False) as c:
+        if c.schema_version < 2:
+            return 0
+    with h5py.File(path, "r") as f:
+        ds = f["features"]
+        return int(ds.id.get_create_plist().get_virtual_count()) if ds.is_virtual else 0
 
 
 def compact(
@@ -164,21 +167,18 @@ def compact_if_needed(
     ``index``: what the caller just committed to ``path``, so the figures need no new open of
     the index (an unchanged re-run of a large catalog spent about 2 us a file here)."""
     if index is not None:
-        _, seg, row = location_arrays(index.location)
         total = sum(index.segment_rows.values())
-        dead, n_segments = total - len(seg), len(index.segment_rows)
-        fragmented = len(mapping_runs(seg, row)[0]) > max(MAX_MAPPINGS, 4 * n_segments)
+        dead = total - len(index.location)
     else:
-        with Cache(path) as c:  # one open: every figure below is the index's metadata
+        with Cache(path, features=False) as c:  # every figure below is the index's metadata
             dead, total = _dead_rows(c)
-            fragmented = _mappings(c) > max(MAX_MAPPINGS, 4 * len(c.segments))
-    if not fragmented and (not total or dead / total <= threshold):
+    # Only the dead share: scattered deletions once made every run of live rows a mapping of the
+    # virtual /features (about 7 KB per reader and 0.6 ms per commit each; 105,000 at 1M rows,
+    # 30 % deleted evenly), and extract compacted them early. Now a segment is one mapping per
+    # 64 runs whatever is deleted, and a run inside one costs bytes (docs/benchmarks.md).
+    if not total or dead / total <= threshold:
         return None
-    # Scattered deletions leave few dead rows but many runs of live ones: every run is one
-    # mapping of the index's virtual dataset, which costs each commit and each reader (about
-    # 0.6 ms and 6.5 KB a mapping, measured at 1M rows). Rewriting every segment with a dead
-    # row makes the live rows contiguous again.
-    result = compact(path, lock_held=lock_held, min_dead_share=0.0 if fragmented else SEGMENT_DEAD_SHARE)
+    result = compact(path, lock_held=lock_held)
     (say or _stderr)(result.line())
     return result
 

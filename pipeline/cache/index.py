@@ -77,11 +77,23 @@ class IndexContents:
 
 
 def mapping_runs(seg: np.ndarray, row: np.ndarray) -> tuple[list[int], list[int]]:
-    """Start and end of every run of index rows that are consecutive rows of one segment: each
-    run is one mapping of the virtual ``/features`` (what a commit writes and a reader holds)."""
+    """Start and end of every run of index rows that are consecutive rows of one segment. Each
+    run is one block of a mapping's source selection (indexes written before one mapping per
+    segment had one mapping per run)."""
     if not len(seg):
         return [], []
     brk = np.flatnonzero((np.diff(seg) != 0) | (np.diff(row) != 1)) + 1
+    return np.concatenate([[0], brk]).tolist(), np.concatenate([brk, [len(seg)]]).tolist()
+
+
+def mapping_blocks(seg: np.ndarray, row: np.ndarray) -> tuple[list[int], list[int]]:
+    """Start and end of every block of index rows that come from one segment in ascending row
+    order: each block is one mapping of the virtual ``/features`` (what a commit writes and a
+    reader holds), or one per ``RUNS_PER_MAPPING`` of its runs. Rows are in storage order, so
+    normally one block per segment, whatever rows were deleted."""
+    if not len(seg):
+        return [], []
+    brk = np.flatnonzero((np.diff(seg) != 0) | (np.diff(row) <= 0)) + 1
     return np.concatenate([[0], brk]).tolist(), np.concatenate([brk, [len(seg)]]).tolist()
 
 
@@ -136,6 +148,47 @@ def _rows(c: IndexContents) -> _Rows:
     )
 
 
+# Runs of rows one mapping's source selection holds at most. HDF5 decodes an irregular
+# hyperslab block by block, each OR-ed into the selection so far: quadratic in its runs (a
+# segment of 2,048 runs took 48 ms to open, 123 of them 5.9 s). 64 keeps opening near its
+# minimum and the mappings about 1 per 64 runs (docs/benchmarks.md).
+RUNS_PER_MAPPING = 64
+
+
+def _create_features(f: h5py.File, c: IndexContents, r: _Rows, folder: str) -> None:
+    """``/features`` as a virtual dataset with one mapping per block (:func:`mapping_blocks`),
+    or per ``RUNS_PER_MAPPING`` runs of a block with more: on the virtual side its rows, a
+    regular hyperslab; on the source side the union of its runs of segment rows, an irregular
+    one (HDF5 maps the two selections element by element, in order, and needs only equal
+    counts). Why not one mapping per run, as h5py's ``VirtualLayout`` (regular slices only)
+    writes it: HDF5 holds about 7 KB per mapping for every reader that opens ``/features`` and
+    a commit spends about 0.3-0.6 ms writing one, so scattered deletions (100,000 runs at 1 M
+    rows) cost 724 MB per reader and a 31-70 s commit; a run inside a mapping costs bytes."""
+    n, d, dt = len(r.loc_seg), c.feature_dim, np.dtype(c.dtype)
+    seg, row = r.loc_seg, r.loc_row
+    run_a, run_b = mapping_runs(seg, row)
+    starts = row[run_a].tolist()
+    dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+    dcpl.set_layout(h5py.h5d.VIRTUAL)
+    # A source deleted under a reader that opened this index earlier (a compaction) reads as the
+    # fill value: NaN, which readers refuse (store.require_finite), not zeros.
+    dcpl.set_fill_value(np.array([np.nan], dtype=dt))
+    vspace = h5py.h5s.create_simple((n, d))
+    k = 0  # the next run
+    for _, b in zip(*mapping_blocks(seg, row), strict=True):  # a block is whole runs
+        name = r.used[int(seg[run_a[k]])]
+        while k < len(run_a) and run_a[k] < b:  # one mapping per RUNS_PER_MAPPING runs
+            a, src, op = run_a[k], h5py.h5s.create_simple((c.segment_rows[name], d)), h5py.h5s.SELECT_SET
+            for _ in range(RUNS_PER_MAPPING):
+                src.select_hyperslab((starts[k], 0), (run_b[k] - run_a[k], d), op=op)
+                op, k = h5py.h5s.SELECT_OR, k + 1
+                if k == len(run_a) or run_a[k] >= b:
+                    break
+            vspace.select_hyperslab((a, 0), (run_b[k - 1] - a, d))
+            dcpl.set_virtual(vspace, f"{folder}/{name}".encode(), b"features", src)  # both copied
+    h5py.h5d.create(f.id, b"features", h5py.h5t.py_create(dt, logical=True), h5py.h5s.create_simple((n, d)), dcpl=dcpl)
+
+
 def write_index(path: Path, c: IndexContents, rows: _Rows | None = None) -> int:
     """Replace the index atomically: readers see the old one or the new one. Its cost is the
     per-row metadata; no feature byte is copied. Returns the bytes written. ``rows``: the
@@ -147,17 +200,7 @@ def write_index(path: Path, c: IndexContents, rows: _Rows | None = None) -> int:
 
     def fill(f: h5py.File) -> None:
         if n:
-            dt = np.dtype(c.dtype)
-            layout = h5py.VirtualLayout(shape=(n, d), dtype=dt)
-            sources = {
-                s: h5py.VirtualSource(f"{folder}/{s}", "features", shape=(c.segment_rows[s], d), dtype=dt) for s in used
-            }
-            for a, b in zip(*mapping_runs(loc_seg, loc_row), strict=True):
-                r0 = int(loc_row[a])
-                layout[a:b] = sources[used[int(loc_seg[a])]][r0 : r0 + (b - a)]
-            # A source deleted under a reader that opened this index earlier (a compaction) reads
-            # as the fill value: NaN, which readers refuse (store.require_finite), not zeros.
-            f.create_virtual_dataset("features", layout, fillvalue=np.nan)
+            _create_features(f, c, r, folder)
         else:
             f.create_dataset("features", shape=(0, d), dtype=np.dtype(c.dtype))
         _packed(f, "content_hash", r.content_hash, compress=False)

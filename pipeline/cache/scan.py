@@ -178,7 +178,7 @@ INPUTS_ATTR = "inputs_digest"
 # Part of every inputs digest. Bump it when the index made from the same inputs changes (what
 # index_contents puts in it, or how index.write_index lays it out): an index kept by unchanged
 # re-runs of an earlier build is then rebuilt once, in the new form, on the next run.
-INDEX_RULES = 1
+INDEX_RULES = 2  # 2: one mapping per segment (per 64 runs), index.write_index
 _NO_STAT = (-1, -1, -1, -1)
 
 
