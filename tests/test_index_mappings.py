@@ -18,6 +18,7 @@ from pipeline.cache.index import IndexContents, commit, mapping_blocks, mapping_
 from pipeline.cache.inspection import verify
 from pipeline.cache.segments import SegmentWriter
 from pipeline.cache.store import Cache, segment_dir
+from pipeline.errors import CacheError
 from pipeline.models.fingerprint import Fingerprint
 
 DIM = 12
@@ -178,12 +179,16 @@ def test_an_index_with_one_mapping_per_run_still_reads_verifies_and_compacts(tmp
 
 
 def test_a_segment_deleted_under_an_open_reader_reads_as_nan(tmp_path):
-    """The fill value of the low-level dataset creation: NaN (refused by readers), not zeros."""
+    """The fill value of the low-level dataset creation: NaN (refused by readers), not zeros,
+    for a plain h5py reader of the virtual dataset; headstart's own reader (cache/reader.py)
+    says the segment is gone."""
     out = tmp_path / "features.h5"
     hashes, location, _ = _segments(out, 200, 100, "float32")
     keep = [i for i in range(200) if i % 4]
     _commit(out, [hashes[i] for i in keep], [location[i] for i in keep], "float32")
-    with Cache(out) as c:
+    with h5py.File(out, "r") as f, Cache(out) as c:
         (segment_dir(out) / location[150][0]).unlink()
-        got = c.features()
+        got = f["features"][()]
+        with pytest.raises(CacheError, match="removed after the cache was opened"):
+            c.features()
     assert np.isnan(got[75:]).all() and np.isfinite(got[:75]).all()
