@@ -109,10 +109,10 @@ class Cache:
         instead; a file that is not a readable headstart cache is refused either way.
         ``features=False``: for metadata only (compaction): the features cannot be read.
         ``/features`` is opened only for its shape and dtype, never held: HDF5 keeps every
-        mapping of an open virtual dataset in memory (about 6.5 KB each; 700 MB for an index
-        fragmented by scattered deletions, 100,000 mappings at 1M rows) and every source file
-        it has read from open, with its chunk cache. The rows are read from the segments
-        (:mod:`.reader`)."""
+        mapping of an open virtual dataset in memory (about 6.5 KB each: 700 MB for an index
+        written before one mapping per segment, fragmented by scattered deletions at 1M rows)
+        and every source file it has read from open, with its chunk cache. The rows are read
+        from the segments (:mod:`.reader`)."""
         self.path = Path(path)
         if not self.path.is_file():
             raise CacheError(_not_a_file(self.path))
