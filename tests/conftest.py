@@ -4,17 +4,21 @@ the real EfficientNet-Lite0 ImageNet weights from PyPI."""
 from __future__ import annotations
 
 import atexit
+import json
 import os
 import resource
 import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
 
+from pipeline.config import ExtractConfig
 from pipeline.data import SAMPLE_CATALOG
+from pipeline.models.fingerprint import Fingerprint
 
 TEST_DEVICE = os.environ.get("HEADSTART_TEST_DEVICE", "cpu")
 
@@ -148,3 +152,27 @@ def tiny_head(tmp_path_factory) -> Path:
     # Random tiny features are all "near duplicates"; keep the split plain, C fixed for speed.
     fit_head(FitHeadConfig(cache=str(cache), out=str(root / "head"), c=0.01, near_duplicate_threshold=None))
     return root / "head"
+
+
+def extract_config(images: Path, out: Path, **kw: object) -> ExtractConfig:
+    """An ``extract`` run on the tiny backbone, fp32 (same features on every CPU), in process."""
+    base: dict[str, object] = dict(backbone="tiny", precision="fp32", workers=0, progress=False)
+    base.update(kw)
+    return ExtractConfig(images=str(images), out=str(out), **base)  # type: ignore[arg-type]
+
+
+def age_files(root: Path) -> None:
+    """Give every file under ``root`` an mtime an hour ago: freshly written files are 'racy'
+    (statcache.RACY_NS) and never kept in the stat cache."""
+    t = time.time_ns() - 3600 * 10**9
+    for p in root.rglob("*"):
+        if p.is_file():
+            os.utime(p, ns=(t, t))
+
+
+def synthetic_fingerprint(dim: int) -> Fingerprint:
+    """The fingerprint of rows made up by a test, of width ``dim`` (no backbone behind them)."""
+    prep = {"crop": 32, "draft": True, "interpolation": "bilinear", "letterbox": False}
+    prep.update(mean=[0.5] * 3, resize=40, std=[0.5] * 3)
+    record = dict(backbone="synthetic", weights="random", weights_sha256="none", precision="fp32")
+    return Fingerprint.from_record({**record, "preprocessing": json.dumps(prep), "feature_dim": dim}, source="test")

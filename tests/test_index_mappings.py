@@ -5,12 +5,12 @@ locations say, and indexes written with one mapping per run of rows (before) sti
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
+from conftest import synthetic_fingerprint
 
 from pipeline.cache import compact as compact_mod
 from pipeline.cache import index as index_mod
@@ -19,16 +19,8 @@ from pipeline.cache.inspection import verify
 from pipeline.cache.segments import SegmentWriter
 from pipeline.cache.store import Cache, segment_dir
 from pipeline.errors import CacheError
-from pipeline.models.fingerprint import Fingerprint
 
 DIM = 12
-
-
-def _fingerprint() -> Fingerprint:
-    prep = {"crop": 32, "draft": True, "interpolation": "bilinear", "letterbox": False}
-    prep.update(mean=[0.5] * 3, resize=40, std=[0.5] * 3)
-    record = dict(backbone="synthetic", weights="random", weights_sha256="none", precision="fp32")
-    return Fingerprint.from_record({**record, "preprocessing": json.dumps(prep), "feature_dim": DIM}, source="test")
 
 
 def _hash(i: int) -> str:
@@ -39,7 +31,7 @@ def _segments(out: Path, n: int, seg_rows: int, dtype: str) -> tuple[list[str], 
     """``n`` random rows in segments of ``seg_rows``: their keys, locations and features."""
     hashes = [_hash(i) for i in range(n)]
     feats = np.random.default_rng(1).standard_normal((n, DIM), dtype=np.float32).astype(dtype)
-    w = SegmentWriter(out, _fingerprint(), np.dtype(dtype), DIM, seg_rows)
+    w = SegmentWriter(out, synthetic_fingerprint(DIM), np.dtype(dtype), DIM, seg_rows)
     for a in range(0, n, 50):
         w.add(hashes[a : a + 50], feats[a : a + 50])
     w.flush()
@@ -59,7 +51,7 @@ def _commit(out: Path, hashes: list[str], location: list[tuple[str, int]], dtype
             paths=[f"bag/photo-{i:05d}.jpg" for i in range(n)],
             labels=np.zeros(n, dtype=np.int32),
             class_names=["bag"],
-            attrs=dict(_fingerprint().to_record(), image_root="/photos", layout="folders"),
+            attrs=dict(synthetic_fingerprint(DIM).to_record(), image_root="/photos", layout="folders"),
             location=location,
             segment_rows={s: seg_rows[s] for s, _ in location},
             dtype=dtype,

@@ -5,29 +5,21 @@ deletions, converted; with a few segment files open at a time, never all of them
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
+from conftest import synthetic_fingerprint
 
 from pipeline.cache import reader
 from pipeline.cache.index import IndexContents, commit
 from pipeline.cache.segments import SegmentWriter
 from pipeline.cache.store import Cache, segment_dir
 from pipeline.errors import CacheError
-from pipeline.models.fingerprint import Fingerprint
 
 DIM = 24
-
-
-def _fingerprint() -> Fingerprint:
-    prep = {"crop": 32, "draft": True, "interpolation": "bilinear", "letterbox": False}
-    prep.update(mean=[0.5] * 3, resize=40, std=[0.5] * 3)
-    record = dict(backbone="synthetic", weights="random", weights_sha256="none", precision="fp32")
-    return Fingerprint.from_record({**record, "preprocessing": json.dumps(prep), "feature_dim": DIM}, source="test")
 
 
 def _cache(out: Path, n: int, seg_rows: int, keep: np.ndarray | None = None, dtype: type = np.float16) -> None:
@@ -35,7 +27,7 @@ def _cache(out: Path, n: int, seg_rows: int, keep: np.ndarray | None = None, dty
     order (default: all, in storage order), as extract commits after deletions and reorders."""
     hashes = [hashlib.blake2b(i.to_bytes(8, "little"), digest_size=16).hexdigest() for i in range(n)]
     feats = (np.random.default_rng(1).standard_normal((n, DIM), dtype=np.float32) * 100).astype(dtype)
-    w = SegmentWriter(out, _fingerprint(), dtype, DIM, seg_rows)
+    w = SegmentWriter(out, synthetic_fingerprint(DIM), dtype, DIM, seg_rows)
     for a in range(0, n, 37):
         w.add(hashes[a : a + 37], feats[a : a + 37])
     w.flush()
@@ -47,7 +39,7 @@ def _cache(out: Path, n: int, seg_rows: int, keep: np.ndarray | None = None, dty
             paths=[f"bag/photo-{i:05d}.jpg" for i in keep],
             labels=np.zeros(len(keep), dtype=np.int32),
             class_names=["bag"],
-            attrs=dict(_fingerprint().to_record(), image_root="/photos", layout="folders"),
+            attrs=dict(synthetic_fingerprint(DIM).to_record(), image_root="/photos", layout="folders"),
             location=[w.locations[hashes[i]] for i in keep],
             segment_rows={s.name: s.n_rows for s in w.segments},
             dtype=np.dtype(dtype).name,

@@ -7,32 +7,16 @@ from __future__ import annotations
 import csv
 import os
 import shutil
-import time
 from pathlib import Path
 
 import pytest
-from conftest import copy_sample_photos
+from conftest import age_files, copy_sample_photos, extract_config
 
 import pipeline.extract as extract_mod
 from pipeline.cache.inspection import verify
 from pipeline.cache.previous import PreviousIndex
 from pipeline.cache.store import Cache
-from pipeline.config import ExtractConfig
 from pipeline.extract import extract
-
-
-def _cfg(images: Path, out: Path, **kw) -> ExtractConfig:
-    base = dict(backbone="tiny", precision="fp32", workers=0, progress=False)
-    base.update(kw)
-    return ExtractConfig(images=str(images), out=str(out), **base)
-
-
-def _age(root: Path) -> None:
-    """An mtime an hour ago: freshly written files are 'racy' (statcache.RACY_NS), never kept."""
-    t = time.time_ns() - 3600 * 10**9
-    for p in root.rglob("*"):
-        if p.is_file():
-            os.utime(p, ns=(t, t))
 
 
 def _awkward_folder(root: Path) -> Path:
@@ -46,7 +30,7 @@ def _awkward_folder(root: Path) -> Path:
     (root / "bag" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
     shutil.copy(bag[2], root / "stray.png")  # beside the class folders: unlabelled
     (root / "notes.txt").write_text("not a photo")
-    _age(root)
+    age_files(root)
     return root
 
 
@@ -59,7 +43,7 @@ def _manifest(images: Path, path: Path) -> Path:
         w = csv.writer(f)
         w.writerow(["path", "category", "finish", "tags"])
         w.writerows(rows)
-    _age(path.parent)
+    age_files(path.parent)
     return path
 
 
@@ -86,7 +70,7 @@ def test_the_kept_index_is_what_a_rebuild_writes(tmp_path, monkeypatch, assemble
     images = _awkward_folder(tmp_path / "images")
     source = images if layout == "folders" else _manifest(images, tmp_path / "catalog.csv")
     out = tmp_path / "features.h5"
-    extract(_cfg(source, out))  # extracts; the index records what it was made from
+    extract(extract_config(source, out))  # extracts; the index records what it was made from
     before = out.stat()
     assembled.clear()
     with monkeypatch.context() as m:  # nothing new: the network is never built, no weights are read
@@ -95,13 +79,13 @@ def test_the_kept_index_is_what_a_rebuild_writes(tmp_path, monkeypatch, assemble
             raise AssertionError("the backbone was loaded")
 
         m.setattr(extract_mod, "load_backbone", refuse)
-        kept = extract(_cfg(source, out))
+        kept = extract(extract_config(source, out))
     assert assembled == [] and kept.extracted == 0 and kept.known_bad == 1
     assert (out.stat().st_ino, out.stat().st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
     # The same run made to rebuild the contents: the digest of what it would write equals the
     # committed one (the index is not rewritten), and it reports the same.
     monkeypatch.setattr(PreviousIndex, "inputs", property(lambda self: None))
-    rebuilt = extract(_cfg(source, out))
+    rebuilt = extract(extract_config(source, out))
     assert assembled == [1] and _summary(rebuilt) == _summary(kept)
     assert (out.stat().st_ino, out.stat().st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
     assert any("identical bytes" in why for _, why in kept.skipped)
@@ -109,32 +93,32 @@ def test_the_kept_index_is_what_a_rebuild_writes(tmp_path, monkeypatch, assemble
 
 def _settled(tmp_path: Path) -> tuple[Path, Path]:
     images = copy_sample_photos(tmp_path / "images", per_class=3)
-    _age(images)
+    age_files(images)
     manifest = _manifest(images, tmp_path / "catalog.csv")
     out = tmp_path / "features.h5"
-    extract(_cfg(manifest, out))
+    extract(extract_config(manifest, out))
     return manifest, out
 
 
 def test_a_changed_cell_a_touched_file_or_new_limits_take_the_full_path(tmp_path, assembled):
     manifest, out = _settled(tmp_path)
-    assert extract(_cfg(manifest, out)).extracted == 0 and assembled == [1]  # kept
+    assert extract(extract_config(manifest, out)).extracted == 0 and assembled == [1]  # kept
 
     text = manifest.read_text(encoding="utf-8").replace(",matte,", ",satin,", 1)  # one attribute cell
     manifest.write_text(text, encoding="utf-8")
-    _age(manifest.parent)
-    s = extract(_cfg(manifest, out))
+    age_files(manifest.parent)
+    s = extract(extract_config(manifest, out))
     assert assembled == [1, 1] and s.relabelled == 1
-    extract(_cfg(manifest, out))
+    extract(extract_config(manifest, out))
     assert len(assembled) == 2  # kept again
 
     photo = sorted((manifest.parent / "images" / "bag").glob("*.png"))[0]
     st = photo.stat()
     os.utime(photo, ns=(st.st_atime_ns, st.st_mtime_ns - 10**9))  # touched: the stat differs
-    extract(_cfg(manifest, out))
+    extract(extract_config(manifest, out))
     assert len(assembled) == 3
 
-    extract(_cfg(manifest, out, max_pixels=10**7))  # other decode limits: known-bad files are tried again
+    extract(extract_config(manifest, out, max_pixels=10**7))  # other decode limits: known-bad files are tried again
     assert len(assembled) == 4
 
 
@@ -146,15 +130,15 @@ def test_a_removed_photo_or_a_segment_left_by_a_killed_run_take_the_full_path(tm
 
     lines = manifest.read_text(encoding="utf-8").splitlines()
     manifest.write_text("\n".join(lines[:-1]) + "\n", encoding="utf-8")  # one photo fewer
-    _age(manifest.parent)
-    s = extract(_cfg(manifest, out))
+    age_files(manifest.parent)
+    s = extract(extract_config(manifest, out))
     assert assembled == [1, 1] and s.removed == 1
-    extract(_cfg(manifest, out))
+    extract(extract_config(manifest, out))
     assert assembled == [1, 1]  # kept
 
     left = segments / "seg-99999999-left-by-a-killed-run.h5"
     shutil.copy(spare, left)  # a finished segment outside the index
-    extract(_cfg(manifest, out))
+    extract(extract_config(manifest, out))
     assert assembled == [1, 1, 1] and not verify(out)
     with Cache(out) as c:
         assert {p.name for p in segments.glob("seg-*.h5")} == set(c.segments)
@@ -162,9 +146,9 @@ def test_a_removed_photo_or_a_segment_left_by_a_killed_run_take_the_full_path(tm
 
 def test_a_damaged_segment_outside_the_index_is_set_aside_and_the_index_kept(tmp_path, assembled):
     manifest, out = _settled(tmp_path)
-    rows = extract(_cfg(manifest, out)).rows
+    rows = extract(extract_config(manifest, out)).rows
     junk = out.with_name(out.name + ".segments") / "seg-99999999-junk.h5"
     junk.write_bytes(b"not an HDF5 file")
-    s = extract(_cfg(manifest, out))
+    s = extract(extract_config(manifest, out))
     assert assembled == [1] and s.rows == rows and s.set_aside and not junk.exists()
     assert junk.with_name(junk.name + ".damaged").exists() and not verify(out)

@@ -13,35 +13,18 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from conftest import copy_sample_photos
+from conftest import age_files, copy_sample_photos, extract_config
 
 import pipeline.extract as extract_mod
 from pipeline.cache import statcache
 from pipeline.cache.inspection import info, verify
 from pipeline.cache.store import SCHEMA_VERSION, Cache, segment_dir
-from pipeline.config import ExtractConfig
 from pipeline.data import SAMPLE_CATALOG
 from pipeline.errors import CacheError
 from pipeline.extract import extract
 
 OLD = Path(__file__).parent / "data" / "release-0.1.0"
 OPTS = ["--backbone", "tiny", "--precision", "fp32", "--workers", "0", "--batch-size", "8", "--no-progress"]
-
-
-def _cfg(images: Path, out: Path, **kw) -> ExtractConfig:
-    base = dict(backbone="tiny", precision="fp32", workers=0, progress=False)
-    base.update(kw)
-    return ExtractConfig(images=str(images), out=str(out), **base)
-
-
-def _age(root: Path) -> None:
-    """Give every file an mtime an hour ago (freshly copied files are 'racy': not stat-cached)."""
-    import time
-
-    t = time.time_ns() - 3600 * 10**9
-    for p in root.rglob("*"):
-        if p.is_file():
-            os.utime(p, ns=(t, t))
 
 
 def _segments(out: Path) -> list[Path]:
@@ -55,7 +38,7 @@ def catalog(tmp_path: Path) -> Path:
 
 def test_plain_h5py_reads_one_file_from_anywhere_after_a_move_and_a_copy(catalog, tmp_path, monkeypatch):
     out = tmp_path / "cache" / "features.h5"
-    extract(_cfg(catalog, out))
+    extract(extract_config(catalog, out))
     with Cache(out) as c:
         want = c.features()
         hashes = c.content_hash
@@ -99,13 +82,13 @@ def test_plain_h5py_reads_one_file_from_anywhere_after_a_move_and_a_copy(catalog
 
 def test_a_commit_writes_the_new_rows_and_rewrites_no_old_segment(catalog, tmp_path):
     out = tmp_path / "f.h5"
-    extract(_cfg(catalog, out))
+    extract(extract_config(catalog, out))
     before = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns, p.read_bytes()) for p in _segments(out)}
     with Cache(out) as c:
         old = dict(zip(c.content_hash, c.features(), strict=True))
     for p in sorted((SAMPLE_CATALOG / "test" / "bag").glob("*.png"))[:4]:
         shutil.copy(p, catalog / "bag" / p.name)
-    s = extract(_cfg(catalog, out))
+    s = extract(extract_config(catalog, out))
     assert (s.extracted, s.reused) == (4, 30)
     after = _segments(out)
     assert len(after) == len(before) + 1  # one new segment
@@ -120,7 +103,7 @@ def test_a_commit_writes_the_new_rows_and_rewrites_no_old_segment(catalog, tmp_p
     # A deleted photo drops out of the index at once; its bytes stay until compaction.
     gone = sorted((catalog / "trouser").glob("*.png"))[0]
     gone.unlink()
-    extract(_cfg(catalog, out))
+    extract(extract_config(catalog, out))
     d = info(out)
     assert d["rows"] == 33 and d["dead_rows"] == 1 and not verify(out)
 
@@ -139,7 +122,7 @@ def _flip_chunk_bytes(segment: Path) -> None:
 
 def test_a_flipped_byte_in_a_segment_is_an_error(catalog, tmp_path, run_cli):
     out = tmp_path / "f.h5"
-    extract(_cfg(catalog, out))
+    extract(extract_config(catalog, out))
     seg = _segments(out)[0]
     _flip_chunk_bytes(seg)
     with Cache(out) as c, pytest.raises(CacheError, match="checksum"):
@@ -159,7 +142,7 @@ def test_release_0_1_0_cache_is_read_then_converted_by_extract(tmp_path):
         assert c.schema_version == 1
         want = dict(zip(c.content_hash, c.features(), strict=True))
     photos = copy_sample_photos(tmp_path / "images", per_class=4)
-    s = extract(_cfg(photos, cache))
+    s = extract(extract_config(photos, cache))
     assert (s.rows, s.extracted, s.reused) == (12, 0, 12)
     with Cache(cache) as c:
         assert c.schema_version == 2 and len(c.segments) == 1
@@ -183,16 +166,16 @@ def test_kill_9_while_converting_keeps_the_old_cache(tmp_path):
     )
     assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
     assert cache.read_bytes() == (OLD / "features.h5").read_bytes() and len(_segments(cache)) == 1
-    s = extract(_cfg(photos, cache))
+    s = extract(extract_config(photos, cache))
     assert (s.rows, s.extracted) == (12, 0) and not verify(cache)
     with Cache(cache) as c:
         assert {p.name for p in _segments(cache)} == set(c.segments)
 
 
 def test_unchanged_rerun_reads_no_photo_bytes(catalog, tmp_path, monkeypatch):
-    _age(catalog)
+    age_files(catalog)
     out = tmp_path / "f.h5"
-    extract(_cfg(catalog, out))
+    extract(extract_config(catalog, out))
     calls: list[str] = []
     real = statcache.hash_file
 
@@ -201,7 +184,7 @@ def test_unchanged_rerun_reads_no_photo_bytes(catalog, tmp_path, monkeypatch):
         return real(path)
 
     monkeypatch.setattr(statcache, "hash_file", counting)
-    s = extract(_cfg(catalog, out))
+    s = extract(extract_config(catalog, out))
     assert calls == [] and (s.rows, s.extracted, s.reused) == (30, 0, 30)
 
     # A new mtime (touched) or a new size (rewritten): only those files are read again.
@@ -211,25 +194,25 @@ def test_unchanged_rerun_reads_no_photo_bytes(catalog, tmp_path, monkeypatch):
     shutil.copyfile(sorted((SAMPLE_CATALOG / "test" / "bag").glob("*.png"))[0], rewritten)
     os.utime(rewritten, ns=(mtime, mtime))  # the old mtime, a new size: still a stat change
     calls.clear()
-    s = extract(_cfg(catalog, out))
+    s = extract(extract_config(catalog, out))
     assert sorted(calls) == sorted([str(touched), str(rewritten)]) and s.extracted == 1
 
     calls.clear()
-    s = extract(_cfg(catalog, out, rehash=True))
+    s = extract(extract_config(catalog, out, rehash=True))
     assert len(calls) == 30 and s.extracted == 0
 
 
 def test_an_unchanged_rerun_writes_no_index_and_a_relabel_does(catalog, tmp_path):
-    _age(catalog)
+    age_files(catalog)
     out = tmp_path / "f.h5"
-    extract(_cfg(catalog, out))
+    extract(extract_config(catalog, out))
     before = out.stat()
-    extract(_cfg(catalog, out))  # nothing changed: the index is left as it is
+    extract(extract_config(catalog, out))  # nothing changed: the index is left as it is
     after = out.stat()
     assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
     moved = sorted((catalog / "bag").glob("*.png"))[0]
     moved.rename(catalog / "sneaker" / moved.name)
-    s = extract(_cfg(catalog, out))
+    s = extract(extract_config(catalog, out))
     assert s.relabelled == 1 and out.stat().st_ino != before.st_ino  # a new index, renamed into place
     with Cache(out) as c:
         assert c.labels[c.paths.index(f"sneaker/{moved.name}")] == c.class_names.index("sneaker")
@@ -237,9 +220,9 @@ def test_an_unchanged_rerun_writes_no_index_and_a_relabel_does(catalog, tmp_path
 
 def test_in_place_rewrite_with_same_size_and_mtime_needs_rehash(catalog, tmp_path):
     """The documented trade-off (as in git and rsync): same size, mtime and inode = unchanged."""
-    _age(catalog)
+    age_files(catalog)
     out = tmp_path / "f.h5"
-    extract(_cfg(catalog, out))
+    extract(extract_config(catalog, out))
     a = sorted((catalog / "bag").glob("*.png"))[0]
     st = a.stat()
     data = bytearray(a.read_bytes())
@@ -247,8 +230,8 @@ def test_in_place_rewrite_with_same_size_and_mtime_needs_rehash(catalog, tmp_pat
     with open(a, "r+b") as fh:  # in place: same inode
         fh.write(data)
     os.utime(a, ns=(st.st_atime_ns, st.st_mtime_ns))
-    assert extract(_cfg(catalog, out)).extracted == 0  # missed
-    assert extract(_cfg(catalog, out, rehash=True)).extracted == 1  # --rehash finds it
+    assert extract(extract_config(catalog, out)).extracted == 0  # missed
+    assert extract(extract_config(catalog, out, rehash=True)).extracted == 1  # --rehash finds it
 
 
 def test_new_rows_go_to_segments_as_they_come(catalog, tmp_path, monkeypatch):
@@ -264,7 +247,7 @@ def test_new_rows_go_to_segments_as_they_come(catalog, tmp_path, monkeypatch):
 
     monkeypatch.setattr(extract_mod.SegmentWriter, "flush", spy)
     out = tmp_path / "f.h5"
-    extract(_cfg(catalog, out, batch_size=4))
+    extract(extract_config(catalog, out, batch_size=4))
     assert [n for n in sizes if n] == [8, 8, 8, 6]
     with Cache(out) as c:
         assert len(c.segments) == 4 and c.n_rows == 30
