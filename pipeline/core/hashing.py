@@ -39,15 +39,26 @@ def open_regular(path: str | os.PathLike[str]) -> tuple[BinaryIO, os.stat_result
     check is on the descriptor (``fstat``), not the name, so a file swapped for a FIFO between a
     check and the open cannot slip through. Raises ``OSError`` (``EINVAL``, "not a regular
     file") for FIFOs, devices, sockets and folders."""
+    fd, st = _regular_fd(path)
+    try:
+        # Reads of a regular file never block anyway; clear the flag so no later reader can
+        # ever see EAGAIN from this descriptor.
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb"), st
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _regular_fd(path: str | os.PathLike[str]) -> tuple[int, os.stat_result]:
+    """A descriptor of ``path`` opened without blocking, and its fstat, if it is a regular file
+    (else ``OSError`` ``EINVAL``, closed): the one guard of :func:`open_regular` and :func:`hash_file`."""
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise OSError(errno.EINVAL, NOT_REGULAR, os.fspath(path))
-        # Reads of a regular file never block anyway; clear the flag so no later reader can
-        # ever see EAGAIN from this descriptor.
-        os.set_blocking(fd, True)
-        return os.fdopen(fd, "rb"), st
+        return fd, st
     except BaseException:
         os.close(fd)
         raise
@@ -61,15 +72,13 @@ def hash_bytes(data: bytes | bytearray | memoryview) -> str:
 def hash_file(path: str | os.PathLike[str]) -> str:
     """The cache key: blake2b-128 of the file's bytes, as 32 hex characters.
 
-    The same guard as :func:`open_regular` (a FIFO or device is refused on its descriptor), on
+    The guard of :func:`open_regular` (a FIFO or device is refused on its descriptor), then
     the bare descriptor: no file object and no blocking-mode switch, since a regular file's
     reads never block. Why: a small photo costs a handful of system calls and nothing else,
     and at a few hundred bytes a file those calls were half of the hashing time."""
     h = hashlib.blake2b(digest_size=HASH_HEX_CHARS // 2)
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    fd, _ = _regular_fd(path)
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise OSError(errno.EINVAL, NOT_REGULAR, os.fspath(path))
         while block := os.read(fd, 1 << 20):
             h.update(block)
     finally:
