@@ -37,10 +37,10 @@ from .cache.index import IndexContents, commit
 from .cache.previous import PreviousIndex, prepare, read_previous
 from .cache.scan import INDEX_RULES, INPUTS_ATTR, Scan, index_contents, inputs_digest, label_changes
 from .cache.segments import (
-    DEFAULT_SEGMENT_ROWS,
     SegmentInfo,
     SegmentWriter,
     adopt,
+    configured_segment_rows,
     unindexed_segments,
 )
 from .cache.store import Cache, writer_lock
@@ -68,7 +68,7 @@ from .models.fingerprint import Fingerprint
 # loses at most that much work, memory holds at most one segment's rows, and segment files stay
 # few (the index maps each of them). The environment overrides exist for the crash tests (small
 # segments on a tiny catalog) and for tuning, not as user options.
-SEGMENT_ROWS = int(os.environ.get("HEADSTART_COMMIT_ROWS", str(DEFAULT_SEGMENT_ROWS)))
+SEGMENT_ROWS = configured_segment_rows()
 COMMIT_EVERY_SECONDS = float(os.environ.get("HEADSTART_COMMIT_SECONDS", "60"))
 
 
@@ -195,8 +195,8 @@ def _lead(run: _Run, others: bool) -> ExtractSummary:
             with runtime.no_cyclic_gc():
                 contents = _assemble(run, share, old)
                 commit(out, contents)
-                # Over 25 % dead rows, or too fragmented: reclaim them (compact.py); the figures
-                # come from the index just committed, without opening it again.
+                # Over 25 % dead rows: reclaim them (compact.py); the figures come from the
+                # index just committed, without opening it again.
                 compact.compact_if_needed(out, lock_held=True, index=contents)
                 extracted = share.computed(share.todo)
                 removed, relabelled = label_changes(old.label_of if old else None, contents)

@@ -34,7 +34,6 @@ copied and one block being read; never the catalog's features.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from collections import Counter
@@ -51,7 +50,7 @@ from ..models.fingerprint import KEYS as FINGERPRINT_KEYS
 from .h5io import crash_point, segment_dir
 from .index import IndexContents, RowLocations, migrate_v1, write_index
 from .lock import writer_lock
-from .segments import DEFAULT_SEGMENT_ROWS, remove_stale_temporaries, unindexed_segments, write_segment
+from .segments import configured_segment_rows, remove_stale_temporaries, unindexed_segments, write_segment
 from .store import Cache
 
 AUTO_DEAD_SHARE = 0.25  # extract compacts when more than this share of the segments' rows is dead
@@ -143,7 +142,7 @@ def compact(
     New segments hold ``segment_rows`` rows (default: extract's, ``HEADSTART_COMMIT_ROWS``)."""
     path = Path(path)
     if segment_rows is None:
-        segment_rows = int(os.environ.get("HEADSTART_COMMIT_ROWS", str(DEFAULT_SEGMENT_ROWS)))
+        segment_rows = configured_segment_rows()
     if not 0.0 <= min_dead_share <= 1.0:
         raise CacheError(f"--min-dead-share must be between 0 and 1, not {min_dead_share}")
     Cache(path).close()  # a missing or foreign file is an Error before any lock file is made

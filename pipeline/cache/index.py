@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from operator import itemgetter
@@ -32,7 +31,7 @@ from .h5io import (
     segment_dir,
     utf8_fixed,
 )
-from .segments import DEFAULT_SEGMENT_ROWS, remove_unindexed_segments, write_segment
+from .segments import configured_segment_rows, remove_unindexed_segments, write_segment
 from .store import Cache
 
 
@@ -326,7 +325,7 @@ def migrate_v1(path: Path, segment_rows: int | None = None) -> None:
     holds one segment's rows and the per-row metadata, never the file's features. A kill
     before the index is replaced leaves the v1 file intact; the segments written so far are
     deleted by the next try's commit."""
-    rows = segment_rows or int(os.environ.get("HEADSTART_COMMIT_ROWS", str(DEFAULT_SEGMENT_ROWS)))
+    rows = segment_rows or configured_segment_rows()
     names: list[str] = []
     counts: list[int] = []
     with Cache(path) as c:

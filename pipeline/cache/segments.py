@@ -29,6 +29,12 @@ _CHUNK_ROWS = 512  # rows per HDF5 chunk in a segment: the unit a checksum cover
 DEFAULT_SEGMENT_ROWS = 8192  # new rows per segment file (extract's default)
 
 
+def configured_segment_rows() -> int:
+    """Rows per new segment: ``HEADSTART_COMMIT_ROWS`` if set, else :data:`DEFAULT_SEGMENT_ROWS`.
+    The one reading of that setting, for extract, compaction and the v1 migration alike."""
+    return int(os.environ.get("HEADSTART_COMMIT_ROWS", str(DEFAULT_SEGMENT_ROWS)))
+
+
 _SEQ = itertools.count()
 
 
