@@ -1,6 +1,7 @@
 """An unchanged re-run of ``extract``: the stat cache against reading and hashing every file.
 
     python bench/rerun_unchanged.py [--files 20000] [--kb 200] [--workdir artifacts/bench] [--keep]
+                                    [--previous-release TREE]
 
 Makes a folder of ``--files`` distinct PNG files in 10 class folders (8x8 pixels, padded with
 a private ancillary chunk to ``--kb`` KB; 200 KB is the issue's 2 TB for 10 M photos; ``--kb 0``
@@ -10,7 +11,9 @@ hashing has photo-like bytes to read while decoding stays cheap. Extracts it onc
 (the stat cache: one ``stat`` per file, no file read) and the same re-run with ``--rehash``
 (every byte read and hashed, as the previous release did on every run; it also rewrote the
 whole cache, which 32-wide rows make negligible here). Prints both, their ratio and the
-files/s the unchanged re-run checked.
+files/s the unchanged re-run checked. ``--previous-release TREE`` (a checkout of the release
+before the segmented cache, ``git archive e6d03dd^``) also times that release's re-run of the
+same folder, in a process of its own.
 """
 
 from __future__ import annotations
@@ -19,12 +22,14 @@ import argparse
 import os
 import shutil
 import struct
+import subprocess
+import sys
 import time
 import zlib
 from pathlib import Path
 
 from pipeline.cache import statcache
-from pipeline.cache.store import Cache
+from pipeline.cache.previous import read_previous
 from pipeline.config import ExtractConfig
 from pipeline.data.catalog import discover
 from pipeline.extract import extract
@@ -52,6 +57,34 @@ def make_folder(root: Path, n: int, kb: int) -> None:
         os.utime(p, ns=(t, t))
 
 
+# The previous release's extract, in a process of its own run from its tree (``python -c`` puts
+# the working directory first on sys.path): built once (untimed, its own cache: the release
+# wrote schema v1), then the re-run of the unchanged folder, timed in the process.
+_PREVIOUS = r"""
+import sys, time
+from pipeline.config import ExtractConfig
+from pipeline.extract import extract
+import pipeline
+assert pipeline.__file__.startswith(sys.argv[3]), pipeline.__file__
+cfg = ExtractConfig(images=sys.argv[1], out=sys.argv[2], backbone="tiny", precision="fp32", workers=0,
+                    batch_size=64, progress=False)
+extract(cfg)
+t = time.perf_counter(); s = extract(cfg); print(time.perf_counter() - t, s.extracted)
+"""
+
+
+def _previous_release(tree: Path, images: Path, out: Path) -> float:
+    tree = tree.resolve()
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    r = subprocess.run(
+        [sys.executable, "-c", _PREVIOUS, str(images.resolve()), str(out.resolve()), str(tree)],
+        check=True, capture_output=True, text=True, env=env, cwd=tree,
+    )  # fmt: skip
+    seconds, extracted = r.stdout.split()[-2:]
+    assert extracted == "0", r.stdout
+    return float(seconds)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--files", type=int, default=20_000)
@@ -59,6 +92,11 @@ def main() -> None:
     ap.add_argument("--workdir", default="artifacts/bench")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--keep", action="store_true", help="keep the folder and cache, and reuse them next time")
+    ap.add_argument(
+        "--previous-release",
+        metavar="TREE",
+        help="a checkout of the previous release (`git archive e6d03dd^`): time its re-run of the same folder too",
+    )
     args = ap.parse_args()
     root = Path(args.workdir) / f"rerun-{args.files}-{args.kb}"
     images = root / "images"
@@ -88,14 +126,14 @@ def main() -> None:
         hash_t.append(t)
     # The same two, for the file check alone (statcache.hash_files), without discovery,
     # model load and the index commit that every run pays.
-    with Cache(out) as c:
-        known = c.stat_table().lookup()
+    previous = read_previous(out, rebuild=False)
+    assert previous is not None
     cat = discover(images)
-    files = [(i, it.path, it.rel) for i, it in enumerate(cat.items)]
+    files, rels = [it.file for it in cat.items], [it.rel for it in cat.items]
     check: dict[bool, float] = {}
     for rehash in (False, True, False, True):
         t = time.perf_counter()
-        statcache.hash_files(files, known, rehash=rehash, progress=False)
+        statcache.hash_files(files, rels, previous.stat, rehash=rehash, progress=False)
         check[rehash] = min(check.get(rehash, 1e9), time.perf_counter() - t)
     s, h = min(stat_t), min(hash_t)
     print(f"unchanged re-run (stat cache): {s:.2f} s, {args.files / s:,.0f} files/s checked")
@@ -105,6 +143,12 @@ def main() -> None:
         f"file check alone: stat cache {check[False]:.3f} s ({args.files / check[False]:,.0f} files/s), "
         f"hashing every file {check[True]:.2f} s: {check[True] / check[False]:.0f}x"
     )
+    if args.previous_release:
+        before = _previous_release(Path(args.previous_release), images, root / "previous-release.h5")
+        print(
+            f"previous release, same re-run: {before:.2f} s (hashing every file, rewriting the cache): "
+            f"{before / s:.1f}x"
+        )
     print(f"load {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     if not args.keep:
         shutil.rmtree(root, ignore_errors=True)

@@ -6,7 +6,9 @@ For each N (float16 rows of ``--dim``; the backbone is not the point here), each
 process so its peak RSS is its own: a full build (segments of ``SEGMENT_ROWS`` rows as
 ``extract`` writes them, then the index); adding 5 % (new segments + a new index: time, bytes
 written, and both as a share of the full build - the previous release rewrote the whole file,
-a share of 1.0); a commit that only relabels (index only); peak RSS; and the streaming read
+a share of 1.0); a commit that only relabels (index only); peak RSS, and the part of it that
+is the store's own (the peak of its writes and of its reads above the RSS once the caller's
+per-row metadata is made: that part should not grow with N); and the streaming read
 rate of ``Cache.iter_features`` (what ``fit-head`` streaming and ``similar`` use; the files
 are in the page cache, so this is the decode rate, not the disk's). Then the cost of
 compaction: 30 % of the rows are deleted evenly (every segment 30 % dead, over the 25 %
@@ -175,6 +177,19 @@ def _compact_cost(out: Path, dim: int, total: int, rows: Rows) -> dict:
     )
 
 
+def _vm(key: str) -> int:
+    """``VmRSS`` (now) or ``VmHWM`` (the peak since the last :func:`_reset_peak`) in bytes."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key))
+
+
+def _reset_peak() -> None:
+    """Start ``VmHWM`` afresh from the current RSS (Linux: clear_refs 5), so each phase's peak
+    is its own."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
 def _disk_bytes(out: Path) -> int:
     return out.stat().st_size + sum(p.stat().st_size for p in segment_dir(out).glob("seg-*.h5"))
 
@@ -186,7 +201,10 @@ def one(n: int, dim: int, workdir: Path, compaction: bool = True) -> dict[str, f
     out = root / "features.h5"
     fp = _fingerprint(dim)
     k = n // 20
+    base_rss = _vm("VmRSS")
     _make_keys(n + k)
+    inputs_rss = _vm("VmRSS")  # the caller's per-row metadata: keys, paths, stat entries
+    _reset_peak()
 
     written = Rows()
     t0 = time.perf_counter()
@@ -209,6 +227,8 @@ def one(n: int, dim: int, workdir: Path, compaction: bool = True) -> dict[str, f
     relabel_s = time.perf_counter() - t0
 
     write_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # builds and commits only
+    store_write = _vm("VmHWM") - inputs_rss  # the store's own peak while writing, above the caller's
+    _reset_peak()
     rates = []
     for dtype in (np.float16, np.float32):  # as stored; as fit-head gets it (numpy's f16 -> f32 is slow)
         t0 = time.perf_counter()
@@ -219,6 +239,7 @@ def one(n: int, dim: int, workdir: Path, compaction: bool = True) -> dict[str, f
         rates.append(rows / (time.perf_counter() - t0))
     assert rows == n + k
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    store_read = _vm("VmHWM") - inputs_rss
     compacted = _compact_cost(out, dim, n + k, written) if compaction else {}
     result = dict(
         n=n,
@@ -234,6 +255,9 @@ def one(n: int, dim: int, workdir: Path, compaction: bool = True) -> dict[str, f
         read_mb_s=rates[0] * dim * 2 / 1e6,
         peak_rss=rss,
         write_rss=write_rss,
+        inputs_rss=inputs_rss - base_rss,
+        store_write_rss=store_write,
+        store_read_rss=store_read,
         index_bytes=index_bytes,
         segments=len(written.names),
         **compacted,
@@ -264,7 +288,10 @@ def main() -> None:
             f"{r['add_bytes'] / 1e6:.1f} MB ({r['add_bytes'] / r['full_bytes']:.3f} of full; "
             f"index {r['index_bytes'] / 1e6:.1f} MB) | relabel {r['relabel_s']:.2f} s, "
             f"{r['relabel_bytes'] / 1e6:.1f} MB | peak RSS {r['write_rss'] / 1e6:.0f} MB writing, "
-            f"{r['peak_rss'] / 1e6:.0f} MB with 65536-row reads | "
+            f"{r['peak_rss'] / 1e6:.0f} MB with 65536-row reads; of it the caller's per-row metadata "
+            f"{r['inputs_rss'] / 1e6:.0f} MB ({r['inputs_rss'] / (n + n // 20):.0f} B/row) and the store's own "
+            f"peak above that {r['store_write_rss'] / 1e6:.0f} MB writing, "
+            f"{r['store_read_rss'] / 1e6:.0f} MB reading | "
             f"read {r['read_rows_s']:,.0f} rows/s ({r['read_mb_s']:.0f} MB/s), "
             f"as float32 {r['read_f32_rows_s']:,.0f} rows/s"
         )

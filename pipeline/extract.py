@@ -24,6 +24,7 @@ import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from operator import attrgetter
 from pathlib import Path
 
 import PIL
@@ -46,7 +47,7 @@ from .cache.segments import (
 from .cache.store import Cache, writer_lock
 from .config import ExtractConfig, save_resolved
 from .core import distributed, runtime
-from .core.distributed import Dist, merge_shards
+from .core.distributed import Dist
 from .data.catalog import Catalog, discover
 from .data.gpu_decode import require_cuda
 from .data.images import DEFAULT_MAX_PIXELS
@@ -256,18 +257,23 @@ def _scan(run: _Run, old: PreviousIndex | None) -> Scan:
     share = Scan([(s.rel, s.reason) for s in catalog.skipped])
     orphans = [] if run.cfg.rebuild else unindexed_segments(run.out, set(old.segment_rows) if old else set())
     share.scan_ns = time.time_ns()
-    items, world = catalog.items, run.dist.world
-    mine = [(i, it.file, it.rel) for i, it in enumerate(items) if world == 1 or run.dist.owns_index(i)]
-    values = statcache.hash_files(mine, old.stat if old else {}, rehash=run.cfg.rehash, progress=run.cfg.progress)
-    merged = merge_shards(run.dist.gather(values), len(items))  # and the other ranks' slices
-    share.stat = [k for _, k in merged]
+    items, dist = catalog.items, run.dist
+    if dist.world == 1:  # C-level column reads: no Python step per file
+        mine: Sequence[int] = range(len(items))
+        files, rels = list(map(attrgetter("file"), items)), list(map(attrgetter("rel"), items))
+    else:
+        mine = [i for i in range(len(items)) if dist.owns_index(i)]
+        files, rels = [items[i].file for i in mine], [items[i].rel for i in mine]
+    remembered = old.stat if old else statcache.Remembered()
+    part = statcache.hash_files(files, rels, remembered, rehash=run.cfg.rehash, progress=run.cfg.progress)
+    share.checked = checked = statcache.merge(dist.gather((mine, part)), len(items))  # and the other ranks' slices
     context = [run.fp.to_record(), run.limits, _cache_dtype(run.cfg, old), __version__, SCHEMA_VERSION, INDEX_RULES]
-    share.inputs = inputs_digest(catalog, merged, context)
+    share.inputs = inputs_digest(catalog, checked, context)
     if old is not None and not orphans and old.inputs == share.inputs and len(old.stat) == len(items):
         share.unchanged, share.known_bad = True, len(old.rejected)
         return share
     by_hash = share.by_hash
-    for i, (h, _) in enumerate(merged):
+    for i, h in enumerate(checked.values):
         if type(h) is str:  # the common case first: one type check per file, not isinstance
             by_hash[h].append(i)
         else:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -86,16 +86,27 @@ def _decode(arr: Any) -> list[str]:
 # Segments and indexes are far below it; a larger file is written by HDF5 directly after
 # checking the free space.
 IN_MEMORY_WRITE_LIMIT = 1 << 30
+# An index is built in memory only up to this size (before compression): an in-memory image is
+# the whole file, twice while it is written out, and an index grows with the catalog (about 70
+# bytes a row on disk), where a segment's size is fixed. A larger index is written by HDF5 straight
+# to disk after the free-space check, so a commit's memory stays flat in the catalog's size.
+INDEX_IN_MEMORY_LIMIT = 32 << 20
 _WRITE_CHUNK = 64 << 20
 
 
-def _write_h5_atomically(path: Path, fill: Callable[[h5py.File], None], size_hint: int, point: str) -> int:
+def _write_h5_atomically(
+    path: Path,
+    fill: Callable[[h5py.File], None],
+    size_hint: int,
+    point: str,
+    in_memory_limit: int = IN_MEMORY_WRITE_LIMIT,
+) -> int:
     """Write the HDF5 file ``fill`` builds to ``path`` atomically (tmp, fsync, rename, fsync the
     folder); ``{point}-writing`` / ``{point}-before-rename`` are crash points. Returns bytes written."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        if size_hint <= IN_MEMORY_WRITE_LIMIT:
+        if size_hint <= in_memory_limit:
             with h5py.File(tmp, "w", driver="core", backing_store=False) as f:
                 fill(f)
                 f.flush()
@@ -167,29 +178,76 @@ def _packed(g: h5py.File | h5py.Group, name: str, data: np.ndarray, compress: bo
     g.create_dataset(name, data=data, **kw)
 
 
-def utf8_fixed(values: Sequence[str] | np.ndarray) -> np.ndarray:
-    """``values`` as one fixed-width array of UTF-8 bytes (``S<width>``, at least 1 wide); an
-    ``S`` array is taken as it is. Why not one ``encode`` per string: an index of a million
-    paths spent most of a commit there. numpy converts ASCII ``str`` to bytes in C (about 4x
-    faster) and refuses anything else, which then takes the per-string way."""
+# Rows of a per-row column converted to their stored form at a time when an index is digested
+# and written (:class:`RowColumn`): a commit then holds that many rows of one column, not every
+# row of every column at once (314 bytes a row, 314 MB at a million rows, before).
+ROW_CHUNK = 1 << 18
+_H5_CHUNK = 1 << 14  # rows per HDF5 chunk of a compressed per-row dataset: divides ROW_CHUNK
+
+
+@dataclass(frozen=True)
+class RowColumn:
+    """One per-row dataset of the index as it is stored (``dtype``), made from the caller's
+    values (a list, or an array as stored) a :data:`ROW_CHUNK` of rows at a time. ``text``:
+    strings, stored as fixed-width UTF-8 (variable-length strings live in a heap that
+    filters cannot compress; h5py reads both kinds as bytes)."""
+
+    values: Sequence[Any] | np.ndarray
+    dtype: np.dtype
+    text: bool = False
+
+    @classmethod
+    def strings(cls, values: Sequence[str] | np.ndarray) -> RowColumn:
+        return cls(values, np.dtype(f"S{_utf8_width(values)}"), True)
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def chunks(self) -> Iterator[np.ndarray]:
+        for a in range(0, len(self.values), ROW_CHUNK):
+            part = self.values[a : a + ROW_CHUNK]
+            if self.text and not isinstance(part, np.ndarray):
+                try:  # numpy turns ASCII str into bytes in C, about 4x faster than an encode each
+                    yield np.array(part, dtype=self.dtype)
+                except UnicodeEncodeError:
+                    yield np.array([v.encode("utf-8") for v in part], dtype=self.dtype)
+            else:
+                yield np.ascontiguousarray(part, dtype=self.dtype)
+
+    def digest_into(self, h: Any) -> None:
+        """Its type, length and bytes into the hash ``h``: the same bytes as the whole array's."""
+        h.update(f"{self.dtype.str}{(len(self),)}".encode())
+        for part in self.chunks():
+            h.update(part.data)
+
+    def write(self, g: h5py.File | h5py.Group, name: str, *, compress: bool = True) -> None:
+        """As ``name`` in ``g``: gzip level 1 with byte shuffle (an index is rewritten by every
+        commit, so its bytes per row are what a commit costs beyond new rows) unless
+        ``compress`` is off (content hashes: random hex, half the bytes for most of the time)."""
+        n = len(self)
+        dt = h5py.string_dtype("utf-8", self.dtype.itemsize) if self.text else self.dtype
+        kw: dict[str, Any] = {}
+        if compress and n > 256:
+            kw = dict(compression="gzip", compression_opts=1, shuffle=True, chunks=(min(n, _H5_CHUNK),))
+        ds = g.create_dataset(name, shape=(n,), dtype=dt, **kw)
+        start = 0
+        for part in self.chunks():  # whole HDF5 chunks each time: none is read back to be rewritten
+            ds[start : start + len(part)] = part.astype(dt) if self.text else part
+            start += len(part)
+
+
+def _utf8_width(values: Sequence[str] | np.ndarray) -> int:
+    """Bytes of the longest value in UTF-8 (at least 1)."""
     if isinstance(values, np.ndarray) and values.dtype.kind == "S":
-        return values if values.dtype.itemsize else values.astype("S1")
+        return max(1, values.dtype.itemsize)
     if not len(values):
-        return np.array([], dtype="S1")
-    try:
-        # Characters = bytes for ASCII, so the longest string's length is the width.
-        return np.array(values, dtype=f"S{max(1, max(map(len, values)))}")
-    except UnicodeEncodeError:
-        return np.array([v.encode("utf-8") for v in values])  # numpy finds the width
+        return 1
+    width = max(map(len, values))  # characters = bytes for ASCII (and for bytes values)
+    if isinstance(values[0], str) and not all(map(str.isascii, values)):
+        width = max(len(v.encode("utf-8")) for v in values)
+    return max(1, width)
 
 
 def _packed_str(g: h5py.File | h5py.Group, name: str, values: Sequence[str] | np.ndarray) -> None:
-    """UTF-8 strings of one fixed width, compressed: variable-length HDF5 strings live in a heap
-    that filters cannot compress (h5py reads both kinds as bytes). ``values``: strings, or
-    their :func:`utf8_fixed` array."""
-    data = utf8_fixed(values)
-    dt = h5py.string_dtype("utf-8", max(1, data.dtype.itemsize))
-    kw: dict[str, Any] = dict(compression="gzip", compression_opts=1, shuffle=True) if len(values) > 256 else {}
-    ds = g.create_dataset(name, shape=(len(values),), dtype=dt, **kw)
-    if len(values):
-        ds[...] = data.astype(dt)
+    """UTF-8 strings of one fixed width, compressed (:class:`RowColumn`)."""
+    RowColumn.strings(values).write(g, name)

@@ -14,7 +14,8 @@ import numpy as np
 
 from ..errors import CacheError
 from ..models.fingerprint import Fingerprint
-from .h5io import Column
+from . import statcache
+from .h5io import Column, _decode
 from .index import migrate_v1
 from .scan import INPUTS_ATTR, labels_by_hash
 from .segments import remove_stale_temporaries, set_aside_damaged
@@ -29,12 +30,12 @@ class PreviousIndex:
     attrs: dict[str, Any]
     segment_rows: dict[str, int]  # the index's segments, in its order
     dtype: str
-    stat: dict[str, tuple[int, int, int, int, str]]  # rel path -> size, mtime_ns, inode, device, hash
+    stat: statcache.Remembered  # the stat cache, as the file check takes it
     rejected: dict[str, tuple[str, str]]  # content hash -> (reason, limits): known not to decode
     n_rows: int
     class_names: list[str]
     skipped: list[tuple[str, str]]
-    _hashes: list[str]
+    _hashes: np.ndarray  # S32, as stored: decoded on first use
     _locations: tuple[list[str], np.ndarray, np.ndarray]  # segment names; each row's index into them, its row
     _labels: np.ndarray
     _columns: dict[str, Column]
@@ -48,13 +49,15 @@ class PreviousIndex:
     @functools.cached_property
     def location(self) -> dict[str, tuple[str, int]]:  # content hash -> (segment, row)
         names, seg, row = self._locations
-        return dict(
-            zip(self._hashes, zip(map(names.__getitem__, seg.tolist()), row.tolist(), strict=True), strict=True)
-        )
+        return dict(zip(self.hashes, zip(map(names.__getitem__, seg.tolist()), row.tolist(), strict=True), strict=True))
+
+    @functools.cached_property
+    def hashes(self) -> list[str]:  # per row
+        return _decode(self._hashes)
 
     @functools.cached_property
     def label_of(self) -> dict[str, tuple[str | None, ...]]:  # content hash -> its labels (relabelled count)
-        return labels_by_hash(self._hashes, self._labels.tolist(), self.class_names, self._columns)
+        return labels_by_hash(self.hashes, self._labels.tolist(), self.class_names, self._columns)
 
 
 def previous_index(out: Path, c: Cache) -> PreviousIndex:
@@ -62,12 +65,12 @@ def previous_index(out: Path, c: Cache) -> PreviousIndex:
     (extract converts it first)."""
     if c.schema_version < 2:
         raise CacheError(f"{out} is still in schema v{c.schema_version}; run extract again to convert it")
-    hashes = c.content_hash
+    hashes = c.content_hash_stored()
     return PreviousIndex(
         attrs=c.attrs,
         segment_rows=c.segment_rows,
         dtype=c.dtype,
-        stat=c.stat_table().lookup(),
+        stat=_remembered(c),
         rejected=c.rejected,
         n_rows=len(hashes),
         class_names=c.class_names,
@@ -77,6 +80,15 @@ def previous_index(out: Path, c: Cache) -> PreviousIndex:
         _labels=c.labels,
         _columns=c.attributes(),
     )
+
+
+def _remembered(c: Cache) -> statcache.Remembered:
+    """The stat cache of ``c``, read as stored and decoded in one piece per column."""
+    t = c.stat_table(as_stored=True)
+    if not len(t.path):
+        return statcache.Remembered()
+    keys = np.stack([t.size, t.mtime_ns, t.inode, t.device], axis=1).astype(np.int64, copy=False)
+    return statcache.Remembered(_decode(t.path), keys, _decode(t.content_hash))
 
 
 def prepare(out: Path, fp: Fingerprint, *, rebuild: bool) -> tuple[list[tuple[str, str]], PreviousIndex | None]:

@@ -22,7 +22,6 @@ from ..data.catalog import Catalog
 from . import statcache
 from .h5io import CONFLICT, Column
 from .index import IndexContents
-from .statcache import StatKey
 
 
 @dataclass
@@ -38,7 +37,7 @@ class Scan:
     todo: list[str] = field(default_factory=list)  # new content, all ranks' together
     mine: list[str] = field(default_factory=list)  # the part of ``todo`` this process extracted
     segment_rows: dict[str, int] = field(default_factory=dict)  # segments outside the index rows may come from
-    stat: list[StatKey | None] = field(default_factory=list)  # per catalog item, as stat-ed before hashing
+    checked: statcache.Checked | None = None  # per catalog item: content hash (or why none) and stat
     scan_ns: int = 0  # when the scan began (see statcache.RACY_NS)
     inputs: str = ""  # inputs_digest of this scan
     unchanged: bool = False  # the committed index is what this run would write (inputs_digest)
@@ -93,7 +92,6 @@ def index_contents(
     seg_rows.update(sorted(scan.segment_rows.items()))
     order = {s: k for k, s in enumerate(seg_rows)}
     rows.sort(key=lambda r: (order[location[r[0]][0]], location[r[0]][1]))
-    hashed = [(rels[i], scan.stat[i], h) for h, members in scan.by_hash.items() for i in members]
     hashes, paths, row_labels = (list(col) for col in zip(*rows, strict=True)) if rows else ([], [], [])
     row_location = list(map(location.__getitem__, hashes))
     used = {s for s, _ in row_location}
@@ -118,7 +116,7 @@ def index_contents(
             for h, why in scan.bad.items()
             if h in scan.by_hash and h not in scan.location and h not in scan.forget
         ),
-        stat=statcache.table(hashed, scan.scan_ns),
+        stat=statcache.table(rels, scan.checked, scan.scan_ns) if scan.checked else statcache.StatTable(),
         attributes=columns,
     )
 
@@ -178,11 +176,10 @@ INPUTS_ATTR = "inputs_digest"
 # Part of every inputs digest. Bump it when the index made from the same inputs changes (what
 # index_contents puts in it, or how index.write_index lays it out): an index kept by unchanged
 # re-runs of an earlier build is then rebuilt once, in the new form, on the next run.
-INDEX_RULES = 2  # 2: one mapping per segment (per 64 runs), index.write_index
-_NO_STAT = (-1, -1, -1, -1)
+INDEX_RULES = 3  # 2: one mapping per segment (per 64 runs), index.write_index; 3: stat cache in catalog order
 
 
-def inputs_digest(catalog: Catalog, merged: Sequence[tuple[Any, StatKey | None]], context: list[Any]) -> str:
+def inputs_digest(catalog: Catalog, checked: statcache.Checked, context: list[Any]) -> str:
     """SHA-256 of everything the next index is made from, besides the index before it: every
     file's path, labels, content hash (or why it cannot be read) and stat, the files the folder
     scan skipped, and ``context`` (fingerprint, decode limits, dtype, release). A run that
@@ -199,8 +196,12 @@ def inputs_digest(catalog: Catalog, merged: Sequence[tuple[Any, StatKey | None]]
     h.update(enc([(s.rel, s.reason) for s in catalog.skipped]).encode())
     h.update(enc(list(map(attrgetter("label"), items))).encode())
     h.update(enc(list(map(attrgetter("attributes"), items))).encode())
-    for texts in (list(map(attrgetter("rel"), items)), [v if type(v) is str else f"{v}" for v, _ in merged]):
+    for texts in (list(map(attrgetter("rel"), items)), checked.values):
         h.update(b"\n")
-        h.update("\0".join(texts).encode("utf-8", "surrogateescape"))
-    h.update(np.array([k or _NO_STAT for _, k in merged], dtype=np.int64).reshape(-1, 4).tobytes())
+        try:
+            joined = "\0".join(texts)  # type: ignore[arg-type]
+        except TypeError:  # some file could not be read: its error, as text
+            joined = "\0".join(v if type(v) is str else f"{v}" for v in texts)
+        h.update(joined.encode("utf-8", "surrogateescape"))
+    h.update(np.ascontiguousarray(checked.keys, dtype=np.int64).tobytes())
     return h.hexdigest()[:32]

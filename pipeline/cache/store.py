@@ -205,6 +205,10 @@ class Cache:
     def content_hash(self) -> list[str]:
         return _decode(self._f["content_hash"])
 
+    def content_hash_stored(self) -> np.ndarray:
+        """The content hashes as stored (bytes), for a reader that may never need them as ``str``."""
+        return self._f["content_hash"][()]
+
     @property
     def labels(self) -> np.ndarray:
         """Per row: index into :attr:`class_names`, -1 = unlabelled (checked: see :meth:`read_labels`)."""

@@ -27,7 +27,7 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -140,12 +140,3 @@ def distributed(device: str) -> Iterator[Dist]:
     finally:
         if owned:
             td.destroy_process_group()
-
-
-def merge_shards(parts: Sequence[dict[int, T]], n: int) -> list[T]:
-    """Per-rank ``{index: value}`` dicts -> one list of ``n`` values."""
-    out: list[Any] = [None] * n
-    for part in parts:
-        for i, v in part.items():
-            out[i] = v
-    return out

@@ -8,10 +8,13 @@ broken symlink, a FIFO named ``x.jpg``, an unreadable file.
 
 from __future__ import annotations
 
+import functools
+import operator
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from operator import attrgetter
+from itertools import compress, repeat
+from operator import attrgetter, methodcaller
 from pathlib import Path
 from typing import NamedTuple
 
@@ -57,31 +60,33 @@ class Catalog:
         return sorted({i.label for i in self.items if i.label is not None})
 
 
-def _is_image_name(name: str) -> bool:
-    # As os.path.splitext (the last dot, not a leading one), without its per-call overhead.
-    dot = name.rfind(".")
-    return dot > 0 and not name.startswith(".") and name[dot:].lower() in IMAGE_EXTENSIONS
-
-
 _NAME = attrgetter("name")
+_PATH = attrgetter("path")
+_IS_DIR = methodcaller("is_dir", follow_symlinks=False)
+_IS_FILE = methodcaller("is_file", follow_symlinks=False)  # a plain file, not a symlink to one
+_SUFFIXES = tuple(sorted(IMAGE_EXTENSIONS))
+_ITEM = functools.partial(tuple.__new__, Item)  # Item from a tuple of its fields, with no Python code
 
 
 def _walk(folder: Path) -> Iterator[tuple[str, list[os.DirEntry[str]]]]:
     """Every folder under ``folder`` as (its path relative to ``folder``, "" or ending in "/";
     its image files in name order), each folder before its sub-folders (``os.walk``'s order).
     ``scandir`` entries carry the file type from the directory listing, so a plain file costs
-    no ``stat`` and no ``pathlib`` object here, and a folder's files are filtered in one
-    comprehension: at a million files this scan is a large part of an unchanged re-run."""
+    no ``stat`` and no ``pathlib`` object here, and a folder's entries are filtered by C-level
+    ``map``/``compress`` over them, with no Python step per file: at 100,000 files a function
+    call per name was a sixth of an unchanged re-run."""
     stack: list[tuple[str, str]] = [(os.fspath(folder), "")]
     while stack:
         where, prefix = stack.pop()
         with os.scandir(where) as listing:
             entries = [e for e in listing if e.name[0] != "."]
         entries.sort(key=_NAME)
-        subdirs = [e for e in entries if e.is_dir(follow_symlinks=False)]
+        is_dir = list(map(_IS_DIR, entries))
+        subdirs = list(compress(entries, is_dir)) if any(is_dir) else []
         if subdirs:
-            entries = [e for e in entries if not e.is_dir(follow_symlinks=False)]
-        yield prefix, [e for e in entries if _is_image_name(e.name)]
+            entries = list(compress(entries, map(operator.not_, is_dir)))
+        # The last suffix, in any case (names starting with "." are gone: no ".jpg" alone).
+        yield prefix, list(compress(entries, map(str.endswith, map(str.lower, map(_NAME, entries)), repeat(_SUFFIXES))))
         stack.extend((d.path, f"{prefix}{d.name}/") for d in reversed(subdirs))
 
 
@@ -153,13 +158,14 @@ def discover(source: str | os.PathLike[str], *, labelled: bool | None = None) ->
     for prefix, entries in _walk(root):
         # A stray file beside the class folders is unlabelled.
         label = prefix.split("/", 1)[0] if by_folder and prefix else None
-        for entry in entries:
-            rel = prefix + entry.name
-            if rel.isascii() and "\0" not in rel and entry.is_file(follow_symlinks=False):
-                # Almost every file: a plain file (no symlink: is_file without following says
-                # so) with an ASCII name. The checks below give the same answer, slower.
-                items.append(Item(entry.path, rel, label))
-                continue
+        rels = list(map(prefix.__add__, map(_NAME, entries)))
+        joined = "\0".join(rels)
+        if joined.isascii() and joined.count("\0") == len(rels) - 1 and all(map(_IS_FILE, entries)):
+            # Almost every folder: plain files (no symlink: is_file without following says so)
+            # with ASCII names. The checks below give the same answer, a file at a time.
+            items.extend(map(_ITEM, zip(map(_PATH, entries), rels, repeat(label), repeat(()))))
+            continue
+        for entry, rel in zip(entries, rels, strict=True):
             bad = _bad_name(rel, "file name", "rename it") or _check_file(entry.path, rel, entry)
             if bad:
                 skipped.append(bad)
