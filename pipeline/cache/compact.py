@@ -236,9 +236,14 @@ def _compact(path: Path, min_dead_share: float, segment_rows: int) -> CompactRes
     # content and are kept for the next extract to adopt), and new segments whose index was
     # never written (every row already in the index, no skip records).
     candidates = unindexed_segments(path, set(total))
-    keys = set(contents.content_hash) if candidates else set()  # a set of every key only when needed
+    # Every key (as stored: bytes), only when needed.
+    keys = set(np.asarray(contents.content_hash, dtype="S32").tolist()) if candidates else set()
     superseded = json.loads(str(contents.attrs.get(SUPERSEDED, "[]")))
-    orphans = [s.name for s in candidates if s.name in superseded or (not s.bad and keys.issuperset(s.content_hash))]
+    orphans = [
+        s.name
+        for s in candidates
+        if s.name in superseded or (not s.bad and keys.issuperset(h.encode() for h in s.content_hash))
+    ]
     del keys
 
     written: list[str] = []
@@ -279,8 +284,8 @@ def _read_index(c: Cache) -> IndexContents:
     stored (no Python object per row: memory per row is what grows with the catalog here)."""
     seg, row = c.location_arrays()
     return IndexContents(
-        content_hash=c.content_hash,
-        paths=c.paths,
+        content_hash=c.stored("content_hash"),  # as stored: 32 bytes a row, not a str object each
+        paths=c.stored("paths"),
         labels=c.labels,
         class_names=c.class_names,
         attrs=c.attrs,
@@ -311,13 +316,14 @@ def _copy_live_rows(
     by_seg = np.argsort(seg0, kind="stable")
     bounds = np.searchsorted(seg0[by_seg], np.arange(len(names) + 1))
     new_rows: dict[str, int] = {}
+    hashes = np.asarray(c.content_hash, dtype="S32")  # as stored (_read_index): no copy
     pos: list[np.ndarray] = []  # index rows waiting in ``feats``, in order
     feats: list[np.ndarray] = []
 
     def flush(n: int) -> None:
         waiting, block = np.concatenate(pos), np.concatenate(feats)
         take = waiting[:n]
-        seg_info = write_segment(path, record, [c.content_hash[i] for i in take.tolist()], block[:n])
+        seg_info = write_segment(path, record, hashes[take].astype(str).tolist(), block[:n])
         crash_point("compact-segment-written")
         seg[take] = len(names)
         row[take] = np.arange(n, dtype=np.int64)
@@ -360,7 +366,7 @@ def _live_blocks(
                     continue
                 block = ds[a : a + _READ_ROWS]  # decoding checks every chunk's checksum
                 held = hashes[a : a + _READ_ROWS][src[lo:hi] - a]
-                want = np.array([c.content_hash[i] for i in idx[lo:hi].tolist()], dtype="S32")
+                want = np.asarray(c.content_hash, dtype="S32")[idx[lo:hi]]
                 wrong = np.flatnonzero(held != want)
                 if len(wrong):
                     i, r = int(idx[lo + wrong[0]]), int(src[lo + wrong[0]])

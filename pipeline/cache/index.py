@@ -56,8 +56,8 @@ class RowLocations:
 class IndexContents:
     """Everything an index file holds; the feature bytes stay in the segments it names."""
 
-    content_hash: list[str]
-    paths: list[str]
+    content_hash: list[str] | np.ndarray  # str, or bytes as stored (compaction writes them back)
+    paths: list[str] | np.ndarray
     labels: np.ndarray
     class_names: list[str]
     attrs: dict[str, Any]

@@ -65,7 +65,7 @@ def previous_index(out: Path, c: Cache) -> PreviousIndex:
     (extract converts it first)."""
     if c.schema_version < 2:
         raise CacheError(f"{out} is still in schema v{c.schema_version}; run extract again to convert it")
-    hashes = c.content_hash_stored()
+    hashes = c.stored("content_hash")
     return PreviousIndex(
         attrs=c.attrs,
         segment_rows=c.segment_rows,

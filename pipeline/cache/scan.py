@@ -13,7 +13,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from operator import attrgetter
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -164,7 +164,8 @@ def label_changes(before: dict[str, tuple[str | None, ...]] | None, after: Index
     ``after``; a row counts as relabelled when its label or any attribute cell changed."""
     if before is None:
         return 0, 0
-    now = labels_by_hash(after.content_hash, after.labels.tolist(), after.class_names, after.attributes)
+    hashes = cast(list[str], after.content_hash)  # index_contents' str (only compaction keeps bytes)
+    now = labels_by_hash(hashes, after.labels.tolist(), after.class_names, after.attributes)
     # Set operations on the dicts' views: C-level, not a Python step per row. A (key, labels)
     # pair of ``now`` that ``before`` lacks is a new row or a relabelled one.
     removed = len(before.keys() - now.keys())

@@ -205,9 +205,10 @@ class Cache:
     def content_hash(self) -> list[str]:
         return _decode(self._f["content_hash"])
 
-    def content_hash_stored(self) -> np.ndarray:
-        """The content hashes as stored (bytes), for a reader that may never need them as ``str``."""
-        return self._f["content_hash"][()]
+    def stored(self, name: str) -> np.ndarray:
+        """The per-row dataset ``name`` (``content_hash``, ``paths``) as stored, strings as bytes:
+        for a reader that may never need them as ``str``, or writes them back as they are."""
+        return self._f[name][()]
 
     @property
     def labels(self) -> np.ndarray:
