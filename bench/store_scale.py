@@ -7,8 +7,9 @@ process so its peak RSS is its own: a full build (segments of ``SEGMENT_ROWS`` r
 ``extract`` writes them, then the index); adding 5 % (new segments + a new index: time, bytes
 written, and both as a share of the full build - the previous release rewrote the whole file,
 a share of 1.0); a commit that only relabels (index only); peak RSS, and the part of it that
-is the store's own (the peak of its writes and of its reads above the RSS once the caller's
-per-row metadata is made: that part should not grow with N); and the streaming read
+is the store's own (how far the RSS rose above what the caller already held, during segment
+writes, during a commit and during a stream: that part should not grow with N); and the
+streaming read
 rate of ``Cache.iter_features`` (what ``fit-head`` streaming and ``similar`` use; the files
 are in the page cache, so this is the decode rate, not the disk's). Then the cost of
 compaction: 30 % of the rows are deleted evenly (every segment 30 % dead, over the 25 %
@@ -28,7 +29,9 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -39,6 +42,7 @@ from pipeline.cache.store import Cache, segment_dir
 from pipeline.models.fingerprint import Fingerprint
 
 CLASSES = [f"class{k:02d}" for k in range(20)]
+T = TypeVar("T")
 
 
 def _fingerprint(dim: int) -> Fingerprint:
@@ -99,11 +103,15 @@ class Rows:
 def _write(out: Path, fp: Fingerprint, dim: int, start: int, n: int, rows: Rows) -> None:
     rng = np.random.default_rng(start)
     w = SegmentWriter(out, fp, np.float16, dim, SEGMENT_ROWS)
-    for a in range(start, start + n, 4096):
-        k = min(4096, start + n - a)
-        hashes, _ = _rows(a, k)
-        w.add(hashes, rng.standard_normal((k, dim), dtype=np.float32).astype(np.float16))
-    w.flush()
+
+    def rows_in() -> None:
+        for a in range(start, start + n, 4096):
+            k = min(4096, start + n - a)
+            hashes, _ = _rows(a, k)
+            w.add(hashes, rng.standard_normal((k, dim), dtype=np.float32).astype(np.float16))
+        w.flush()
+
+    _peak_above("segments", rows_in)
     rows.names += [s.name for s in w.segments]
     rows.counts += [s.n_rows for s in w.segments]
 
@@ -123,7 +131,7 @@ def _index(out: Path, dim: int, n: int, rows: Rows, shift: int) -> int:
         feature_dim=dim,
         stat=stat,
     )
-    return commit(out, c)
+    return _peak_above("commit", lambda: commit(out, c))
 
 
 def _index_rows(out: Path, dim: int, keep: np.ndarray, rows: Rows) -> int:
@@ -177,10 +185,31 @@ def _compact_cost(out: Path, dim: int, total: int, rows: Rows) -> dict:
     )
 
 
+def _stream(out: Path, dtype: Any) -> int:
+    rows = 0
+    with Cache(out) as c:
+        for _, chunk in c.iter_features(65536, dtype=dtype):
+            rows += len(chunk)
+    return rows
+
+
 def _vm(key: str) -> int:
     """``VmRSS`` (now) or ``VmHWM`` (the peak since the last :func:`_reset_peak`) in bytes."""
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key))
+
+
+PEAKS = {"segments": 0, "commit": 0, "read": 0}
+
+
+def _peak_above(phase: str, work: Callable[[], T]) -> T:
+    """``work()``, keeping in ``PEAKS[phase]`` the most its peak RSS rose above the RSS it
+    started at: the store's own memory, apart from what the caller already holds."""
+    _reset_peak()
+    before = _vm("VmRSS")
+    out = work()
+    PEAKS[phase] = max(PEAKS[phase], _vm("VmHWM") - before)
+    return out
 
 
 def _reset_peak() -> None:
@@ -204,7 +233,6 @@ def one(n: int, dim: int, workdir: Path, compaction: bool = True) -> dict[str, f
     base_rss = _vm("VmRSS")
     _make_keys(n + k)
     inputs_rss = _vm("VmRSS")  # the caller's per-row metadata: keys, paths, stat entries
-    _reset_peak()
 
     written = Rows()
     t0 = time.perf_counter()
@@ -227,19 +255,13 @@ def one(n: int, dim: int, workdir: Path, compaction: bool = True) -> dict[str, f
     relabel_s = time.perf_counter() - t0
 
     write_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # builds and commits only
-    store_write = _vm("VmHWM") - inputs_rss  # the store's own peak while writing, above the caller's
-    _reset_peak()
     rates = []
     for dtype in (np.float16, np.float32):  # as stored; as fit-head gets it (numpy's f16 -> f32 is slow)
         t0 = time.perf_counter()
-        rows = 0
-        with Cache(out) as c:
-            for _, chunk in c.iter_features(65536, dtype=dtype):
-                rows += len(chunk)
+        rows = _peak_above("read", lambda dtype=dtype: _stream(out, dtype))
         rates.append(rows / (time.perf_counter() - t0))
     assert rows == n + k
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    store_read = _vm("VmHWM") - inputs_rss
     compacted = _compact_cost(out, dim, n + k, written) if compaction else {}
     result = dict(
         n=n,
@@ -256,8 +278,9 @@ def one(n: int, dim: int, workdir: Path, compaction: bool = True) -> dict[str, f
         peak_rss=rss,
         write_rss=write_rss,
         inputs_rss=inputs_rss - base_rss,
-        store_write_rss=store_write,
-        store_read_rss=store_read,
+        store_segments_rss=PEAKS["segments"],
+        store_commit_rss=PEAKS["commit"],
+        store_read_rss=PEAKS["read"],
         index_bytes=index_bytes,
         segments=len(written.names),
         **compacted,
@@ -289,9 +312,10 @@ def main() -> None:
             f"index {r['index_bytes'] / 1e6:.1f} MB) | relabel {r['relabel_s']:.2f} s, "
             f"{r['relabel_bytes'] / 1e6:.1f} MB | peak RSS {r['write_rss'] / 1e6:.0f} MB writing, "
             f"{r['peak_rss'] / 1e6:.0f} MB with 65536-row reads; of it the caller's per-row metadata "
-            f"{r['inputs_rss'] / 1e6:.0f} MB ({r['inputs_rss'] / (n + n // 20):.0f} B/row) and the store's own "
-            f"peak above that {r['store_write_rss'] / 1e6:.0f} MB writing, "
-            f"{r['store_read_rss'] / 1e6:.0f} MB reading | "
+            f"{r['inputs_rss'] / 1e6:.0f} MB ({r['inputs_rss'] / (n + n // 20):.0f} B/row); the store's own "
+            f"peak above what its caller holds: {r['store_segments_rss'] / 1e6:.0f} MB writing segments, "
+            f"{r['store_commit_rss'] / 1e6:.0f} MB in a commit, {r['store_read_rss'] / 1e6:.0f} MB in a 65536-row "
+            "stream | "
             f"read {r['read_rows_s']:,.0f} rows/s ({r['read_mb_s']:.0f} MB/s), "
             f"as float32 {r['read_f32_rows_s']:,.0f} rows/s"
         )
