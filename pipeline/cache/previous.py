@@ -70,7 +70,7 @@ def previous_index(out: Path, c: Cache) -> PreviousIndex:
         attrs=c.attrs,
         segment_rows=c.segment_rows,
         dtype=c.dtype,
-        stat=_remembered(c),
+        stat=statcache.Remembered.of(c.stat_table(as_stored=True)),
         rejected=c.rejected,
         n_rows=len(hashes),
         class_names=c.class_names,
@@ -80,15 +80,6 @@ def previous_index(out: Path, c: Cache) -> PreviousIndex:
         _labels=c.labels,
         _columns=c.attributes(),
     )
-
-
-def _remembered(c: Cache) -> statcache.Remembered:
-    """The stat cache of ``c``, read as stored and decoded in one piece per column."""
-    t = c.stat_table(as_stored=True)
-    if not len(t.path):
-        return statcache.Remembered()
-    keys = np.stack([t.size, t.mtime_ns, t.inode, t.device], axis=1).astype(np.int64, copy=False)
-    return statcache.Remembered(_decode(t.path), keys, _decode(t.content_hash))
 
 
 def prepare(out: Path, fp: Fingerprint, *, rebuild: bool) -> tuple[list[tuple[str, str]], PreviousIndex | None]:

@@ -28,10 +28,9 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..core.hashing import hash_file
-from .h5io import StatTable
+from .h5io import StatTable, _decode
 
 RACY_NS = 2_000_000_000
-StatKey = tuple[int, int, int, int]  # size, mtime_ns, inode, device
 _KEY = attrgetter("st_size", "st_mtime_ns", "st_ino", "st_dev")
 NO_STAT = -1  # a key row of a file that could not be stat-ed (or read): all four fields
 
@@ -55,8 +54,16 @@ class Remembered:
 
     @classmethod
     def of(cls, t: StatTable) -> Remembered:
+        """From a stat table: columns as lists, or as stored (``Cache.stat_table(as_stored=True)``:
+        the strings as bytes, decoded here in one piece per column)."""
+        if not len(t.path):
+            return cls()
         keys = np.stack([np.asarray(getattr(t, k), dtype=np.int64) for k in ("size", "mtime_ns", "inode", "device")], 1)
-        return cls(list(t.path), keys.reshape(-1, 4), list(t.content_hash))
+        return cls(_strings(t.path), keys, _strings(t.content_hash))
+
+
+def _strings(values: list[str] | np.ndarray) -> list[str]:
+    return _decode(values) if isinstance(values, np.ndarray) else list(values)
 
 
 @dataclass
