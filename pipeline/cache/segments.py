@@ -188,10 +188,17 @@ class SegmentWriter:
         self._h: list[str] = []
         self._f: list[np.ndarray] = []
         self._bad: list[tuple[str, str]] = []
-        self.locations: dict[str, tuple[str, int]] = {}  # hash -> (segment, row)
+        self._written: list[tuple[str, list[str]]] = []  # per segment written: its name and keys, in row order
         self.bad: dict[str, str] = {}  # every failure of this run ...
         self.forget: set[str] = set()  # ... of which these are not remembered (not the content's fault)
         self.segments: list[SegmentInfo] = []
+
+    @property
+    def locations(self) -> dict[str, tuple[str, int]]:
+        """Content hash -> (segment, row) of every row written so far, built when asked: the
+        writer itself keeps a reference per row (8 bytes), not a dict entry and a tuple (about
+        120 bytes a row, 120 MB per million new rows, before)."""
+        return {h: (name, i) for name, keys in self._written for i, h in enumerate(keys)}
 
     @property
     def pending(self) -> int:
@@ -220,13 +227,13 @@ class SegmentWriter:
         seg = write_segment(
             self.cache_path, self.fp, self._h, feats.reshape(len(self._h), self.d), self._bad, self.limits
         )
-        self.locations.update((h, (seg.name, i)) for i, h in enumerate(seg.content_hash))
+        self._written.append((seg.name, self._h))
         self.segments.append(_without_keys(seg))
         self._h, self._f, self._bad = [], [], []
 
 
 def _without_keys(seg: SegmentInfo) -> SegmentInfo:
-    """The segment without its key list (kept in ``locations``): bounded memory per segment."""
+    """The segment without its key list (the writer keeps the caller's): bounded memory per segment."""
     return SegmentInfo(seg.name, seg.n_rows, [], seg.bad, seg.fingerprint, seg.dtype, seg.feature_dim, seg.limits)
 
 
