@@ -55,7 +55,7 @@ def _fingerprint(dim: int) -> Fingerprint:
 
 
 _KEYS: tuple[list[str], list[str]] = ([], [])
-_STAT: dict[str, list[int]] = {}
+_STAT: dict[str, np.ndarray] = {}
 
 
 def _rows(start: int, n: int) -> tuple[list[str], list[str]]:
@@ -66,15 +66,13 @@ def _rows(start: int, n: int) -> tuple[list[str], list[str]]:
 
 def _make_keys(n: int) -> None:
     """The synthetic photos' keys, paths and stat entries (size, mtime, inode, device), as the
-    caller of the store (``extract``'s scan) has them: Python lists, made outside the timings."""
+    caller of the store (``extract``'s scan) has them: keys and paths as Python lists of str,
+    the stat fields as int64 arrays (statcache's columnar check), made outside the timings."""
     _KEYS[0][:] = [hashlib.blake2b(i.to_bytes(8, "little"), digest_size=16).hexdigest() for i in range(n)]
     _KEYS[1][:] = [f"{CLASSES[i % len(CLASSES)]}/photo-{i:09d}.jpg" for i in range(n)]
-    _STAT.update(
-        size=[150_000 + (i * 7919) % 200_000 for i in range(n)],
-        mtime_ns=[1_700_000_000 * 10**9 + i for i in range(n)],
-        inode=list(range(n)),
-        device=[2049] * n,
-    )
+    i = np.arange(n, dtype=np.int64)
+    _STAT.update(size=150_000 + (i * 7919) % 200_000, mtime_ns=1_700_000_000 * 10**9 + i, inode=i)
+    _STAT.update(device=np.full(n, 2049, dtype=np.int64))
 
 
 class Rows:

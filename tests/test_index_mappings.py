@@ -184,3 +184,64 @@ def test_a_segment_deleted_under_an_open_reader_reads_as_nan(tmp_path):
         with pytest.raises(CacheError, match="removed after the cache was opened"):
             c.features()
     assert np.isnan(got[75:]).all() and np.isfinite(got[:75]).all()
+
+
+def test_an_index_written_in_small_chunks_straight_to_disk_equals_one_built_in_memory(tmp_path, monkeypatch):
+    """The commit converts and writes its per-row datasets a chunk of rows at a time, and an
+    index over INDEX_IN_MEMORY_LIMIT goes straight to disk: both must give the same file
+    contents as one piece in memory, non-ASCII paths in a later chunk included (the UTF-8
+    width is the whole column's), with rows out of storage order (the bounds across chunks)."""
+    from pipeline.cache import h5io
+
+    out = tmp_path / "features.h5"
+    hashes, location, feats = _segments(out, 300, 100, "float32")
+    order = [*range(150, 300), *range(0, 150)]  # segment 2 and 3 first, then 1: first use != name order
+    paths = [f"口红/照片-{i}.jpg" if i > 250 else f"bag/photo-{i:05d}.jpg" for i in range(300)]
+    seg_rows = {s: 100 for s, _ in location}
+
+    def contents() -> IndexContents:
+        return IndexContents(
+            content_hash=[hashes[i] for i in order],
+            paths=[paths[i] for i in order],
+            labels=np.arange(300, dtype=np.int32) % 3,
+            class_names=["a", "b", "c"],
+            attrs=dict(synthetic_fingerprint(DIM).to_record(), image_root="/photos", layout="folders"),
+            location=index_mod.RowLocations(
+                sorted(seg_rows), np.array([sorted(seg_rows).index(location[i][0]) for i in order]),
+                np.array([location[i][1] for i in order]),
+            ),
+            segment_rows=seg_rows,
+            dtype="float32",
+            feature_dim=DIM,
+            stat=h5io.StatTable(
+                [paths[i] for i in order], np.arange(300), np.arange(300) + 7, np.arange(300), np.full(300, 3),
+                [hashes[i] for i in order],
+            ),
+        )  # fmt: skip
+
+    def datasets() -> dict[str, object]:
+        got: dict[str, object] = {}
+        with h5py.File(out, "r") as f:
+            f.visititems(lambda name, obj: got.__setitem__(name, obj[()]) if isinstance(obj, h5py.Dataset) else None)
+            got["attrs"] = dict(f.attrs)
+        return got
+
+    index_mod.write_index(out, contents())
+    whole, digest = datasets(), index_mod.contents_digest(contents())
+    monkeypatch.setattr(h5io, "ROW_CHUNK", 64)
+    monkeypatch.setattr(h5io, "_H5_CHUNK", 32)
+    monkeypatch.setattr(index_mod, "ROW_CHUNK", 64)
+    monkeypatch.setattr(index_mod, "INDEX_IN_MEMORY_LIMIT", 0)
+    index_mod.write_index(out, contents())
+    chunked = datasets()
+    assert whole.keys() == chunked.keys()
+    for name in whole:
+        if name == "attrs":
+            assert whole[name] == chunked[name]
+        else:
+            np.testing.assert_array_equal(whole[name], chunked[name], err_msg=name)
+    assert index_mod.contents_digest(contents()) == digest  # the same bytes, chunk by chunk
+    with Cache(out) as c:
+        assert c.paths == [paths[i] for i in order]
+        np.testing.assert_array_equal(c.features(), feats[order])
+    assert not verify(out)
