@@ -96,3 +96,13 @@ def test_the_slices_of_several_ranks_merge_into_one_check(folder):
     merged = statcache.merge(parts, 6)
     whole = hash_files(paths, rels, Remembered(), rehash=False, progress=False)
     assert merged.values == whole.values and np.array_equal(merged.keys, whole.keys)
+
+
+def test_no_files_against_a_remembered_table(folder):
+    """A folder whose every file was skipped (none left to check) against an index that
+    remembers files: nothing checked, nothing taken from the table, with or without --rehash."""
+    paths, rels = folder
+    known = _remembered(paths, rels)
+    for rehash in (False, True):
+        empty = hash_files([], [], known, rehash=rehash, progress=False)
+        assert empty.values == [] and empty.keys.shape == (0, 4)

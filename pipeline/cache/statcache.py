@@ -84,18 +84,17 @@ def hash_files(
     n = len(paths)
     values: list[str | OSError] = [None] * n  # type: ignore[list-item]  # every slot is filled below
     keys, failed = _stat_all(paths, values)
+    rows: np.ndarray | None = None  # each file's row in ``known``; None: file i is row i (or none)
     if rehash or not len(known):
         same = np.zeros(n, dtype=bool)
-        rows = None
     elif known.paths == rels:  # the folder as the index saw it, path for path: the common case
         same = (keys == known.keys).all(axis=1)
-        rows = None
     else:
         rows = np.fromiter(map(known.row_of.get, rels, repeat(-1)), dtype=np.int64, count=n)
         same = (rows >= 0) & (keys == known.keys[rows]).all(axis=1)
     if failed:
         same[sorted(failed)] = False
-    if rows is None and same.all():
+    if rows is None and len(known) == n and same.all():  # every file unchanged, path for path
         values[:] = known.hashes
     else:
         hit = np.flatnonzero(same)
