@@ -169,13 +169,9 @@ def _str_ds(g: h5py.File | h5py.Group, name: str, values: Sequence[str]) -> None
 
 
 def _packed(g: h5py.File | h5py.Group, name: str, data: np.ndarray, compress: bool = True) -> None:
-    """A per-row dataset of the index, compressed (gzip level 1, byte shuffle): an index is
-    rewritten by every commit, so its bytes per row are what a commit costs beyond new rows.
-    Content hashes are not compressed (random hex: half the bytes for most of the time)."""
-    kw: dict[str, Any] = {}
-    if compress and len(data) > 256:
-        kw = dict(compression="gzip", compression_opts=1, shuffle=True)
-    g.create_dataset(name, data=data, **kw)
+    """A per-row dataset of the index from an array (:meth:`RowColumn.write`)."""
+    data = np.asarray(data)
+    RowColumn(data, data.dtype).write(g, name, compress=compress)
 
 
 # Rows of a per-row column converted to their stored form at a time when an index is digested
@@ -246,8 +242,3 @@ def _utf8_width(values: Sequence[str] | np.ndarray) -> int:
     if isinstance(values[0], str) and not all(map(str.isascii, values)):
         width = max(len(v.encode("utf-8")) for v in values)
     return max(1, width)
-
-
-def _packed_str(g: h5py.File | h5py.Group, name: str, values: Sequence[str] | np.ndarray) -> None:
-    """UTF-8 strings of one fixed width, compressed (:class:`RowColumn`)."""
-    RowColumn.strings(values).write(g, name)
