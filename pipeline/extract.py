@@ -200,7 +200,7 @@ def _lead(run: _Run, others: bool) -> ExtractSummary:
                 # index just committed, without opening it again.
                 compact.compact_if_needed(out, lock_held=True, index=contents)
                 extracted = share.computed(share.todo)
-                removed, relabelled = label_changes(old.label_of if old else None, contents)
+                removed, relabelled = label_changes(old.label_columns if old else None, contents)
             rows, skipped, class_names = len(contents.content_hash), contents.skipped, contents.class_names
 
     resolved = out.with_name(out.name + ".config.json")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 import shutil
 
+import numpy as np
 import pytest
 from conftest import copy_sample_photos
 from PIL import Image
@@ -79,3 +80,39 @@ def test_removed_and_relabelled_rows_are_reported(catalog, tmp_path, run_cli):
     bags[1].rename(catalog / "sneaker" / bags[1].name)
     line = _summary(run_cli("extract", catalog, "--out", out, *TINY))
     assert ", removed 1, relabelled 1, skipped 1" in line, line
+
+
+def test_relabel_counts_match_a_per_row_comparison_of_every_label():
+    """scan.label_changes (a sorted intersection and shared codes) against the plain meaning:
+    per content key, (label name, every attribute cell) before and after, with unlabelled and
+    conflict cells, renamed and added classes, removed and new rows."""
+    from pipeline.cache.h5io import Column
+    from pipeline.cache.index import IndexContents
+    from pipeline.cache.scan import LabelColumns, label_changes
+
+    rng = np.random.default_rng(0)
+    keys = [f"{i:032x}" for i in rng.permutation(400)]
+
+    def side(rows, names, colours):
+        labels = rng.integers(-1, len(names), len(rows)).astype(np.int32)
+        cells = rng.integers(-2, len(colours), len(rows)).astype(np.int32)
+        return [keys[i] for i in rows], labels, names, {"colour": Column(cells, colours)}
+
+    def plain(hashes, labels, names, attrs):
+        col = attrs["colour"]
+        return {
+            h: (names[a] if a >= 0 else None, col.values[b] if b >= 0 else None)
+            for h, a, b in zip(hashes, labels.tolist(), col.labels.tolist(), strict=True)
+        }
+
+    before = side(range(0, 300), ["bag", "lipstick", "mascara"], ["red", "nude"])
+    after = side(range(50, 400), ["bag", "lip", "mascara", "口红"], ["nude", "red", "rose"])
+    old, new = plain(*before), plain(*after)
+    want = (len(old.keys() - new.keys()), sum(old[h] != new[h] for h in old.keys() & new.keys()))
+    contents = IndexContents(
+        content_hash=after[0], paths=after[0], labels=after[1], class_names=after[2], attrs={},
+        location=[], segment_rows={}, dtype="float16", feature_dim=1, attributes=after[3],
+    )  # fmt: skip
+    got = label_changes(LabelColumns.of(np.array(before[0], dtype="S32"), *before[1:]), contents)
+    assert got == want and want[0] == 50 and 0 < want[1] < 250
+    assert label_changes(LabelColumns.of(before[0], before[1], before[2]), contents) == (50, 250)  # a column added

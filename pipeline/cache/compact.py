@@ -296,7 +296,7 @@ def _read_index(c: Cache) -> IndexContents:
         duplicates=c.duplicates,
         skipped=c.skipped,
         rejected=[(h, why, limits) for h, (why, limits) in c.rejected.items()],
-        stat=c.stat_table(as_stored=True),
+        stat=c.stat_table(),
         attributes=c.attributes(),
     )
 

@@ -47,8 +47,8 @@ class Column:
 @dataclass
 class StatTable:
     """The stat cache: (path, size, mtime_ns, inode, device) -> content hash, one per file.
-    Columns are lists, or numpy arrays as stored (``Cache.stat_table(as_stored=True)``: bytes
-    for the strings), which the index writer takes as they are."""
+    Columns are lists, or numpy arrays as stored (``Cache.stat_table()``: bytes for the
+    strings), which the index writer takes as they are."""
 
     path: list[str] | np.ndarray = field(default_factory=list)
     size: list[int] | np.ndarray = field(default_factory=list)
@@ -56,11 +56,6 @@ class StatTable:
     inode: list[int] | np.ndarray = field(default_factory=list)
     device: list[int] | np.ndarray = field(default_factory=list)
     content_hash: list[str] | np.ndarray = field(default_factory=list)
-
-    def lookup(self) -> dict[str, tuple[int, int, int, int, str]]:
-        # zip in C, no Python code per file: this runs once per extract over every file.
-        values = zip(self.size, self.mtime_ns, self.inode, self.device, self.content_hash, strict=True)
-        return dict(zip(self.path, values, strict=True))
 
 
 def _decode(arr: Any) -> list[str]:

@@ -17,7 +17,7 @@ from ..models.fingerprint import Fingerprint
 from . import statcache
 from .h5io import Column, _decode
 from .index import migrate_v1
-from .scan import INPUTS_ATTR, labels_by_hash
+from .scan import INPUTS_ATTR, LabelColumns
 from .segments import remove_stale_temporaries, set_aside_damaged
 from .store import Cache
 
@@ -56,8 +56,8 @@ class PreviousIndex:
         return _decode(self._hashes)
 
     @functools.cached_property
-    def label_of(self) -> dict[str, tuple[str | None, ...]]:  # content hash -> its labels (relabelled count)
-        return labels_by_hash(self.hashes, self._labels.tolist(), self.class_names, self._columns)
+    def label_columns(self) -> LabelColumns:  # what the removed and relabelled counts compare
+        return LabelColumns.of(self._hashes, self._labels, self.class_names, self._columns)
 
 
 def previous_index(out: Path, c: Cache) -> PreviousIndex:
@@ -70,7 +70,7 @@ def previous_index(out: Path, c: Cache) -> PreviousIndex:
         attrs=c.attrs,
         segment_rows=c.segment_rows,
         dtype=c.dtype,
-        stat=statcache.Remembered.of(c.stat_table(as_stored=True)),
+        stat=statcache.Remembered.of(c.stat_table()),
         rejected=c.rejected,
         n_rows=len(hashes),
         class_names=c.class_names,

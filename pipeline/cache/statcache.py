@@ -54,7 +54,7 @@ class Remembered:
 
     @classmethod
     def of(cls, t: StatTable) -> Remembered:
-        """From a stat table: columns as lists, or as stored (``Cache.stat_table(as_stored=True)``:
+        """From a stat table: columns as lists, or as stored (``Cache.stat_table()``:
         the strings as bytes, decoded here in one piece per column)."""
         if not len(t.path):
             return cls()

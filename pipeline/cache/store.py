@@ -316,24 +316,14 @@ class Cache:
             )
         return seg, row
 
-    def stat_table(self, *, as_stored: bool = False) -> StatTable:
-        """The stat cache. ``as_stored``: its columns as numpy arrays as they are stored (bytes
-        for the strings), for a writer that puts them back unchanged (compaction): no Python
-        object per file."""
+    def stat_table(self) -> StatTable:
+        """The stat cache, its columns as numpy arrays as they are stored (bytes for the
+        strings): no Python object per file. The file check decodes what it needs
+        (``statcache.Remembered.of``); compaction writes them back unchanged."""
         if "stat" not in self._f:
             return StatTable()
         g = self._f["stat"]
-        if as_stored:
-            columns = ("path", "size", "mtime_ns", "inode", "device", "content_hash")
-            return StatTable(*(g[k][()] for k in columns))
-        return StatTable(
-            path=_decode(g["path"]),
-            size=g["size"][()].tolist(),
-            mtime_ns=g["mtime_ns"][()].tolist(),
-            inode=g["inode"][()].tolist(),
-            device=g["device"][()].tolist(),
-            content_hash=_decode(g["content_hash"]),
-        )
+        return StatTable(*(g[k][()] for k in ("path", "size", "mtime_ns", "inode", "device", "content_hash")))
 
     def _read(self, rows: slice | np.ndarray, dtype: Any = None) -> np.ndarray:
         """Index rows ``rows`` (a slice, or row numbers in any order) as ``dtype`` (None: as
