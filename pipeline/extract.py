@@ -279,7 +279,7 @@ def _scan(run: _Run, old: PreviousIndex | None) -> Scan:
         else:
             share.skipped.append((items[i].rel, statcache.unreadable(h)))
     if old is not None:
-        share.location.update((h, old.location[h]) for h in old.location.keys() & by_hash.keys())
+        share.location.update(old.locations_of(by_hash.keys()))
     _take(run, share, old, orphans)
     if old is not None and old.rejected:  # broken content the index remembers: not decoded again under the same limits
         for h in old.rejected.keys() & by_hash.keys():

@@ -1,11 +1,11 @@
 """The committed index as the next ``extract`` run sees it: made ready under the writer lock
 (cleaned up after killed writers, converted from schema v1, checked against this run's
-backbone) and read as :class:`PreviousIndex`, the per-row lookups built only when used.
-No torch here."""
+backbone) and read as :class:`PreviousIndex`, its per-row data as stored arrays. No torch here."""
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,7 +15,7 @@ import numpy as np
 from ..errors import CacheError
 from ..models.fingerprint import Fingerprint
 from . import statcache
-from .h5io import Column, _decode
+from .h5io import Column
 from .index import migrate_v1
 from .scan import INPUTS_ATTR, LabelColumns
 from .segments import remove_stale_temporaries, set_aside_damaged
@@ -24,8 +24,9 @@ from .store import Cache
 
 @dataclass
 class PreviousIndex:
-    """What the committed index says that the next run needs, without any feature bytes. The
-    per-row lookups are built on first use: an unchanged re-run (``inputs``) needs none."""
+    """What the committed index says that the next run needs, without any feature bytes. Its
+    per-row data stay arrays as stored; a run that commits looks rows up in them with numpy
+    (:meth:`locations_of`, :attr:`label_columns`), an unchanged re-run (``inputs``) not at all."""
 
     attrs: dict[str, Any]
     segment_rows: dict[str, int]  # the index's segments, in its order
@@ -35,7 +36,7 @@ class PreviousIndex:
     n_rows: int
     class_names: list[str]
     skipped: list[tuple[str, str]]
-    _hashes: np.ndarray  # S32, as stored: decoded on first use
+    _hashes: np.ndarray  # S32, as stored: never decoded whole
     _locations: tuple[list[str], np.ndarray, np.ndarray]  # segment names; each row's index into them, its row
     _labels: np.ndarray
     _columns: dict[str, Column]
@@ -46,14 +47,20 @@ class PreviousIndex:
         v = self.attrs.get(INPUTS_ATTR)
         return str(v) if v else None
 
-    @functools.cached_property
-    def location(self) -> dict[str, tuple[str, int]]:  # content hash -> (segment, row)
+    def locations_of(self, hashes: Collection[str]) -> Iterator[tuple[str, tuple[str, int]]]:
+        """``(content hash, (segment, row))`` of each of ``hashes`` that the index holds: one
+        sorted intersection with its keys as stored, not a dict of every row of the index (with
+        the set of its keys, about a sixth of the memory of a run that commits)."""
         names, seg, row = self._locations
-        return dict(zip(self.hashes, zip(map(names.__getitem__, seg.tolist()), row.tolist(), strict=True), strict=True))
-
-    @functools.cached_property
-    def hashes(self) -> list[str]:  # per row
-        return _decode(self._hashes)
+        wanted = list(hashes)
+        _, at, of = np.intersect1d(
+            np.asarray(self._hashes, dtype="S32"),
+            np.array(wanted, dtype="S32"),
+            assume_unique=True,
+            return_indices=True,
+        )
+        where = zip(map(names.__getitem__, seg[at].tolist()), row[at].tolist(), strict=True)
+        return zip(map(wanted.__getitem__, of.tolist()), where, strict=True)
 
     @functools.cached_property
     def label_columns(self) -> LabelColumns:  # what the removed and relabelled counts compare
