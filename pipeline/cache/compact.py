@@ -352,6 +352,7 @@ def _live_blocks(
     """The features of index rows ``idx``, rows ``src`` (ascending) of segment ``name``, read a
     block of ``_READ_ROWS`` at a time (blocks without a live row are not read), after checking
     that each segment row holds the content the index says."""
+    keys = np.asarray(c.content_hash, dtype="S32")  # the index's, as stored (_read_index): no copy
     try:
         with h5py.File(segment_dir(path) / name, "r") as f:
             ds, hashes = f["features"], f["content_hash"]
@@ -366,7 +367,7 @@ def _live_blocks(
                     continue
                 block = ds[a : a + _READ_ROWS]  # decoding checks every chunk's checksum
                 held = hashes[a : a + _READ_ROWS][src[lo:hi] - a]
-                want = np.asarray(c.content_hash, dtype="S32")[idx[lo:hi]]
+                want = keys[idx[lo:hi]]
                 wrong = np.flatnonzero(held != want)
                 if len(wrong):
                     i, r = int(idx[lo + wrong[0]]), int(src[lo + wrong[0]])
